@@ -1,0 +1,26 @@
+//! `blkshim` subcommands. Each subcommand is a thin shell over a module's
+//! own entry point, so the library stays usable without the binary.
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "blkshim", version, about = "Migration-safe userspace block backend")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the version (placeholder until the real subcommands land).
+    Version,
+}
+
+/// Parse the command line and run the subcommand.
+pub fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Version => println!("blkshim {}", env!("CARGO_PKG_VERSION")),
+    }
+    Ok(())
+}

@@ -1,0 +1,3 @@
+//! The control plane: the command line and (later) the control socket.
+
+pub mod cli;

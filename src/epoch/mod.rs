@@ -1,0 +1,1 @@
+//! Epoch store (being written).

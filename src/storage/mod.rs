@@ -1,0 +1,88 @@
+//! Storage engines: where tracked requests finally meet the disk image.
+//!
+//! Every engine implements [`BlockStorage`]: a request is submitted with a
+//! completion callback and finishes later, possibly out of order. The core
+//! (tracker, epochs, hand-off) never sees an engine's internals, so the
+//! io_uring engine, the portable thread-pool engine and the simulation's
+//! adversarial storage model are interchangeable.
+
+mod buffer;
+
+pub use buffer::AlignedBuf;
+
+use std::io;
+
+/// Bytes per sector: the unit of every range the core tracks.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// One I/O as the storage sees it. Offsets and lengths are in bytes and are
+/// multiples of [`SECTOR_SIZE`] (the front ends enforce that before submitting).
+#[derive(Debug)]
+pub enum StorageIo {
+    /// Read `buf.len()` bytes at `offset` into `buf`.
+    Read { offset: u64, buf: AlignedBuf },
+    /// Write `buf` at `offset`; with `fua` the data is durable when it completes.
+    Write {
+        offset: u64,
+        buf: AlignedBuf,
+        fua: bool,
+    },
+    /// Make every completed write durable.
+    Flush,
+    /// Discard (punch a hole); reads of the range then return zeroes.
+    Discard { offset: u64, len: u64 },
+    /// Write zeroes; with `may_unmap` the engine may deallocate instead.
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    },
+}
+
+impl StorageIo {
+    /// Byte range `(offset, len)` this I/O touches; `None` for a flush.
+    pub fn byte_range(&self) -> Option<(u64, u64)> {
+        match self {
+            StorageIo::Read { offset, buf } => Some((*offset, buf.len() as u64)),
+            StorageIo::Write { offset, buf, .. } => Some((*offset, buf.len() as u64)),
+            StorageIo::Flush => None,
+            StorageIo::Discard { offset, len } => Some((*offset, *len)),
+            StorageIo::WriteZeroes { offset, len, .. } => Some((*offset, *len)),
+        }
+    }
+}
+
+/// What comes back when an I/O finishes: the result, and the buffer (holding
+/// the data for a read; handed back for reuse after a write).
+#[derive(Debug)]
+pub struct IoOutcome {
+    pub result: io::Result<()>,
+    pub buf: Option<AlignedBuf>,
+}
+
+/// Completion callback. Called exactly once, from any thread.
+pub type IoDone = Box<dyn FnOnce(IoOutcome) + Send>;
+
+/// What an engine can honestly do; front ends advertise only these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Data bypasses the page cache (O_DIRECT).
+    pub direct: bool,
+    /// Discard really deallocates.
+    pub discard: bool,
+    /// Write-zeroes is done without writing zero buffers (fallocate).
+    pub fast_zero: bool,
+    /// Required alignment of buffers, offsets and lengths in bytes.
+    pub alignment: u64,
+}
+
+/// A block device or image file that accepts asynchronous I/O.
+pub trait BlockStorage: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// What the engine supports.
+    fn capabilities(&self) -> Capabilities;
+    /// Start `io`; `done` runs exactly once when it finishes (possibly before
+    /// `submit` returns).
+    fn submit(&self, io: StorageIo, done: IoDone);
+}

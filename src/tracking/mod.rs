@@ -1,0 +1,547 @@
+//! Per-sector in-flight tracking.
+//!
+//! Every request is admitted with its sector range and its writer's epoch and
+//! holds a [`Ticket`] until the storage completed it. The [`Tracker`] keeps
+//! three rules:
+//!
+//! 1. Two requests whose ranges overlap and of which at least one modifies
+//!    the disk (write, trim, write-zeroes, barrier) are never in flight
+//!    together: the later one waits, in arrival order, behind every earlier
+//!    conflicting one. So reads see completed data only, and a stale write
+//!    can never land after a newer one to the same sectors.
+//! 2. A modifying request whose epoch is below the fence floor is refused
+//!    ([`Refused::Stale`]) and never reaches the storage.
+//! 3. Raising the floor ([`Tracker::fence`]) cancels the stale requests that
+//!    are still waiting and marks the ones already at the storage as fenced;
+//!    those keep their ranges until the storage completes them, so a newer
+//!    writer's overlapping request is ordered after them.
+//!
+//! Memory is proportional to what is in flight: the tracker keeps dense
+//! arrays of the active ranges (scanned branch-free on admit) and a queue of
+//! the waiting ones. Once the arrays reached their high-water mark the fast
+//! path (no conflict, nothing waiting) does not allocate.
+
+mod types;
+
+pub use types::{Epoch, OpKind, Request, SectorRange};
+
+use parking_lot::{Condvar, Mutex};
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::Instant;
+
+/// Proof of admission; hand it back to [`Tracker::complete`] (or
+/// [`Tracker::cancel`]) exactly once.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ticket {
+    slot: u32,
+    gen: u32,
+}
+
+impl fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Ticket({}#{})", self.slot, self.gen)
+    }
+}
+
+/// Why a request was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The writer's epoch is below the fence floor: a newer writer owns the disk.
+    Stale { epoch: Epoch, floor: Epoch },
+    /// The range is empty or overflows.
+    BadRange,
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refused::Stale { epoch, floor } => {
+                write!(f, "write from stale epoch {epoch} refused (disk fenced at {floor})")
+            }
+            Refused::BadRange => write!(f, "empty or overflowing sector range"),
+        }
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// Result of a successful admission.
+#[derive(Debug)]
+pub enum Admission {
+    /// Nothing conflicts: submit to the storage now.
+    Ready(Ticket),
+    /// An earlier conflicting request is in flight; the ticket is handed out
+    /// through [`Tracker::complete`]'s `woken` list when it may start.
+    Queued(Ticket),
+}
+
+impl Admission {
+    pub fn ticket(&self) -> Ticket {
+        match self {
+            Admission::Ready(t) | Admission::Queued(t) => *t,
+        }
+    }
+}
+
+/// How a finished request ended, from the tracker's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Reached the storage and completed; the writer was not fenced meanwhile.
+    Completed,
+    /// Reached the storage, but the writer was fenced while it was in flight:
+    /// it must not be acknowledged as current data.
+    Fenced,
+    /// Never reached the storage: cancelled by a fence while waiting.
+    Cancelled,
+}
+
+/// A request that left the tracker, with the caller's token.
+#[derive(Debug)]
+pub struct Finished<T> {
+    pub ticket: Ticket,
+    pub request: Request,
+    pub outcome: Outcome,
+    pub token: T,
+}
+
+/// A request that has just been allowed to start (it was queued).
+#[derive(Debug)]
+pub struct Woken {
+    pub ticket: Ticket,
+    pub request: Request,
+}
+
+/// Misuse of a ticket (double completion, a ticket of another tracker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnknownTicket(pub Ticket);
+
+impl fmt::Display for UnknownTicket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unknown or already released {:?}", self.0)
+    }
+}
+
+impl std::error::Error for UnknownTicket {}
+
+/// What a fence did.
+#[derive(Debug, Default)]
+pub struct FenceReport<T> {
+    /// The floor before the fence.
+    pub previous_floor: Epoch,
+    /// Stale requests that were waiting and are now cancelled (never reached storage).
+    pub cancelled: Vec<Finished<T>>,
+    /// Stale requests already at the storage, now marked fenced.
+    pub fenced: Vec<(Ticket, Request)>,
+}
+
+/// A snapshot of one request in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InFlight {
+    pub ticket: Ticket,
+    pub request: Request,
+    /// At the storage (true) or waiting behind a conflict (false).
+    pub active: bool,
+    pub fenced: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum SlotState {
+    Free,
+    Queued,
+    Active,
+}
+
+struct Slot<T> {
+    gen: u32,
+    state: SlotState,
+    fenced: bool,
+    /// Index in the dense active arrays while active.
+    pos: u32,
+    req: Request,
+    token: Option<T>,
+}
+
+struct Inner<T> {
+    slots: Vec<Slot<T>>,
+    free: Vec<u32>,
+    // Dense arrays of active requests; `act_mod` is 1 for modifying requests.
+    act_start: Vec<u64>,
+    act_end: Vec<u64>,
+    act_mod: Vec<u8>,
+    act_slot: Vec<u32>,
+    /// Waiting requests, in arrival order.
+    queue: VecDeque<u32>,
+    floor: Epoch,
+}
+
+/// The in-flight tracker. `T` is the caller's per-request token (a request
+/// id, a completion callback...), handed back when the request finishes.
+///
+/// ```
+/// use blkshim::tracking::{Admission, OpKind, Request, SectorRange, Tracker};
+///
+/// let t: Tracker<&str> = Tracker::new(5);
+/// let a = t.admit(Request::new(OpKind::Write, SectorRange::new(0, 8), 5), "A").unwrap();
+/// // An overlapping write waits behind A.
+/// let b = t.admit(Request::new(OpKind::Write, SectorRange::new(4, 8), 5), "B").unwrap();
+/// assert!(matches!(a, Admission::Ready(_)));
+/// assert!(matches!(b, Admission::Queued(_)));
+/// let mut woken = Vec::new();
+/// let done = t.complete(a.ticket(), &mut woken).unwrap();
+/// assert_eq!(done.token, "A");
+/// assert_eq!(woken[0].ticket, b.ticket()); // B may start now
+/// // Epoch 6 fences epoch 5: its next write is refused.
+/// t.fence(6);
+/// assert!(t.admit(Request::new(OpKind::Write, SectorRange::new(100, 8), 5), "C").is_err());
+/// ```
+pub struct Tracker<T> {
+    inner: Mutex<Inner<T>>,
+    idle: Condvar,
+}
+
+const INITIAL_CAPACITY: usize = 256;
+
+impl<T> Tracker<T> {
+    /// A tracker whose fence floor is `floor` (the disk's current epoch).
+    pub fn new(floor: Epoch) -> Self {
+        Tracker {
+            inner: Mutex::new(Inner {
+                slots: Vec::with_capacity(INITIAL_CAPACITY),
+                free: Vec::with_capacity(INITIAL_CAPACITY),
+                act_start: Vec::with_capacity(INITIAL_CAPACITY),
+                act_end: Vec::with_capacity(INITIAL_CAPACITY),
+                act_mod: Vec::with_capacity(INITIAL_CAPACITY),
+                act_slot: Vec::with_capacity(INITIAL_CAPACITY),
+                queue: VecDeque::with_capacity(16),
+                floor,
+            }),
+            idle: Condvar::new(),
+        }
+    }
+
+    /// The fence floor: modifying requests below it are refused.
+    pub fn floor(&self) -> Epoch {
+        self.inner.lock().floor
+    }
+
+    /// Admit a request. Stale modifying requests are refused; conflicting
+    /// ones are queued in arrival order.
+    pub fn admit(&self, req: Request, token: T) -> Result<Admission, Refused> {
+        if req.range.end().is_none() || (req.range.count == 0 && req.kind.needs_range()) {
+            return Err(Refused::BadRange);
+        }
+        let mut g = self.inner.lock();
+        let inner = &mut *g;
+        if req.kind.modifies() && req.epoch < inner.floor {
+            return Err(Refused::Stale {
+                epoch: req.epoch,
+                floor: inner.floor,
+            });
+        }
+        let (start, end) = req.span();
+        let is_mod = req.kind.modifies();
+        let conflict = req.kind.has_range()
+            && (inner.active_conflict(start, end, is_mod)
+                || inner.queue.iter().any(|&s| {
+                    let q = &inner.slots[s as usize].req;
+                    conflicts(q, start, end, is_mod)
+                }));
+        let slot = inner.alloc(req, token);
+        let ticket = Ticket {
+            slot,
+            gen: inner.slots[slot as usize].gen,
+        };
+        if conflict {
+            inner.slots[slot as usize].state = SlotState::Queued;
+            inner.queue.push_back(slot);
+            Ok(Admission::Queued(ticket))
+        } else {
+            inner.activate(slot);
+            Ok(Admission::Ready(ticket))
+        }
+    }
+
+    /// The storage finished the request behind `ticket`. Requests that may
+    /// start now are appended to `woken` in arrival order (reuse the vector
+    /// to keep this path allocation-free).
+    pub fn complete(&self, ticket: Ticket, woken: &mut Vec<Woken>) -> Result<Finished<T>, UnknownTicket> {
+        let mut g = self.inner.lock();
+        let inner = &mut *g;
+        let slot = inner.check(ticket, SlotState::Active)?;
+        inner.deactivate(slot);
+        let finished = inner.release(ticket);
+        if !inner.queue.is_empty() {
+            inner.promote(woken);
+        }
+        drop(g);
+        self.idle.notify_all();
+        Ok(finished)
+    }
+
+    /// Withdraw a request that never reached the storage (queued, or ready
+    /// but not yet submitted). Its outcome is [`Outcome::Cancelled`].
+    pub fn cancel(&self, ticket: Ticket, woken: &mut Vec<Woken>) -> Result<Finished<T>, UnknownTicket> {
+        let mut g = self.inner.lock();
+        let inner = &mut *g;
+        let slot = inner.check_live(ticket)?;
+        match inner.slots[slot as usize].state {
+            SlotState::Active => inner.deactivate(slot),
+            SlotState::Queued => inner.queue.retain(|&s| s != slot),
+            SlotState::Free => return Err(UnknownTicket(ticket)),
+        }
+        let mut finished = inner.release(ticket);
+        finished.outcome = Outcome::Cancelled;
+        if !inner.queue.is_empty() {
+            inner.promote(woken);
+        }
+        drop(g);
+        self.idle.notify_all();
+        Ok(finished)
+    }
+
+    /// Raise the floor to `floor`: from now on modifying requests below it
+    /// are refused. Waiting stale requests are cancelled and returned;
+    /// stale requests at the storage are marked fenced (their completion
+    /// reports [`Outcome::Fenced`]) and keep holding their ranges.
+    /// Requests freed by the cancellations are appended to `woken`.
+    pub fn fence_with(&self, floor: Epoch, woken: &mut Vec<Woken>) -> FenceReport<T> {
+        let mut g = self.inner.lock();
+        let inner = &mut *g;
+        let previous_floor = inner.floor;
+        let mut report = FenceReport {
+            previous_floor,
+            cancelled: Vec::new(),
+            fenced: Vec::new(),
+        };
+        if floor <= inner.floor {
+            return report;
+        }
+        inner.floor = floor;
+        let stale = |r: &Request| r.kind.modifies() && r.epoch < floor;
+        let mut kept = VecDeque::with_capacity(inner.queue.len());
+        while let Some(s) = inner.queue.pop_front() {
+            if stale(&inner.slots[s as usize].req) {
+                let ticket = Ticket {
+                    slot: s,
+                    gen: inner.slots[s as usize].gen,
+                };
+                let mut f = inner.release(ticket);
+                f.outcome = Outcome::Cancelled;
+                report.cancelled.push(f);
+            } else {
+                kept.push_back(s);
+            }
+        }
+        inner.queue = kept;
+        for &s in &inner.act_slot {
+            let slot = &mut inner.slots[s as usize];
+            if stale(&slot.req) {
+                slot.fenced = true;
+                report.fenced.push((Ticket { slot: s, gen: slot.gen }, slot.req));
+            }
+        }
+        if !inner.queue.is_empty() {
+            inner.promote(woken);
+        }
+        drop(g);
+        self.idle.notify_all();
+        report
+    }
+
+    /// [`Tracker::fence_with`] for callers that track no queued requests of
+    /// their own; requests it wakes are dropped from the report, so use it
+    /// only when nothing else is waiting (tests, examples).
+    pub fn fence(&self, floor: Epoch) -> FenceReport<T> {
+        let mut woken = Vec::new();
+        self.fence_with(floor, &mut woken)
+    }
+
+    /// Number of requests in flight (waiting or at the storage).
+    pub fn len(&self) -> usize {
+        let g = self.inner.lock();
+        g.act_slot.len() + g.queue.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Requests in flight that match `pred`, in no particular order.
+    pub fn snapshot(&self, mut pred: impl FnMut(&Request) -> bool) -> Vec<InFlight> {
+        let g = self.inner.lock();
+        g.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.state != SlotState::Free && pred(&s.req))
+            .map(|(i, s)| InFlight {
+                ticket: Ticket { slot: i as u32, gen: s.gen },
+                request: s.req,
+                active: s.state == SlotState::Active,
+                fenced: s.fenced,
+            })
+            .collect()
+    }
+
+    /// Wait until no request matching `pred` is in flight, or `deadline`
+    /// passes. Returns true when none is left.
+    pub fn wait_until_none(&self, mut pred: impl FnMut(&Request) -> bool, deadline: Option<Instant>) -> bool {
+        let mut g = self.inner.lock();
+        loop {
+            let any = g.slots.iter().any(|s| s.state != SlotState::Free && pred(&s.req));
+            if !any {
+                return true;
+            }
+            match deadline {
+                Some(d) => {
+                    if self.idle.wait_until(&mut g, d).timed_out() {
+                        return !g.slots.iter().any(|s| s.state != SlotState::Free && pred(&s.req));
+                    }
+                }
+                None => self.idle.wait(&mut g),
+            }
+        }
+    }
+}
+
+#[inline]
+fn conflicts(other: &Request, start: u64, end: u64, is_mod: bool) -> bool {
+    if !other.kind.has_range() || !(is_mod || other.kind.modifies()) {
+        return false;
+    }
+    let (s, e) = other.span();
+    s < end && start < e
+}
+
+impl<T> Inner<T> {
+    /// Branch-free scan of the active arrays: does any active request
+    /// conflict with `[start, end)`?
+    #[inline]
+    fn active_conflict(&self, start: u64, end: u64, is_mod: bool) -> bool {
+        let need_mod = u8::from(!is_mod);
+        let mut hit = 0u8;
+        for ((&s, &e), &m) in self.act_start.iter().zip(&self.act_end).zip(&self.act_mod) {
+            hit |= u8::from(s < end) & u8::from(start < e) & (m | (1 - need_mod));
+        }
+        hit != 0
+    }
+
+    fn alloc(&mut self, req: Request, token: T) -> u32 {
+        if let Some(s) = self.free.pop() {
+            let slot = &mut self.slots[s as usize];
+            slot.gen = slot.gen.wrapping_add(1);
+            slot.fenced = false;
+            slot.req = req;
+            slot.token = Some(token);
+            s
+        } else {
+            self.slots.push(Slot {
+                gen: 0,
+                state: SlotState::Free,
+                fenced: false,
+                pos: 0,
+                req,
+                token: Some(token),
+            });
+            (self.slots.len() - 1) as u32
+        }
+    }
+
+    fn activate(&mut self, slot: u32) {
+        let req = self.slots[slot as usize].req;
+        let pos = self.act_slot.len() as u32;
+        if req.kind.has_range() {
+            let (s, e) = req.span();
+            self.act_start.push(s);
+            self.act_end.push(e);
+        } else {
+            // A flush holds no range: an empty span never conflicts.
+            self.act_start.push(0);
+            self.act_end.push(0);
+        }
+        self.act_mod.push(u8::from(req.kind.modifies()));
+        self.act_slot.push(slot);
+        let s = &mut self.slots[slot as usize];
+        s.state = SlotState::Active;
+        s.pos = pos;
+    }
+
+    fn deactivate(&mut self, slot: u32) {
+        let pos = self.slots[slot as usize].pos as usize;
+        self.act_start.swap_remove(pos);
+        self.act_end.swap_remove(pos);
+        self.act_mod.swap_remove(pos);
+        self.act_slot.swap_remove(pos);
+        if pos < self.act_slot.len() {
+            let moved = self.act_slot[pos];
+            self.slots[moved as usize].pos = pos as u32;
+        }
+    }
+
+    fn check_live(&self, t: Ticket) -> Result<u32, UnknownTicket> {
+        match self.slots.get(t.slot as usize) {
+            Some(s) if s.gen == t.gen && s.state != SlotState::Free => Ok(t.slot),
+            _ => Err(UnknownTicket(t)),
+        }
+    }
+
+    fn check(&self, t: Ticket, want: SlotState) -> Result<u32, UnknownTicket> {
+        let slot = self.check_live(t)?;
+        if self.slots[slot as usize].state == want {
+            Ok(slot)
+        } else {
+            Err(UnknownTicket(t))
+        }
+    }
+
+    /// Free the slot and hand back what it held.
+    fn release(&mut self, ticket: Ticket) -> Finished<T> {
+        let s = &mut self.slots[ticket.slot as usize];
+        s.state = SlotState::Free;
+        let outcome = if s.fenced { Outcome::Fenced } else { Outcome::Completed };
+        let token = s.token.take().expect("live slot holds a token");
+        self.free.push(ticket.slot);
+        Finished {
+            ticket,
+            request: s.req,
+            outcome,
+            token,
+        }
+    }
+
+    /// Start every waiting request that no active and no earlier waiting
+    /// request conflicts with.
+    fn promote(&mut self, woken: &mut Vec<Woken>) {
+        let mut i = 0;
+        while i < self.queue.len() {
+            let s = self.queue[i];
+            let req = self.slots[s as usize].req;
+            let (start, end) = req.span();
+            let is_mod = req.kind.modifies();
+            let blocked = req.kind.has_range()
+                && (self.active_conflict(start, end, is_mod)
+                    || self
+                        .queue
+                        .iter()
+                        .take(i)
+                        .any(|&e| conflicts(&self.slots[e as usize].req, start, end, is_mod)));
+            if blocked {
+                i += 1;
+            } else {
+                self.queue.remove(i);
+                self.activate(s);
+                woken.push(Woken {
+                    ticket: Ticket {
+                        slot: s,
+                        gen: self.slots[s as usize].gen,
+                    },
+                    request: req,
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -4,7 +4,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "blkshim", version, about = "Migration-safe userspace block backend")]
+#[command(
+    name = "blkshim",
+    version,
+    about = "Migration-safe userspace block backend"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

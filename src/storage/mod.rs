@@ -7,8 +7,10 @@
 //! adversarial storage model are interchangeable.
 
 mod buffer;
+mod mem;
 
 pub use buffer::AlignedBuf;
+pub use mem::MemStorage;
 
 use std::io;
 

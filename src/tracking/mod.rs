@@ -57,7 +57,10 @@ impl fmt::Display for Refused {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Refused::Stale { epoch, floor } => {
-                write!(f, "write from stale epoch {epoch} refused (disk fenced at {floor})")
+                write!(
+                    f,
+                    "write from stale epoch {epoch} refused (disk fenced at {floor})"
+                )
             }
             Refused::BadRange => write!(f, "empty or overflowing sector range"),
         }
@@ -226,19 +229,24 @@ impl<T> Tracker<T> {
         self.inner.lock().floor
     }
 
-    /// Admit a request. Stale modifying requests are refused; conflicting
-    /// ones are queued in arrival order.
-    pub fn admit(&self, req: Request, token: T) -> Result<Admission, Refused> {
+    /// Admit a request. Stale modifying requests are refused (the token
+    /// comes back with the reason); conflicting ones are queued in arrival
+    /// order.
+    pub fn admit(&self, req: Request, token: T) -> Result<Admission, (Refused, T)> {
         if req.range.end().is_none() || (req.range.count == 0 && req.kind.needs_range()) {
-            return Err(Refused::BadRange);
+            return Err((Refused::BadRange, token));
         }
         let mut g = self.inner.lock();
         let inner = &mut *g;
         if req.kind.modifies() && req.epoch < inner.floor {
-            return Err(Refused::Stale {
-                epoch: req.epoch,
-                floor: inner.floor,
-            });
+            let floor = inner.floor;
+            return Err((
+                Refused::Stale {
+                    epoch: req.epoch,
+                    floor,
+                },
+                token,
+            ));
         }
         let (start, end) = req.span();
         let is_mod = req.kind.modifies();
@@ -266,7 +274,11 @@ impl<T> Tracker<T> {
     /// The storage finished the request behind `ticket`. Requests that may
     /// start now are appended to `woken` in arrival order (reuse the vector
     /// to keep this path allocation-free).
-    pub fn complete(&self, ticket: Ticket, woken: &mut Vec<Woken>) -> Result<Finished<T>, UnknownTicket> {
+    pub fn complete(
+        &self,
+        ticket: Ticket,
+        woken: &mut Vec<Woken>,
+    ) -> Result<Finished<T>, UnknownTicket> {
         let mut g = self.inner.lock();
         let inner = &mut *g;
         let slot = inner.check(ticket, SlotState::Active)?;
@@ -282,7 +294,11 @@ impl<T> Tracker<T> {
 
     /// Withdraw a request that never reached the storage (queued, or ready
     /// but not yet submitted). Its outcome is [`Outcome::Cancelled`].
-    pub fn cancel(&self, ticket: Ticket, woken: &mut Vec<Woken>) -> Result<Finished<T>, UnknownTicket> {
+    pub fn cancel(
+        &self,
+        ticket: Ticket,
+        woken: &mut Vec<Woken>,
+    ) -> Result<Finished<T>, UnknownTicket> {
         let mut g = self.inner.lock();
         let inner = &mut *g;
         let slot = inner.check_live(ticket)?;
@@ -301,8 +317,8 @@ impl<T> Tracker<T> {
         Ok(finished)
     }
 
-    /// Raise the floor to `floor`: from now on modifying requests below it
-    /// are refused. Waiting stale requests are cancelled and returned;
+    /// Raise the floor to `floor` (it never goes down): from now on
+    /// modifying requests below it are refused. Waiting stale requests are cancelled and returned;
     /// stale requests at the storage are marked fenced (their completion
     /// reports [`Outcome::Fenced`]) and keep holding their ranges.
     /// Requests freed by the cancellations are appended to `woken`.
@@ -315,10 +331,7 @@ impl<T> Tracker<T> {
             cancelled: Vec::new(),
             fenced: Vec::new(),
         };
-        if floor <= inner.floor {
-            return report;
-        }
-        inner.floor = floor;
+        inner.floor = inner.floor.max(floor);
         let stale = |r: &Request| r.kind.modifies() && r.epoch < floor;
         let mut kept = VecDeque::with_capacity(inner.queue.len());
         while let Some(s) = inner.queue.pop_front() {
@@ -339,7 +352,13 @@ impl<T> Tracker<T> {
             let slot = &mut inner.slots[s as usize];
             if stale(&slot.req) {
                 slot.fenced = true;
-                report.fenced.push((Ticket { slot: s, gen: slot.gen }, slot.req));
+                report.fenced.push((
+                    Ticket {
+                        slot: s,
+                        gen: slot.gen,
+                    },
+                    slot.req,
+                ));
             }
         }
         if !inner.queue.is_empty() {
@@ -356,6 +375,24 @@ impl<T> Tracker<T> {
     pub fn fence(&self, floor: Epoch) -> FenceReport<T> {
         let mut woken = Vec::new();
         self.fence_with(floor, &mut woken)
+    }
+
+    /// Raise the floor without touching what is in flight: new stale
+    /// modifying requests are refused, admitted ones may still finish (the
+    /// drain half of a hand-off). Returns the previous floor.
+    pub fn raise_floor(&self, floor: Epoch) -> Epoch {
+        let mut g = self.inner.lock();
+        let prev = g.floor;
+        g.floor = prev.max(floor);
+        prev
+    }
+
+    /// Run `f` on the token of a request in flight (for instance to take
+    /// out the I/O it parked while queued). `None` for an unknown ticket.
+    pub fn with_token<R>(&self, ticket: Ticket, f: impl FnOnce(&mut T) -> R) -> Option<R> {
+        let mut g = self.inner.lock();
+        let slot = g.check_live(ticket).ok()?;
+        g.slots[slot as usize].token.as_mut().map(f)
     }
 
     /// Number of requests in flight (waiting or at the storage).
@@ -376,7 +413,10 @@ impl<T> Tracker<T> {
             .enumerate()
             .filter(|(_, s)| s.state != SlotState::Free && pred(&s.req))
             .map(|(i, s)| InFlight {
-                ticket: Ticket { slot: i as u32, gen: s.gen },
+                ticket: Ticket {
+                    slot: i as u32,
+                    gen: s.gen,
+                },
                 request: s.req,
                 active: s.state == SlotState::Active,
                 fenced: s.fenced,
@@ -386,17 +426,27 @@ impl<T> Tracker<T> {
 
     /// Wait until no request matching `pred` is in flight, or `deadline`
     /// passes. Returns true when none is left.
-    pub fn wait_until_none(&self, mut pred: impl FnMut(&Request) -> bool, deadline: Option<Instant>) -> bool {
+    pub fn wait_until_none(
+        &self,
+        mut pred: impl FnMut(&Request) -> bool,
+        deadline: Option<Instant>,
+    ) -> bool {
         let mut g = self.inner.lock();
         loop {
-            let any = g.slots.iter().any(|s| s.state != SlotState::Free && pred(&s.req));
+            let any = g
+                .slots
+                .iter()
+                .any(|s| s.state != SlotState::Free && pred(&s.req));
             if !any {
                 return true;
             }
             match deadline {
                 Some(d) => {
                     if self.idle.wait_until(&mut g, d).timed_out() {
-                        return !g.slots.iter().any(|s| s.state != SlotState::Free && pred(&s.req));
+                        return !g
+                            .slots
+                            .iter()
+                            .any(|s| s.state != SlotState::Free && pred(&s.req));
                     }
                 }
                 None => self.idle.wait(&mut g),
@@ -499,7 +549,11 @@ impl<T> Inner<T> {
     fn release(&mut self, ticket: Ticket) -> Finished<T> {
         let s = &mut self.slots[ticket.slot as usize];
         s.state = SlotState::Free;
-        let outcome = if s.fenced { Outcome::Fenced } else { Outcome::Completed };
+        let outcome = if s.fenced {
+            Outcome::Fenced
+        } else {
+            Outcome::Completed
+        };
         let token = s.token.take().expect("live slot holds a token");
         self.free.push(ticket.slot);
         Finished {

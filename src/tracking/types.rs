@@ -24,7 +24,10 @@ pub enum OpKind {
 impl OpKind {
     /// Changes the disk's contents: subject to ordering and to fencing.
     pub fn modifies(self) -> bool {
-        matches!(self, OpKind::Write | OpKind::Trim | OpKind::WriteZeroes | OpKind::Barrier)
+        matches!(
+            self,
+            OpKind::Write | OpKind::Trim | OpKind::WriteZeroes | OpKind::Barrier
+        )
     }
 
     /// Must name at least one sector.
@@ -88,7 +91,10 @@ impl Request {
     pub(crate) fn span(&self) -> (u64, u64) {
         match self.kind {
             OpKind::Barrier => (0, u64::MAX),
-            _ => (self.range.start, self.range.start.saturating_add(self.range.count)),
+            _ => (
+                self.range.start,
+                self.range.start.saturating_add(self.range.count),
+            ),
         }
     }
 }

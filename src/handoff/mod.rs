@@ -806,7 +806,9 @@ impl Suspension {
             .tracker
             .snapshot(|r| r.epoch <= epoch && r.kind.modifies())
             .is_empty();
-        if busy && !deadline_passed {
+        // A fence finishes at once: what is still at the storage is marked
+        // fenced, and newer writes to its sectors are ordered after it.
+        if busy && !deadline_passed && !self.fenced {
             return None;
         }
         Some(self.finish(busy))

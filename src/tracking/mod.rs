@@ -16,10 +16,11 @@
 //!    those keep their ranges until the storage completes them, so a newer
 //!    writer's overlapping request is ordered after them.
 //!
-//! Memory is proportional to what is in flight: the tracker keeps dense
-//! arrays of the active ranges (scanned branch-free on admit) and a queue of
-//! the waiting ones. Once the arrays reached their high-water mark the fast
-//! path (no conflict, nothing waiting) does not allocate.
+//! Memory is proportional to what is in flight: a slab of request slots, a
+//! sorted index of the active ranges (binary search, then a walk back only
+//! as far as the longest active range reaches) and a queue of the waiting
+//! ones. Once these reached their high-water mark the fast path (no
+//! conflict, nothing waiting) does not allocate.
 
 mod types;
 
@@ -160,8 +161,6 @@ struct Slot<T> {
     gen: u32,
     state: SlotState,
     fenced: bool,
-    /// Index in the dense active arrays while active.
-    pos: u32,
     req: Request,
     token: Option<T>,
 }
@@ -169,11 +168,13 @@ struct Slot<T> {
 struct Inner<T> {
     slots: Vec<Slot<T>>,
     free: Vec<u32>,
-    // Dense arrays of active requests; `act_mod` is 1 for modifying requests.
-    act_start: Vec<u64>,
-    act_end: Vec<u64>,
-    act_mod: Vec<u8>,
-    act_slot: Vec<u32>,
+    /// Active requests that hold a range, sorted by (start, slot).
+    active: Vec<ActiveRange>,
+    /// Active requests of each length class (bit length of the span), so
+    /// an overlap search knows how far back a long request could reach.
+    len_classes: [u32; 65],
+    /// All active requests, flushes included.
+    active_count: usize,
     /// Waiting requests, in arrival order.
     queue: VecDeque<u32>,
     floor: Epoch,
@@ -213,10 +214,9 @@ impl<T> Tracker<T> {
             inner: Mutex::new(Inner {
                 slots: Vec::with_capacity(INITIAL_CAPACITY),
                 free: Vec::with_capacity(INITIAL_CAPACITY),
-                act_start: Vec::with_capacity(INITIAL_CAPACITY),
-                act_end: Vec::with_capacity(INITIAL_CAPACITY),
-                act_mod: Vec::with_capacity(INITIAL_CAPACITY),
-                act_slot: Vec::with_capacity(INITIAL_CAPACITY),
+                active: Vec::with_capacity(INITIAL_CAPACITY),
+                len_classes: [0; 65],
+                active_count: 0,
                 queue: VecDeque::with_capacity(16),
                 floor,
             }),
@@ -285,7 +285,8 @@ impl<T> Tracker<T> {
         inner.deactivate(slot);
         let finished = inner.release(ticket);
         if !inner.queue.is_empty() {
-            inner.promote(woken);
+            // Only waiters that conflicted with this request can be freed by it.
+            inner.promote(woken, Some(&finished.request));
         }
         drop(g);
         self.idle.notify_all();
@@ -310,7 +311,7 @@ impl<T> Tracker<T> {
         let mut finished = inner.release(ticket);
         finished.outcome = Outcome::Cancelled;
         if !inner.queue.is_empty() {
-            inner.promote(woken);
+            inner.promote(woken, Some(&finished.request));
         }
         drop(g);
         self.idle.notify_all();
@@ -348,7 +349,8 @@ impl<T> Tracker<T> {
             }
         }
         inner.queue = kept;
-        for &s in &inner.act_slot {
+        for a in &inner.active {
+            let s = a.slot;
             let slot = &mut inner.slots[s as usize];
             if stale(&slot.req) {
                 slot.fenced = true;
@@ -362,7 +364,7 @@ impl<T> Tracker<T> {
             }
         }
         if !inner.queue.is_empty() {
-            inner.promote(woken);
+            inner.promote(woken, None);
         }
         drop(g);
         self.idle.notify_all();
@@ -398,7 +400,7 @@ impl<T> Tracker<T> {
     /// Number of requests in flight (waiting or at the storage).
     pub fn len(&self) -> usize {
         let g = self.inner.lock();
-        g.act_slot.len() + g.queue.len()
+        g.active_count + g.queue.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -455,6 +457,21 @@ impl<T> Tracker<T> {
     }
 }
 
+/// An active request's range, as kept in the sorted index.
+#[derive(Clone, Copy)]
+struct ActiveRange {
+    start: u64,
+    end: u64,
+    slot: u32,
+    is_mod: bool,
+}
+
+/// Bit length of a span: spans of class `c` are shorter than `2^c`.
+#[inline]
+fn len_class(len: u64) -> usize {
+    (64 - len.leading_zeros()) as usize
+}
+
 #[inline]
 fn conflicts(other: &Request, start: u64, end: u64, is_mod: bool) -> bool {
     if !other.kind.has_range() || !(is_mod || other.kind.modifies()) {
@@ -465,16 +482,32 @@ fn conflicts(other: &Request, start: u64, end: u64, is_mod: bool) -> bool {
 }
 
 impl<T> Inner<T> {
-    /// Branch-free scan of the active arrays: does any active request
-    /// conflict with `[start, end)`?
+    /// Does any active request conflict with `[start, end)`? Binary search
+    /// for the first active range starting at or after `end`, then walk
+    /// back only as far as the longest active range could reach.
     #[inline]
     fn active_conflict(&self, start: u64, end: u64, is_mod: bool) -> bool {
-        let need_mod = u8::from(!is_mod);
-        let mut hit = 0u8;
-        for ((&s, &e), &m) in self.act_start.iter().zip(&self.act_end).zip(&self.act_mod) {
-            hit |= u8::from(s < end) & u8::from(start < e) & (m | (1 - need_mod));
+        let idx = self.active.partition_point(|a| a.start < end);
+        let reach = self.max_len();
+        for a in self.active[..idx].iter().rev() {
+            if a.start.saturating_add(reach) <= start {
+                break;
+            }
+            if a.end > start && (is_mod || a.is_mod) {
+                return true;
+            }
         }
-        hit != 0
+        false
+    }
+
+    /// An upper bound on the span of every active range.
+    #[inline]
+    fn max_len(&self) -> u64 {
+        match self.len_classes.iter().rposition(|&n| n != 0) {
+            None => 0,
+            Some(64) => u64::MAX,
+            Some(c) => 1u64 << c,
+        }
     }
 
     fn alloc(&mut self, req: Request, token: T) -> u32 {
@@ -490,7 +523,6 @@ impl<T> Inner<T> {
                 gen: 0,
                 state: SlotState::Free,
                 fenced: false,
-                pos: 0,
                 req,
                 token: Some(token),
             });
@@ -500,32 +532,38 @@ impl<T> Inner<T> {
 
     fn activate(&mut self, slot: u32) {
         let req = self.slots[slot as usize].req;
-        let pos = self.act_slot.len() as u32;
+        self.slots[slot as usize].state = SlotState::Active;
+        self.active_count += 1;
         if req.kind.has_range() {
-            let (s, e) = req.span();
-            self.act_start.push(s);
-            self.act_end.push(e);
-        } else {
-            // A flush holds no range: an empty span never conflicts.
-            self.act_start.push(0);
-            self.act_end.push(0);
+            // A flush holds no range and takes no place in the index.
+            let (start, end) = req.span();
+            let at = self
+                .active
+                .partition_point(|a| (a.start, a.slot) < (start, slot));
+            self.active.insert(
+                at,
+                ActiveRange {
+                    start,
+                    end,
+                    slot,
+                    is_mod: req.kind.modifies(),
+                },
+            );
+            self.len_classes[len_class(end - start)] += 1;
         }
-        self.act_mod.push(u8::from(req.kind.modifies()));
-        self.act_slot.push(slot);
-        let s = &mut self.slots[slot as usize];
-        s.state = SlotState::Active;
-        s.pos = pos;
     }
 
     fn deactivate(&mut self, slot: u32) {
-        let pos = self.slots[slot as usize].pos as usize;
-        self.act_start.swap_remove(pos);
-        self.act_end.swap_remove(pos);
-        self.act_mod.swap_remove(pos);
-        self.act_slot.swap_remove(pos);
-        if pos < self.act_slot.len() {
-            let moved = self.act_slot[pos];
-            self.slots[moved as usize].pos = pos as u32;
+        let req = self.slots[slot as usize].req;
+        self.active_count -= 1;
+        if req.kind.has_range() {
+            let (start, end) = req.span();
+            let at = self
+                .active
+                .partition_point(|a| (a.start, a.slot) < (start, slot));
+            debug_assert!(self.active.get(at).is_some_and(|a| a.slot == slot));
+            self.active.remove(at);
+            self.len_classes[len_class(end - start)] -= 1;
         }
     }
 
@@ -565,14 +603,22 @@ impl<T> Inner<T> {
     }
 
     /// Start every waiting request that no active and no earlier waiting
-    /// request conflicts with.
-    fn promote(&mut self, woken: &mut Vec<Woken>) {
+    /// request conflicts with. With `freed`, only waiters that conflicted
+    /// with that (just released) request are candidates: the others are
+    /// still blocked by whatever blocked them.
+    fn promote(&mut self, woken: &mut Vec<Woken>, freed: Option<&Request>) {
         let mut i = 0;
         while i < self.queue.len() {
             let s = self.queue[i];
             let req = self.slots[s as usize].req;
             let (start, end) = req.span();
             let is_mod = req.kind.modifies();
+            if let Some(f) = freed {
+                if !conflicts(f, start, end, is_mod) {
+                    i += 1;
+                    continue;
+                }
+            }
             let blocked = req.kind.has_range()
                 && (self.active_conflict(start, end, is_mod)
                     || self

@@ -42,6 +42,16 @@ pub struct HandoffEntry {
 }
 
 /// The record a source hands to its destination.
+///
+/// ```
+/// use blkshim::handoff::{HandoffMethod, HandoffRecord};
+/// let json = r#"{"disk":"vm1","source_epoch":5,"destination_epoch":6,
+///               "method":"drain_timed_out_then_fenced",
+///               "requests":[{"tag":7,"kind":"write","range":{"start":0,"count":8},"fate":"fenced"}]}"#;
+/// let rec = HandoffRecord::from_json(json).unwrap();
+/// assert_eq!(rec.method, HandoffMethod::DrainTimedOutThenFenced);
+/// assert_eq!(HandoffRecord::from_json(&rec.to_json()).unwrap(), rec);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HandoffRecord {
     pub disk: String,

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Every test of blkshim, on a fresh machine: installs what is missing, then
+# runs lint, the unit/integration/doc tests (real qemu, libnbd and fio peers
+# among them), the 20,000-seed simulation, the fuzz targets briefly, and
+# the qemu live-migration harness. Exits non-zero on the first failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+
+section() { printf '\n=== %s ===\n' "$*"; }
+
+section "system packages"
+# qemu-system-x86 from Debian conflicts with the newer preinstalled
+# qemu-utils, so both come from bookworm together.
+pkgs=()
+command -v qemu-system-x86_64 >/dev/null || pkgs+=(qemu-system-x86 qemu-utils/bookworm qemu-block-extra/bookworm)
+command -v qemu-io >/dev/null || pkgs+=(qemu-utils/bookworm)
+command -v fio >/dev/null || pkgs+=(fio)
+command -v nbdinfo >/dev/null || pkgs+=(libnbd-bin)
+command -v nbdkit >/dev/null || pkgs+=(nbdkit)
+[ -x /bin/busybox ] || pkgs+=(busybox-static)
+command -v cpio >/dev/null || pkgs+=(cpio)
+dpkg -s libclang-dev >/dev/null 2>&1 || pkgs+=(libclang-dev)
+dpkg -s libxen-dev >/dev/null 2>&1 || pkgs+=(libxen-dev)
+if [ ${#pkgs[@]} -gt 0 ]; then
+  echo "installing: ${pkgs[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --allow-downgrades "${pkgs[@]}" >/dev/null
+fi
+
+section "format and lint"
+cargo fmt --check
+cargo clippy --all-targets -- -D warnings
+
+section "unit, integration and doc tests"
+cargo test
+
+section "simulation: 20000 seeds, protection on (release build)"
+cargo run --release --quiet -- sim --seeds 20000 | tee /tmp/blkshim-sim.out
+tail -n 1 /tmp/blkshim-sim.out | grep -qx 'violations: 0'

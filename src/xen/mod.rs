@@ -1,1 +1,2 @@
-//! (filled in by its own work item)
+//! Xen blkif front end: the foundation a blkback-style backend is built on.
+pub mod sys;

@@ -141,6 +141,8 @@ fn generate(header: &Path, target: Option<&str>) -> Result<String, String> {
                 .allowlist_var("XEN_IO_PROTO_ABI_.*")
                 .allowlist_var("XS_.*")
                 .allowlist_var("XEN_GRANT_.*")
+                .allowlist_var("GNTCOPY_.*")
+                .allowlist_var("GNTST_.*")
                 .allowlist_type("evtchn_port_t")
                 .allowlist_type("xs_.*")
                 .allowlist_function("xs_.*")

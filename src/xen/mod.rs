@@ -4,11 +4,13 @@
 //! - [`abi`]: the three ring ABIs as byte-offset tables.
 //! - [`shared`]: memory shared with an untrusted guest (volatile access only).
 //! - [`ring`]: the shared request/response ring.
+//! - [`blkif`]: requests parsed and validated, responses.
 //!
 //! No Xen hypervisor is needed to test any of it: guest memory, grants and
 //! event channels have emulated implementations next to the real ones.
 
 pub mod abi;
+pub mod blkif;
 pub mod ring;
 pub mod shared;
 pub mod sys;

@@ -5,12 +5,16 @@
 //! - [`shared`]: memory shared with an untrusted guest (volatile access only).
 //! - [`ring`]: the shared request/response ring.
 //! - [`blkif`]: requests parsed and validated, responses.
+//! - [`grant`], [`evtchn`]: guest memory and notifications (emulated and,
+//!   with feature `xen`, real).
 //!
 //! No Xen hypervisor is needed to test any of it: guest memory, grants and
 //! event channels have emulated implementations next to the real ones.
 
 pub mod abi;
 pub mod blkif;
+pub mod evtchn;
+pub mod grant;
 pub mod ring;
 pub mod shared;
 pub mod sys;

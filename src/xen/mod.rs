@@ -7,6 +7,7 @@
 //! - [`blkif`]: requests parsed and validated, responses.
 //! - [`grant`], [`evtchn`]: guest memory and notifications (emulated and,
 //!   with feature `xen`, real).
+//! - [`xenstore`]: the negotiation tree (emulated and real).
 //!
 //! No Xen hypervisor is needed to test any of it: guest memory, grants and
 //! event channels have emulated implementations next to the real ones.
@@ -18,6 +19,7 @@ pub mod grant;
 pub mod ring;
 pub mod shared;
 pub mod sys;
+pub mod xenstore;
 
 /// Xen's page size: grants, ring pages and segments are in these units.
 pub const PAGE_SIZE: usize = 4096;

@@ -8,6 +8,7 @@
 //! - [`grant`], [`evtchn`]: guest memory and notifications (emulated and,
 //!   with feature `xen`, real).
 //! - [`xenstore`]: the negotiation tree (emulated and real).
+//! - [`fuzz`]: the request-path fuzz entry ([`fuzz_blkif_request`]).
 //!
 //! No Xen hypervisor is needed to test any of it: guest memory, grants and
 //! event channels have emulated implementations next to the real ones.
@@ -15,6 +16,7 @@
 pub mod abi;
 pub mod blkif;
 pub mod evtchn;
+pub mod fuzz;
 pub mod grant;
 pub mod ring;
 pub mod shared;
@@ -25,3 +27,5 @@ pub mod xenstore;
 pub const PAGE_SIZE: usize = 4096;
 /// blkif sectors are always 512 bytes, whatever the disk's block size.
 pub const SECTOR_SIZE: usize = 512;
+
+pub use fuzz::fuzz_blkif_request;

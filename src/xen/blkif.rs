@@ -1,5 +1,5 @@
 //! blkif requests and responses: from the bytes a frontend put in a ring
-//! slot (already copied out by [`BackRing`](super::ring::BackRing)) to a
+//! slot (already copied out by [`BackRing`]) to a
 //! validated [`Request`], and back to a [`Response`].
 //!
 //! Everything a request says is checked against the negotiated [`Limits`]

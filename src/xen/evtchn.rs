@@ -3,7 +3,7 @@
 //! pushing responses; each side sleeps on its end until kicked.
 //!
 //! [`EmulatedEventChannel::pair`] gives two connected ends over eventfds.
-//! [`XenEventChannel`] (feature `xen`) binds a real interdomain channel
+//! `XenEventChannel` (feature `xen`) binds a real interdomain channel
 //! through libxenevtchn.
 
 use std::io;

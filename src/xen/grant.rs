@@ -6,7 +6,7 @@
 //! a guest without a hypervisor: its RAM is a memfd, its grant table says
 //! which refs are valid and writable, and [`EmulatedGrantMapper`] maps refs
 //! by mmapping the memfd's pages, so guest and backend really share pages.
-//! [`XenGrantMapper`] (feature `xen`) is the real thing over libxengnttab.
+//! `XenGrantMapper` (feature `xen`) is the real thing over libxengnttab.
 
 use std::collections::HashMap;
 use std::ffi::c_void;

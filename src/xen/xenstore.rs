@@ -8,7 +8,7 @@
 //! (parents created on write, watches firing on changes at or below the
 //! watched path and on removal of an ancestor, a watch firing once when
 //! set, optimistic transactions). Several connections share one store so a
-//! test can play frontend and backend. [`XenStoreHandle`] (feature `xen`)
+//! test can play frontend and backend. `XenStoreHandle` (feature `xen`)
 //! talks to the real xenstored through libxenstore.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};

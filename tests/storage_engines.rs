@@ -40,6 +40,7 @@ both_engines!(
     direct_io_on_real_file_system,
     tmpfs_without_zero_range_still_zeroes,
     buffered_fallback_when_o_direct_refused,
+    block_device_through_loop,
     concurrent_submitters,
     drop_with_requests_in_flight_completes_them,
     resubmit_from_completion_callback,
@@ -489,6 +490,79 @@ fn buffered_fallback_when_o_direct_refused(engine: EngineKind) {
     write(&*storage, 512, &pattern(1, 1536));
     assert!(read(&*storage, 512, 1536) == pattern(1, 1536));
     // Discard and write-zeroes fall back to writing zero buffers.
+    check_discard_and_write_zeroes(&*storage);
+    drop(storage);
+}
+
+/// A loop device over a file under the target directory, detached on drop.
+/// Needs root (losetup).
+struct LoopDevice {
+    dev: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl LoopDevice {
+    fn attach(size: u64) -> LoopDevice {
+        let dir = target_tempdir();
+        let backing = dir.path().join("backing.img");
+        std::fs::File::create(&backing)
+            .and_then(|f| f.set_len(size))
+            .expect("backing file");
+        let out = std::process::Command::new("losetup")
+            .arg("-f")
+            .arg("--show")
+            .arg(&backing)
+            .output()
+            .expect("run losetup");
+        assert!(
+            out.status.success(),
+            "losetup needs root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dev = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        LoopDevice { dev, _dir: dir }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.dev)
+            .status();
+    }
+}
+
+/// A block device: size from BLKGETSIZE64, O_DIRECT at its logical block
+/// size, data, discard and write-zeroes all behave as on a file.
+fn block_device_through_loop(engine: EngineKind) {
+    let size = 16 * MIB;
+    let loopdev = LoopDevice::attach(size);
+    let opts = OpenOptions {
+        engine,
+        direct: true,
+        create_size: None,
+        read_only: false,
+    };
+    let storage = open_storage(&loopdev.dev, &opts).expect("open loop device");
+    assert_eq!(storage.size(), size);
+    let caps = storage.capabilities();
+    assert!(caps.direct);
+    assert_eq!(
+        caps.alignment, 512,
+        "loop devices have 512-byte logical blocks"
+    );
+    let data = pattern(21, 3 * 512);
+    write(&*storage, size - 3 * 512, &data);
+    assert!(
+        read(&*storage, size - 3 * 512, 3 * 512) == data,
+        "last sectors"
+    );
+    let past_end = StorageIo::Read {
+        offset: size,
+        buf: AlignedBuf::zeroed(512),
+    };
+    assert_io_error(&run(&*storage, past_end), io::ErrorKind::InvalidInput);
     check_discard_and_write_zeroes(&*storage);
     drop(storage);
 }

@@ -7,9 +7,11 @@
 
 use blkshim::storage::{
     open_storage, AlignedBuf, BlockStorage, EngineKind, IoOutcome, OpenOptions, StorageIo,
+    UringStorage,
 };
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const IMAGE_SIZE: u64 = 256 << 20;
@@ -104,7 +106,13 @@ fn bench_engines(c: &mut Criterion) {
             create_size: None,
             read_only: false,
         };
-        let storage = open_storage(&path, &opts).expect("open bench image");
+        // The io_uring engine is opened directly to read its syscall counters.
+        let uring = (engine == EngineKind::IoUring)
+            .then(|| Arc::new(UringStorage::open(&path, &opts).expect("open bench image")));
+        let storage: Arc<dyn BlockStorage> = match &uring {
+            Some(uring) => uring.clone(),
+            None => open_storage(&path, &opts).expect("open bench image"),
+        };
         let direct = storage.capabilities().direct;
         let mut group = c.benchmark_group(format!("{name}/qd{QUEUE_DEPTH}"));
         group.throughput(Throughput::Elements(BATCH));
@@ -113,6 +121,7 @@ fn bench_engines(c: &mut Criterion) {
         for (op, write) in [("randwrite_4k", true), ("randread_4k", false)] {
             let mut seed = 0x9e37_79b9_7f4a_7c15u64;
             let (mut total_ops, mut total_time) = (0u64, Duration::ZERO);
+            let before = uring.as_ref().map(|u| u.stats());
             group.bench_function(op, |b| {
                 b.iter_custom(|iters| {
                     let t = run_qd(&*storage, iters * BATCH, write, &mut seed);
@@ -124,8 +133,19 @@ fn bench_engines(c: &mut Criterion) {
             if total_ops == 0 {
                 continue; // filtered out on the command line
             }
+            let syscalls = match (before, uring.as_ref().map(|u| u.stats())) {
+                (Some(b), Some(a)) => {
+                    let n = (a.requests - b.requests).max(1) as f64;
+                    format!(
+                        "  (io_uring_enter/request {:.3}, eventfd wakeups/request {:.3})",
+                        (a.enters - b.enters) as f64 / n,
+                        (a.wakeups - b.wakeups) as f64 / n
+                    )
+                }
+                _ => String::new(),
+            };
             summary.push(format!(
-                "{name:<12} {op:<13} direct={direct} QD{QUEUE_DEPTH}: {:>9.0} IOPS",
+                "{name:<12} {op:<13} direct={direct} QD{QUEUE_DEPTH}: {:>9.0} IOPS{syscalls}",
                 total_ops as f64 / total_time.as_secs_f64()
             ));
         }

@@ -132,6 +132,9 @@ impl ImageFile {
         if let Err(e) = self.validate(&io) {
             return (Err(e), take_buf(io));
         }
+        if io.byte_range().is_some_and(|(_, len)| len == 0) {
+            return (Ok(()), take_buf(io)); // nothing to do (fallocate would say EINVAL)
+        }
         let fd = self.fd();
         match io {
             StorageIo::Read { offset, mut buf } => {

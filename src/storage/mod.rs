@@ -13,7 +13,7 @@ pub mod uring;
 
 pub use buffer::AlignedBuf;
 pub use threadpool::ThreadPoolStorage;
-pub use uring::UringStorage;
+pub use uring::{UringStats, UringStorage};
 
 use std::io;
 use std::path::Path;

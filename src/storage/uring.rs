@@ -11,7 +11,8 @@
 //! Each request is a boxed [`Op`] whose address is the SQE's user_data. The
 //! reaper finishes short reads/writes by resubmitting the rest, retries
 //! EINTR/EAGAIN, walks the write-zeroes fallbacks, and calls the completion
-//! callback.
+//! callback — on the reaper thread, so callbacks must be quick and must not
+//! block (they may submit more I/O).
 
 use super::file::{take_buf, ImageFile, MAX_CHUNK, PUNCH, ZERO_CHUNK, ZERO_RANGE};
 use super::{AlignedBuf, BlockStorage, Capabilities, IoDone, IoOutcome, OpenOptions, StorageIo};
@@ -22,7 +23,8 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
@@ -75,6 +77,26 @@ struct Shared {
     /// Requests accepted and not yet completed.
     in_flight: AtomicUsize,
     shutdown: AtomicBool,
+    stats: Counters,
+}
+
+/// Syscall accounting, to show that batching works (see [`UringStats`]).
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    enters: AtomicU64,
+    wakeups: AtomicU64,
+}
+
+/// How many syscalls the engine needed for how many requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UringStats {
+    /// Requests accepted (excluding ones rejected by validation).
+    pub requests: u64,
+    /// `io_uring_enter` calls made by the reaper.
+    pub enters: u64,
+    /// eventfd writes by submitters that found the reaper asleep.
+    pub wakeups: u64,
 }
 
 /// What an in-flight request is doing now.
@@ -122,6 +144,7 @@ impl UringStorage {
             wake_sent: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
+            stats: Counters::default(),
         });
         let reaper_shared = Arc::clone(&shared);
         let reaper = thread::Builder::new()
@@ -131,6 +154,18 @@ impl UringStorage {
             shared,
             reaper: Some(reaper),
         })
+    }
+}
+
+impl UringStorage {
+    /// Syscall counters since the engine was opened.
+    pub fn stats(&self) -> UringStats {
+        let c = &self.shared.stats;
+        UringStats {
+            requests: c.requests.load(Relaxed),
+            enters: c.enters.load(Relaxed),
+            wakeups: c.wakeups.load(Relaxed),
+        }
     }
 }
 
@@ -177,6 +212,7 @@ impl BlockStorage for UringStorage {
             return finish(*op, Ok(()));
         }
         self.shared.in_flight.fetch_add(1, SeqCst);
+        self.shared.stats.requests.fetch_add(1, Relaxed);
         self.shared.push_op(op);
     }
 }
@@ -302,6 +338,7 @@ impl Shared {
     fn wake_reaper(&self) {
         fence(SeqCst);
         if self.reaper_idle.load(SeqCst) && !self.wake_sent.swap(true, SeqCst) {
+            self.stats.wakeups.fetch_add(1, Relaxed);
             let one: u64 = 1;
             // SAFETY: writes 8 bytes from a live u64 to our eventfd.
             unsafe { libc::write(self.wake_fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
@@ -327,6 +364,7 @@ impl Shared {
             let mut backlog = self.fill_sq();
             while backlog {
                 // Make room: submitting frees SQ slots (no waiting).
+                self.stats.enters.fetch_add(1, Relaxed);
                 if let Err(e) = self.ring.submitter().submit() {
                     log_enter_error(&e);
                     break;
@@ -339,6 +377,7 @@ impl Shared {
                 break;
             }
             let want = if backlog { 0 } else { 1 };
+            self.stats.enters.fetch_add(1, Relaxed);
             let entered = self.ring.submitter().submit_and_wait(want);
             self.reaper_idle.store(false, SeqCst);
             if let Err(e) = entered {
@@ -430,7 +469,11 @@ fn log_enter_error(e: &io::Error) {
         // Interrupted, or the kernel is short of resources / CQ overflowed:
         // reaping completions and entering again resolves all of them.
         Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY) => {}
-        _ => log::error!("io_uring_enter failed: {e}"),
+        _ => {
+            log::error!("io_uring_enter failed: {e}");
+            // Do not spin on a persistent failure.
+            thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }
 

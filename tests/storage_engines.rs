@@ -49,6 +49,19 @@ both_engines!(
     create_size_makes_sparse_file,
 );
 
+#[test]
+fn engine_kind_parses_and_auto_opens_a_working_engine() {
+    assert_eq!("auto".parse(), Ok(EngineKind::Auto));
+    assert_eq!("io-uring".parse(), Ok(EngineKind::IoUring));
+    assert_eq!("IO_URING".parse(), Ok(EngineKind::IoUring));
+    assert_eq!("thread-pool".parse(), Ok(EngineKind::ThreadPool));
+    assert!("aio".parse::<EngineKind>().is_err());
+    let dir = target_tempdir();
+    let storage = open(EngineKind::Auto, &image_path(&dir), MIB, true);
+    write(&*storage, 0, &pattern(30, 8192));
+    assert!(read(&*storage, 0, 8192) == pattern(30, 8192));
+}
+
 /// A fresh image path in a temporary directory under the target directory.
 fn image_path(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("disk.img")

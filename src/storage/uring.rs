@@ -6,7 +6,9 @@
 //! costs one syscall, not one per request. A submitter makes a syscall only
 //! when the reaper is asleep in the kernel: it writes an eventfd the ring is
 //! reading, which completes and wakes the reaper (once per sleep, however many
-//! submitters arrive meanwhile).
+//! submitters arrive meanwhile). Before sleeping after it ran callbacks, the
+//! reaper yields once, so the requests those callbacks provoke usually join
+//! its next enter and need no wakeup at all.
 //!
 //! Each request is a boxed [`Op`] whose address is the SQE's user_data. The
 //! reaper finishes short reads/writes by resubmitting the rest, retries
@@ -188,6 +190,14 @@ impl BlockStorage for UringStorage {
             });
         }
         let (offset, len) = io.byte_range().unwrap_or((0, 0));
+        if len == 0 && !matches!(io, StorageIo::Flush) {
+            // Nothing to do, and a zero-length SQE would read as end-of-file.
+            let buf = take_buf(io);
+            return done(IoOutcome {
+                result: Ok(()),
+                buf,
+            });
+        }
         let step = match io {
             StorageIo::Read { buf, .. } => Step::Read(buf),
             StorageIo::Write { buf, fua, .. } => Step::Write(buf, fua),
@@ -207,10 +217,6 @@ impl BlockStorage for UringStorage {
             progress: 0,
             done,
         });
-        if len == 0 && !matches!(op.step, Step::Flush) {
-            // Nothing to do, and a zero-length SQE would read as end-of-file.
-            return finish(*op, Ok(()));
-        }
         self.shared.in_flight.fetch_add(1, SeqCst);
         self.shared.stats.requests.fetch_add(1, Relaxed);
         self.shared.push_op(op);

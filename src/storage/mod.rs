@@ -7,12 +7,20 @@
 //! adversarial storage model are interchangeable.
 
 mod buffer;
+mod file;
 mod mem;
+pub mod threadpool;
+pub mod uring;
 
 pub use buffer::AlignedBuf;
 pub use mem::MemStorage;
+pub use threadpool::ThreadPoolStorage;
+pub use uring::{UringStats, UringStorage};
 
 use std::io;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
 
 /// Bytes per sector: the unit of every range the core tracks.
 pub const SECTOR_SIZE: u64 = 512;
@@ -87,4 +95,83 @@ pub trait BlockStorage: Send + Sync {
     /// Start `io`; `done` runs exactly once when it finishes (possibly before
     /// `submit` returns).
     fn submit(&self, io: StorageIo, done: IoDone);
+}
+
+/// Which engine [`open_storage`] uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum EngineKind {
+    /// io_uring when the kernel allows it, else the thread pool.
+    #[default]
+    Auto,
+    IoUring,
+    ThreadPool,
+}
+
+impl FromStr for EngineKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(EngineKind::Auto),
+            "io-uring" | "io_uring" | "iouring" | "uring" => Ok(EngineKind::IoUring),
+            "thread-pool" | "threadpool" | "threads" => Ok(EngineKind::ThreadPool),
+            other => Err(format!(
+                "unknown storage engine {other:?} (auto, io-uring, thread-pool)"
+            )),
+        }
+    }
+}
+
+/// How to open a disk image or block device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenOptions {
+    pub engine: EngineKind,
+    /// Try O_DIRECT; falls back to buffered I/O where the file system refuses
+    /// it ([`Capabilities::direct`] then says false).
+    pub direct: bool,
+    /// Create a sparse file of this size when the path does not exist.
+    pub create_size: Option<u64>,
+    pub read_only: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            engine: EngineKind::Auto,
+            direct: true,
+            create_size: None,
+            read_only: false,
+        }
+    }
+}
+
+/// Open `path` with the engine `opts` asks for (`Auto`: io_uring when it
+/// works here, the thread pool otherwise).
+pub fn open_storage(path: &Path, opts: &OpenOptions) -> io::Result<Arc<dyn BlockStorage>> {
+    let use_uring = match opts.engine {
+        EngineKind::IoUring => true,
+        EngineKind::ThreadPool => false,
+        EngineKind::Auto => uring::supported(),
+    };
+    let storage: Arc<dyn BlockStorage> = if use_uring {
+        Arc::new(UringStorage::open(path, opts)?)
+    } else {
+        Arc::new(ThreadPoolStorage::open(
+            path,
+            opts,
+            threadpool::DEFAULT_THREADS,
+        )?)
+    };
+    let caps = storage.capabilities();
+    log::info!(
+        "{}: {} engine, {} bytes, direct={} discard={} fast_zero={} alignment={}",
+        path.display(),
+        if use_uring { "io_uring" } else { "thread-pool" },
+        storage.size(),
+        caps.direct,
+        caps.discard,
+        caps.fast_zero,
+        caps.alignment
+    );
+    Ok(storage)
 }

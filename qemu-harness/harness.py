@@ -59,6 +59,8 @@ SCENARIOS = ENV("SCENARIOS", "migrate,cutoff,failover,failback").split(",")
 GUEST = ENV("GUEST_DIR")
 QEMU = ENV("QEMU", "qemu-system-x86_64")
 EXPORT = "vm1"
+EXPECT_FAULTS = ENV("EXPECT_FAULTS", "pass")  # "fail": unfenced server self-test
+FAULT_SCENARIOS = ("cutoff", "failover", "failback")
 
 T0 = time.monotonic()
 CHILDREN = []  # every process we started, killed on exit
@@ -477,6 +479,8 @@ def pattern(epoch):
 def region_census(img, pats):
     """Count the region's 4 KiB blocks by which writer's pattern they hold."""
     names = {pattern(e).to_bytes(4, "big") * 1024: f"epoch{e}" for e in pats}
+    names[b"\x55" * 4096] = "old-epoch-probe"
+    names[b"\0" * 4096] = "zero"
     counts = {}
     with open(img, "rb") as f:
         for _ in range(REGION_KB // 4):
@@ -584,8 +588,8 @@ def old_epoch_write(srv, epoch, offset):
     r = subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P 0x55 {offset} 4096",
                         srv.uri(epoch)], capture_output=True, text=True, timeout=30)
     refused = r.returncode != 0 or "failed" in (r.stdout + r.stderr).lower()
-    log(f"write at old epoch {epoch}: {'refused' if refused else 'ACCEPTED'} "
-        f"({(r.stdout + r.stderr).strip().splitlines()[-1:] if (r.stdout + r.stderr).strip() else ''})")
+    last = ((r.stdout + r.stderr).strip().splitlines() or [""])[-1]
+    log(f"fresh write at old epoch {epoch}: {'refused' if refused else 'ACCEPTED'} ({last})")
     return refused
 
 
@@ -633,17 +637,25 @@ def main():
         t = now()
         try:
             ok, detail = fn(workdir, accel)
-        except Exception as ex:  # a scenario that cannot complete has failed
-            ok, detail = False, f"error: {ex}"
-        results.append((name, ok, detail, now() - t))
-        log(f"scenario {name}: {'PASS' if ok else 'FAIL'} ({now() - t:.0f}s) {detail}")
+            verdict = "PASS" if ok else "FAIL"
+        except Exception as ex:  # could not run its checks at all
+            verdict, detail = "ERROR", f"{type(ex).__name__}: {ex}"
+        # With --expect-unfenced (qemu-nbd), a fault scenario must FAIL: that
+        # shows its check does catch stale writes when nothing fences them.
+        if EXPECT_FAULTS == "fail" and name in FAULT_SCENARIOS and verdict != "ERROR":
+            good = verdict == "FAIL"
+            verdict += " (expected FAIL)" if good else " (expected FAIL!)"
+        else:
+            good = verdict == "PASS"
+        results.append((name, good, verdict, detail, now() - t))
+        log(f"scenario {name}: {verdict} ({now() - t:.0f}s) {detail}")
     # Anything a scenario left running (the failover guest, servers) goes now.
     kill_children()
     print()
     print(f"NBD server: {NBD_SERVER}   accel: {accel}   workdir: {workdir}")
-    for name, ok, detail, dt in results:
-        print(f"  {'PASS' if ok else 'FAIL'}  {name:<9} {dt:5.0f}s  {detail}")
-    all_ok = bool(results) and all(ok for _, ok, _, _ in results)
+    for name, good, verdict, detail, dt in results:
+        print(f"  {verdict:<22} {name:<9} {dt:5.0f}s  {detail}")
+    all_ok = bool(results) and all(good for _, good, _, _, _ in results)
     print("OVERALL:", "PASS" if all_ok else "FAIL")
     sys.exit(0 if all_ok else 1)
 

@@ -170,6 +170,11 @@ class HoldProxy:
                             w.close()
                         except OSError:
                             pass
+            me = asyncio.current_task()
+            tasks = [t for t in asyncio.all_tasks() if t is not me]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         try:
             self._call(f)
         except Exception:

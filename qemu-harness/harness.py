@@ -47,6 +47,9 @@ DISK_MB = int(ENV("DISK_MB", "64"))
 MIGRATIONS = int(ENV("MIGRATIONS", "4"))
 MIG_INTERVAL = float(ENV("MIG_INTERVAL", "5"))  # seconds of load between migrations
 STRICT = ENV("STRICT_SWITCHOVER", "0") == "1"  # pause-before-switchover
+# Run at the strict hand-off point ({epoch} {sock} {name} {img} substituted),
+# e.g. a command that admits the next epoch on the server.
+HANDOFF_CMD = ENV("HANDOFF_CMD", "")
 MEM = ENV("GUEST_MEM", "256M")
 ACCEL = ENV("ACCEL", "auto")
 KVM_PROBE_TIMEOUT = float(ENV("KVM_PROBE_TIMEOUT", "20"))
@@ -357,7 +360,7 @@ def rate(progress, t0, t1):
     return (b - a) / (t1 - t0)
 
 
-def migrate(src, dst, uri, timeout=180):
+def migrate(src, dst, uri, epoch, srv, timeout=180):
     src.qmp.cmd("migrate-set-capabilities", capabilities=[
         {"capability": "events", "state": True},
         {"capability": "pause-before-switchover", "state": STRICT}])
@@ -375,6 +378,12 @@ def migrate(src, dst, uri, timeout=180):
             # flushed and inactivated; nothing of the source can write any
             # more. Here a controller would admit the next epoch.
             paused_at = now()
+            if HANDOFF_CMD:
+                cmd = HANDOFF_CMD.format(epoch=epoch, sock=srv.sock, name=EXPORT, img=srv.img)
+                h = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=30)
+                if h.returncode != 0:
+                    src.qmp.cmd("migrate_cancel")
+                    raise RuntimeError(f"hand-off command failed: {cmd}: {h.stderr.strip()}")
             src.qmp.cmd("migrate-continue", state="pre-switchover")
         if st == "completed":
             break
@@ -419,7 +428,7 @@ def scenario_migrate(workdir, accel):
         dst = Guest(workdir, f"mig-e{epoch}", accel, append, srv.sock, srv.export(epoch),
                     incoming=True, sink=events)
         uri = f"unix:{os.path.join(workdir, f'mig{i}.sock')}"
-        r = migrate(g, dst, uri)
+        r = migrate(g, dst, uri, epoch, srv)
         r.update(n=i, src=g.name, dst=dst.name, epoch=epoch)
         results.append(r)
         log(f"migration {i}: {g.name} -> {dst.name} total {r['total_ms']} ms, "

@@ -129,11 +129,14 @@ class NbdServer:
         if NBD_SERVER == "blkshim":
             subst = {"sock": self.sock, "img": img, "size": str(size), "name": EXPORT}
             argv = [BLKSHIM] + [a.format(**subst) for a in shlex.split(BLKSHIM_ARGS)]
+        elif NBD_SERVER == "model":
+            argv = [sys.executable, os.path.join(HERE, "fence_model_server.py"), "--socket",
+                    self.sock, f"{EXPORT}={img}", "--size", str(size)]
         elif NBD_SERVER == "qemu-nbd":
             argv = ["qemu-nbd", "-f", "raw", f"--socket={self.sock}", "-x", EXPORT,
                     "--shared=32", "-t", "--cache=none", "--aio=native", img]
         else:
-            raise SystemExit(f"NBD_SERVER must be blkshim or qemu-nbd, not {NBD_SERVER}")
+            raise SystemExit(f"NBD_SERVER must be blkshim, qemu-nbd or model, not {NBD_SERVER}")
         log(f"nbd server ({NBD_SERVER}): {' '.join(argv)}")
         self.proc = spawn(argv, self.logfile)
         wait_connectable(self.sock, 20, self.proc)
@@ -141,7 +144,7 @@ class NbdServer:
     @staticmethod
     def export(epoch):
         """Export name a writer at `epoch` connects to (qemu-nbd has no epochs)."""
-        return f"{EXPORT}@{epoch}" if NBD_SERVER == "blkshim" else EXPORT
+        return EXPORT if NBD_SERVER == "qemu-nbd" else f"{EXPORT}@{epoch}"
 
     def uri(self, epoch):
         return f"nbd+unix:///{self.export(epoch)}?socket={self.sock}"

@@ -125,7 +125,10 @@ class HoldProxy:
         async def on_client(r, w):
             c = _Conn(self, r, w)
             self.conns.append(c)
-            await c.run()
+            try:
+                await c.run()
+            except asyncio.CancelledError:
+                pass  # stop() cancels every connection
 
         self.server = await asyncio.start_unix_server(on_client, path=self.listen)
         self._ready.set()

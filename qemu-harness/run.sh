@@ -3,9 +3,11 @@
 # Exits non-zero on any verification error or scenario failure.
 #
 #   qemu-harness/run.sh [options]
-#     --nbd-server blkshim|qemu-nbd|auto   NBD server under test (env NBD_SERVER, default auto:
-#                                          blkshim if it can be built/found, else qemu-nbd)
-#     --blkshim PATH                       blkshim binary (env BLKSHIM; default: cargo build --release)
+#     --nbd-server blkshim|qemu-nbd|model|auto   NBD server under test (env NBD_SERVER, default
+#                                          auto: blkshim if it can be built/found, else qemu-nbd;
+#                                          model = fence_model_server.py, the harness self-test)
+#     --blkshim PATH                       blkshim binary (env BLKSHIM; default: cargo build, profile
+#                                          env BLKSHIM_PROFILE=debug|release, default debug)
 #     --scenarios LIST                     comma list of migrate,cutoff,failover,failback (default all)
 #     --migrations N                       live migrations under load (env MIGRATIONS, default 4)
 #     --interval S                         seconds of load between migrations (env MIG_INTERVAL, 5)
@@ -33,7 +35,7 @@ while [ $# -gt 0 ]; do
     --accel) export ACCEL=$2; shift ;;
     --expect-unfenced) export EXPECT_FAULTS=fail ;;
     --timeout) export RUN_TIMEOUT=$2; shift ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -62,12 +64,17 @@ fi
 
 # --- the NBD server --------------------------------------------------------
 NBD_SERVER=${NBD_SERVER:-auto}
-if [ "$NBD_SERVER" != qemu-nbd ] && [ -z "${BLKSHIM:-}" ]; then
+case "$NBD_SERVER" in auto|blkshim|qemu-nbd|model) ;; *) echo "run.sh: bad --nbd-server $NBD_SERVER" >&2; exit 2 ;; esac
+if { [ "$NBD_SERVER" = auto ] || [ "$NBD_SERVER" = blkshim ]; } && [ -z "${BLKSHIM:-}" ]; then
     if have cargo && [ -f "$REPO/Cargo.toml" ]; then
-        echo "run.sh: building blkshim (cargo build --release)" >&2
-        (cd "$REPO" && cargo build --release -q --bin blkshim) >&2 || echo "run.sh: blkshim build failed" >&2
+        # Debug profile by default: CI's `cargo test` has built most of it
+        # already, and under TCG the guest, not the server, is the bottleneck.
+        prof=${BLKSHIM_PROFILE:-debug}
+        flag=; [ "$prof" = release ] && flag=--release
+        echo "run.sh: building blkshim (cargo build $flag)" >&2
+        (cd "$REPO" && cargo build $flag -q --bin blkshim) >&2 || echo "run.sh: blkshim build failed" >&2
+        [ -x "$REPO/target/$prof/blkshim" ] && export BLKSHIM=$REPO/target/$prof/blkshim
     fi
-    [ -x "$REPO/target/release/blkshim" ] && export BLKSHIM=$REPO/target/release/blkshim
 fi
 if [ "$NBD_SERVER" = auto ]; then
     if [ -n "${BLKSHIM:-}" ] && "$BLKSHIM" serve --help >/dev/null 2>&1; then

@@ -41,8 +41,11 @@ from qmp import QMP, QMPError  # noqa: E402
 ENV = os.environ.get
 NBD_SERVER = ENV("NBD_SERVER", "qemu-nbd")
 BLKSHIM = ENV("BLKSHIM", "blkshim")
-# {sock} {img} {size} {name} are substituted; split like a shell would.
-BLKSHIM_ARGS = ENV("BLKSHIM_ARGS", "serve --socket {sock} {name}={img} --size {size}")
+# {sock} {img} {size} {name} {ctl} {state} are substituted; split like a shell
+# would. Each server gets its own control socket and epoch store, so scenarios
+# (each with a fresh disk starting at epoch 5) do not share epochs.
+BLKSHIM_ARGS = ENV("BLKSHIM_ARGS", "serve --socket {sock} --control {ctl} --state-dir {state} "
+                                   "--cache none {name}={img} --size {size}")
 DISK_MB = int(ENV("DISK_MB", "64"))
 MIGRATIONS = int(ENV("MIGRATIONS", "4"))
 MIG_INTERVAL = float(ENV("MIG_INTERVAL", "5"))  # seconds of load between migrations
@@ -50,6 +53,8 @@ STRICT = ENV("STRICT_SWITCHOVER", "0") == "1"  # pause-before-switchover
 # Run at the strict hand-off point ({epoch} {sock} {name} {img} substituted),
 # e.g. a command that admits the next epoch on the server.
 HANDOFF_CMD = ENV("HANDOFF_CMD", "")
+if not HANDOFF_CMD and NBD_SERVER == "blkshim":
+    HANDOFF_CMD = shlex.quote(BLKSHIM) + " ctl --control {ctl} handoff {name} --to {epoch}"
 MEM = ENV("GUEST_MEM", "256M")
 ACCEL = ENV("ACCEL", "auto")
 KVM_PROBE_TIMEOUT = float(ENV("KVM_PROBE_TIMEOUT", "20"))
@@ -124,10 +129,13 @@ class NbdServer:
 
     def __init__(self, workdir, tag, img, size):
         self.sock = os.path.join(workdir, f"{tag}.nbd.sock")
+        self.ctl = os.path.join(workdir, f"{tag}.ctl.sock")
+        self.state = os.path.join(workdir, f"{tag}.epochs")
         self.img, self.size, self.tag = img, size, tag
         self.logfile = os.path.join(workdir, f"{tag}.server.log")
         if NBD_SERVER == "blkshim":
-            subst = {"sock": self.sock, "img": img, "size": str(size), "name": EXPORT}
+            subst = {"sock": self.sock, "img": img, "size": str(size), "name": EXPORT,
+                     "ctl": self.ctl, "state": self.state}
             argv = [BLKSHIM] + [a.format(**subst) for a in shlex.split(BLKSHIM_ARGS)]
         elif NBD_SERVER == "model":
             argv = [sys.executable, os.path.join(HERE, "fence_model_server.py"), "--socket",
@@ -382,7 +390,9 @@ def migrate(src, dst, uri, epoch, srv, timeout=180):
             # more. Here a controller would admit the next epoch.
             paused_at = now()
             if HANDOFF_CMD:
-                cmd = HANDOFF_CMD.format(epoch=epoch, sock=srv.sock, name=EXPORT, img=srv.img)
+                log(f"pre-switchover: source stopped; hand-off to epoch {epoch}")
+                cmd = HANDOFF_CMD.format(epoch=epoch, sock=srv.sock, name=EXPORT, img=srv.img,
+                                         ctl=srv.ctl)
                 h = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=30)
                 if h.returncode != 0:
                     src.qmp.cmd("migrate_cancel")

@@ -545,7 +545,9 @@ def release_and_settle(proxy):
     while time.monotonic() < deadline and proxy.stats()["bytes_down"] == before:
         time.sleep(0.05)
     time.sleep(1.0)  # let the server finish what it accepted
-    return proxy.stats()
+    st = proxy.stats()
+    st["answered_after_release"] = st["bytes_down"] - before
+    return st
 
 
 def run_fresh_writer(workdir, accel, srv, epoch, via, tag):
@@ -581,7 +583,8 @@ def scenario_cutoff(workdir, accel):
     srv.stop()
     census = region_census(img, [e, e + 1])
     ok = census.get(f"epoch{e + 1}", 0) == REGION_KB // 4
-    return ok, f"region blocks by writer: {census} (released {st['released_bytes']} held bytes)"
+    return ok, (f"region blocks by writer: {census} (released {st['released_bytes']} held bytes, "
+                f"server answered {st['answered_after_release']} bytes after release)")
 
 
 FAILOVER_STATE = {}
@@ -612,7 +615,8 @@ def scenario_failover(workdir, accel):
     pa.stop()
     FAILOVER_STATE.update(srv=srv, img=img, b=b, pb=pb, epoch=e + 1)
     ok = census.get(f"epoch{e + 1}", 0) == REGION_KB // 4
-    return ok, f"region blocks by writer: {census} (released {st['released_bytes']} held bytes)"
+    return ok, (f"region blocks by writer: {census} (released {st['released_bytes']} held bytes, "
+                f"server answered {st['answered_after_release']} bytes after release)")
 
 
 def old_epoch_write(srv, epoch, offset):
@@ -642,7 +646,8 @@ def scenario_failback(workdir, accel):
     srv.stop()
     census = region_census(img, [e - 1, e, e + 1])
     ok = census.get(f"epoch{e + 1}", 0) == REGION_KB // 4 and all(refused)
-    return ok, (f"region blocks by writer: {census} (released {st['released_bytes']} held bytes); "
+    return ok, (f"region blocks by writer: {census} (released {st['released_bytes']} held bytes, "
+                f"server answered {st['answered_after_release']} bytes after release); "
                 f"fresh writes from epochs {e - 1},{e} refused: {refused}")
 
 

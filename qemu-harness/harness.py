@@ -1,0 +1,705 @@
+#!/usr/bin/env python3
+"""qemu live-migration and fencing harness (python3 stdlib only).
+
+Boots the guest built by build-guest.sh with its disk on an NBD export, and
+runs the scenarios named in SCENARIOS (default: all):
+
+  migrate   fio with crc32c verification runs in the guest while the VM is
+            live-migrated MIGRATIONS times between two qemu processes, each
+            one opening the disk at the next epoch; then a final whole-disk
+            verify in the guest and a host-side verify of the image.
+  cutoff    (a) the source is frozen with writes held in a proxy; the VM is
+            started fresh at the next epoch and rewrites the blocks; the held
+            writes are released: they must not land.
+  failover  (b) the source is SIGKILLed mid-write, the VM starts fresh at the
+            next epoch, the dead source's late writes must not land.
+  failback  (c) after failover, move back to a third qemu at the next epoch;
+            the second writer's late writes and fresh writes from every old
+            epoch must not land.
+
+Configuration is by environment (see README.md); run.sh sets the defaults.
+Exit status: 0 if every scenario passed, 1 otherwise.
+"""
+import atexit
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from holdproxy import HoldProxy  # noqa: E402
+from qmp import QMP, QMPError  # noqa: E402
+
+ENV = os.environ.get
+NBD_SERVER = ENV("NBD_SERVER", "qemu-nbd")
+BLKSHIM = ENV("BLKSHIM", "blkshim")
+# {sock} {img} {size} {name} {ctl} {state} are substituted; split like a shell
+# would. Each server gets its own control socket and epoch store, so scenarios
+# (each with a fresh disk starting at epoch 5) do not share epochs.
+BLKSHIM_ARGS = ENV("BLKSHIM_ARGS", "serve --socket {sock} --control {ctl} --state-dir {state} "
+                                   "--cache none {name}={img} --size {size}")
+DISK_MB = int(ENV("DISK_MB", "64"))
+MIGRATIONS = int(ENV("MIGRATIONS", "4"))
+MIG_INTERVAL = float(ENV("MIG_INTERVAL", "5"))  # seconds of load between migrations
+STRICT = ENV("STRICT_SWITCHOVER", "0") == "1"  # pause-before-switchover
+# Run at the strict hand-off point ({epoch} {sock} {name} {img} substituted),
+# e.g. a command that admits the next epoch on the server.
+HANDOFF_CMD = ENV("HANDOFF_CMD", "")
+if not HANDOFF_CMD and NBD_SERVER == "blkshim":
+    HANDOFF_CMD = shlex.quote(BLKSHIM) + " ctl --control {ctl} handoff {name} --to {epoch}"
+MEM = ENV("GUEST_MEM", "256M")
+ACCEL = ENV("ACCEL", "auto")
+KVM_PROBE_TIMEOUT = float(ENV("KVM_PROBE_TIMEOUT", "20"))
+BOOT_TIMEOUT = float(ENV("BOOT_TIMEOUT", "120"))
+FIO_FINISH_TIMEOUT = float(ENV("FIO_FINISH_TIMEOUT", "300"))
+MIN_ROUNDS = int(ENV("FIO_MIN_ROUNDS", "1"))
+REGION_KB = int(ENV("WRITER_REGION_KB", "1024"))
+FIRST_EPOCH = int(ENV("FIRST_EPOCH", "5"))
+SCENARIOS = ENV("SCENARIOS", "migrate,cutoff,failover,failback").split(",")
+GUEST = ENV("GUEST_DIR")
+QEMU = ENV("QEMU", "qemu-system-x86_64")
+EXPORT = "vm1"
+EXPECT_FAULTS = ENV("EXPECT_FAULTS", "pass")  # "fail": unfenced server self-test
+FAULT_SCENARIOS = ("cutoff", "failover", "failback")
+
+T0 = time.monotonic()
+CHILDREN = []  # every process we started, killed on exit
+
+
+def now():
+    return time.monotonic() - T0
+
+
+def log(msg):
+    print(f"[{now():7.1f}s] {msg}", flush=True)
+
+
+def kill_children():
+    for p in CHILDREN:
+        if p.poll() is None:
+            try:
+                p.kill()
+            except OSError:
+                pass
+    for p in CHILDREN:
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+atexit.register(kill_children)
+for _sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(_sig, lambda s, f: sys.exit(128 + s))
+
+
+def spawn(argv, logfile):
+    out = open(logfile, "ab")
+    p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    CHILDREN.append(p)
+    return p
+
+
+def wait_connectable(path, timeout, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited (rc={proc.returncode}) before {path} appeared")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(path)
+            return
+        except OSError:
+            time.sleep(0.1)
+        finally:
+            s.close()
+    raise RuntimeError(f"{path} not connectable after {timeout}s")
+
+
+class NbdServer:
+    """The NBD server under test: blkshim, or qemu-nbd (no fencing)."""
+
+    def __init__(self, workdir, tag, img, size):
+        self.sock = os.path.join(workdir, f"{tag}.nbd.sock")
+        self.ctl = os.path.join(workdir, f"{tag}.ctl.sock")
+        self.state = os.path.join(workdir, f"{tag}.epochs")
+        self.img, self.size, self.tag = img, size, tag
+        self.logfile = os.path.join(workdir, f"{tag}.server.log")
+        if NBD_SERVER == "blkshim":
+            subst = {"sock": self.sock, "img": img, "size": str(size), "name": EXPORT,
+                     "ctl": self.ctl, "state": self.state}
+            argv = [BLKSHIM] + [a.format(**subst) for a in shlex.split(BLKSHIM_ARGS)]
+        elif NBD_SERVER == "model":
+            argv = [sys.executable, os.path.join(HERE, "fence_model_server.py"), "--socket",
+                    self.sock, f"{EXPORT}={img}", "--size", str(size)]
+        elif NBD_SERVER == "qemu-nbd":
+            argv = ["qemu-nbd", "-f", "raw", f"--socket={self.sock}", "-x", EXPORT,
+                    "--shared=32", "-t", "--cache=none", "--aio=native", img]
+        else:
+            raise SystemExit(f"NBD_SERVER must be blkshim, qemu-nbd or model, not {NBD_SERVER}")
+        log(f"nbd server ({NBD_SERVER}): {' '.join(argv)}")
+        self.proc = spawn(argv, self.logfile)
+        wait_connectable(self.sock, 20, self.proc)
+
+    @staticmethod
+    def export(epoch):
+        """Export name a writer at `epoch` connects to (qemu-nbd has no epochs)."""
+        return EXPORT if NBD_SERVER == "qemu-nbd" else f"{EXPORT}@{epoch}"
+
+    def uri(self, epoch):
+        return f"nbd+unix:///{self.export(epoch)}?socket={self.sock}"
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+class Console:
+    """Reads a qemu serial socket in a thread; lines get host timestamps."""
+
+    def __init__(self, path, logfile, sink):
+        self.path, self.sink = path, sink
+        self.lines = []
+        self.cond = threading.Condition()
+        self.log = open(logfile, "a")
+        self.sock = None
+        self.closed = False
+
+    def connect(self, timeout=15):
+        deadline = time.monotonic() + timeout
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(self.path)
+                break
+            except OSError:
+                s.close()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"serial socket {self.path} not connectable")
+                time.sleep(0.05)
+        self.sock = s
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        buf = b""
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            buf += data
+            while b"\n" in buf:
+                raw, buf = buf.split(b"\n", 1)
+                line = raw.decode(errors="replace").replace("\r", "")
+                t = now()
+                self.log.write(f"{t:9.3f} {line}\n")
+                self.log.flush()
+                with self.cond:
+                    self.lines.append((t, line))
+                    if self.sink is not None:
+                        self.sink.append((t, line))
+                    self.cond.notify_all()
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def wait_for(self, pattern, timeout, start=0):
+        """First line (from index `start`) matching regex; raises on timeout."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        i = start
+        with self.cond:
+            while True:
+                while i < len(self.lines):
+                    m = rx.search(self.lines[i][1])
+                    if m:
+                        return m, i
+                    i += 1
+                left = deadline - time.monotonic()
+                if left <= 0 or self.closed:
+                    raise RuntimeError(f"console {self.path}: no line matching {pattern!r} "
+                                       f"({'console closed' if self.closed else f'{timeout}s timeout'})")
+                self.cond.wait(min(left, 0.5))
+
+    def send(self, text):
+        self.sock.sendall(text.encode())
+
+
+class Guest:
+    """One qemu process running the harness guest."""
+
+    def __init__(self, workdir, name, accel, append, disk_sock=None, export=None,
+                 incoming=False, sink=None):
+        self.name = name
+        self.qmp_path = os.path.join(workdir, f"{name}.qmp.sock")
+        self.ser_path = os.path.join(workdir, f"{name}.serial.sock")
+        self.logfile = os.path.join(workdir, f"{name}.serial.log")
+        argv = [QEMU, "-machine", "q35", "-accel", accel, "-m", MEM, "-smp", "1",
+                "-nodefaults", "-display", "none", "-no-reboot",
+                "-kernel", os.path.join(GUEST, "vmlinuz"),
+                "-initrd", os.path.join(GUEST, "initrd.gz"),
+                "-append", "console=ttyS0 panic=-1 quiet rootfstype=ramfs " + append,
+                "-chardev", f"socket,id=ser0,path={self.ser_path},server=on,wait=off",
+                "-serial", "chardev:ser0",
+                "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        if disk_sock:
+            argv += ["-blockdev", f"driver=nbd,node-name=nbd0,server.type=unix,"
+                                  f"server.path={disk_sock},export={export},cache.direct=on",
+                     "-device", "virtio-blk-pci,drive=nbd0,id=vd0"]
+        argv += ["-incoming", "defer"] if incoming else ["-S"]
+        self.t_start = now()
+        self.proc = spawn(argv, os.path.join(workdir, f"{name}.qemu.log"))
+        with open(os.path.join(workdir, f"{name}.argv"), "w") as f:
+            f.write(shlex.join(argv) + "\n")
+        wait_connectable(self.qmp_path, 20, self.proc)
+        self.qmp = QMP(self.qmp_path)
+        self.console = Console(self.ser_path, self.logfile, sink)
+        self.console.connect()
+        if not incoming:
+            self.qmp.cmd("cont")
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def wait_exit(self, timeout):
+        try:
+            self.proc.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def quit(self):
+        if self.proc.poll() is None:
+            try:
+                self.qmp.cmd("quit")
+            except (QMPError, OSError):
+                pass
+            if not self.wait_exit(10):
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.qmp.close()
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def probe_accel(workdir):
+    if ACCEL in ("kvm", "tcg"):
+        log(f"accelerator forced: {ACCEL}")
+        return ACCEL
+    if not os.path.exists("/dev/kvm"):
+        log("no /dev/kvm: using tcg")
+        return "tcg"
+    g = None
+    try:
+        g = Guest(workdir, "kvm-probe", "kvm", "hw.mode=probe")
+        g.console.wait_for("HARNESS-PROBE-OK", KVM_PROBE_TIMEOUT)
+        log("kvm probe printed its marker: using kvm")
+        return "kvm"
+    except Exception as e:  # any failure (start, hang, timeout) means tcg
+        log(f"kvm probe failed ({e}): using tcg")
+        return "tcg"
+    finally:
+        if g is not None:
+            g.kill()
+
+
+def make_image(path, size):
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+# --------------------------------------------------------------------------
+# Scenario: live migration under fio load
+# --------------------------------------------------------------------------
+
+def fio_progress(events):
+    """(t, ios done so far) from the guest's terse status lines, across rounds."""
+    out, base, last = [], 0, 0
+    for t, line in events:
+        if line.startswith("HARNESS-ROUND-START"):
+            base += last
+            last = 0
+        elif line.startswith("HARNESS-FIO 3;"):
+            f = line[len("HARNESS-FIO "):].split(";")
+            try:
+                kb = int(f[5]) + int(f[46])
+            except (IndexError, ValueError):
+                continue
+            last = kb // 4
+            out.append((t, base + last))
+    return out
+
+
+def rate(progress, t0, t1):
+    """IOPS between host times t0 and t1 (interpolated from status samples)."""
+    if t1 - t0 < 0.5 or len(progress) < 2:
+        return None
+
+    def at(t):
+        prev = None
+        for ts, n in progress:
+            if ts >= t:
+                if prev is None:
+                    return None
+                pt, pn = prev
+                return pn + (n - pn) * (t - pt) / max(ts - pt, 1e-9)
+            prev = (ts, n)
+        return None
+
+    a, b = at(t0), at(t1)
+    if a is None or b is None:
+        return None
+    return (b - a) / (t1 - t0)
+
+
+def migrate(src, dst, uri, epoch, srv, timeout=180):
+    src.qmp.cmd("migrate-set-capabilities", capabilities=[
+        {"capability": "events", "state": True},
+        {"capability": "pause-before-switchover", "state": STRICT}])
+    src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 10 << 30})
+    dst.qmp.cmd("migrate-incoming", uri=uri)
+    t0 = now()
+    src.qmp.cmd("migrate", uri=uri)
+    deadline = time.monotonic() + timeout
+    paused_at = None
+    while True:
+        info = src.qmp.cmd("query-migrate")
+        st = info.get("status")
+        if st == "pre-switchover" and paused_at is None:
+            # Strict hand-off point: the source is stopped and its disk
+            # flushed and inactivated; nothing of the source can write any
+            # more. Here a controller would admit the next epoch.
+            paused_at = now()
+            if HANDOFF_CMD:
+                log(f"pre-switchover: source stopped; hand-off to epoch {epoch}")
+                cmd = HANDOFF_CMD.format(epoch=epoch, sock=srv.sock, name=EXPORT, img=srv.img,
+                                         ctl=srv.ctl)
+                h = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=30)
+                if h.returncode != 0:
+                    src.qmp.cmd("migrate_cancel")
+                    raise RuntimeError(f"hand-off command failed: {cmd}: {h.stderr.strip()}")
+            src.qmp.cmd("migrate-continue", state="pre-switchover")
+        if st == "completed":
+            break
+        if st in ("failed", "cancelled"):
+            raise RuntimeError(f"migration {st}: {info.get('error-desc', info)}")
+        if time.monotonic() > deadline:
+            src.qmp.cmd("migrate_cancel")
+            raise RuntimeError(f"migration timed out after {timeout}s: {info}")
+        time.sleep(0.05)
+    t1 = now()
+    # qemu flips the status to "completed" a moment before it fills in
+    # total-time and downtime; read again until they are there.
+    for _ in range(40):
+        if info.get("total-time") and info.get("downtime") is not None:
+            break
+        time.sleep(0.05)
+        info = src.qmp.cmd("query-migrate")
+    ram = info.get("ram", {})
+    for _ in range(100):
+        if dst.qmp.cmd("query-status").get("status") == "running":
+            break
+        time.sleep(0.05)
+    else:
+        raise RuntimeError("destination not running after migration")
+    return {"t0": t0, "t1": t1, "total_ms": info.get("total-time"),
+            "downtime_ms": info.get("downtime"), "setup_ms": info.get("setup-time"),
+            "ram_mb": ram.get("transferred", 0) / 1e6, "dirty_syncs": ram.get("dirty-sync-count"),
+            "strict_pause": paused_at is not None}
+
+
+def scenario_migrate(workdir, accel):
+    size = DISK_MB << 20
+    img = os.path.join(workdir, "migrate.img")
+    make_image(img, size)
+    srv = NbdServer(workdir, "migrate", img, size)
+    events = []  # all consoles' lines, in host time order
+    epoch = FIRST_EPOCH
+    append = "hw.mode=fio"
+    g = Guest(workdir, f"mig-e{epoch}", accel, append, srv.sock, srv.export(epoch), sink=events)
+    g.console.wait_for("HARNESS-BOOTED", BOOT_TIMEOUT)
+    boot_s = now() - g.t_start
+    log(f"booted in {boot_s:.1f}s (qemu start to /init marker), disk export {srv.export(epoch)}")
+    g.console.wait_for("HARNESS-FIO 3;", BOOT_TIMEOUT)
+    log("fio is running")
+    time.sleep(MIG_INTERVAL)
+    results = []
+    for i in range(1, MIGRATIONS + 1):
+        epoch += 1
+        dst = Guest(workdir, f"mig-e{epoch}", accel, append, srv.sock, srv.export(epoch),
+                    incoming=True, sink=events)
+        uri = f"unix:{os.path.join(workdir, f'mig{i}.sock')}"
+        r = migrate(g, dst, uri, epoch, srv)
+        r.update(n=i, src=g.name, dst=dst.name, epoch=epoch)
+        results.append(r)
+        log(f"migration {i}: {g.name} -> {dst.name} total {r['total_ms']} ms, "
+            f"downtime {r['downtime_ms']} ms, {r['ram_mb']:.0f} MB"
+            + (", paused pre-switchover for the hand-off" if r["strict_pause"] else ""))
+        if STRICT and not r["strict_pause"]:
+            raise RuntimeError("strict hand-off requested but the migration never paused")
+        g.quit()
+        g = dst
+        time.sleep(MIG_INTERVAL)
+    log("migrations done: telling the guest to stop fio and verify")
+    g.console.send("stop\n")
+    m, _ = g.console.wait_for(r"HARNESS-RESULT (PASS|FAIL)", FIO_FINISH_TIMEOUT)
+    result_line = m.string
+    fin, _ = g.console.wait_for(r"HARNESS-FINAL-VERIFY rc=(\d+) errors=(\d+)", 5)
+    g.wait_exit(30)
+    g.quit()
+    srv.stop()
+
+    # Host-side check of the image: every block must carry a valid crc32c header.
+    hc = subprocess.run(["fio", "--name=hostcheck", f"--filename={img}", "--rw=read", "--bs=4k",
+                         "--size=100%", "--verify=crc32c", "--output-format=terse"],
+                        capture_output=True, text=True, timeout=300)
+    host_ok = hc.returncode == 0 and "verify:" not in hc.stderr
+    if not host_ok:
+        log(f"host check errors: {hc.stderr.strip()[:2000]}")
+
+    prog = fio_progress(events)
+    print()
+    print(f"{'#':>2} {'from':>10} {'to':>10} {'total ms':>9} {'downtime ms':>11} {'setup ms':>8} "
+          f"{'RAM MB':>7} {'IOPS 3s before':>14} {'IOPS 1s from start':>18} {'IOPS 3s after':>13}")
+    for r in results:
+        w = 3.0
+        b, d, a = (rate(prog, r["t0"] - w, r["t0"]), rate(prog, r["t0"], max(r["t1"], r["t0"] + 1.0)),
+                   rate(prog, r["t1"], r["t1"] + w))
+        fmt = lambda x: "-" if x is None else f"{x:.0f}"  # noqa: E731
+        print(f"{r['n']:>2} {r['src']:>10} {r['dst']:>10} {r['total_ms']:>9} {r['downtime_ms']:>11} "
+              f"{r['setup_ms']:>8} {r['ram_mb']:>7.0f} {fmt(b):>14} {fmt(d):>18} {fmt(a):>13}")
+    if prog:
+        span = prog[-1][0] - prog[0][0]
+        log(f"fio overall: {prog[-1][1]} ios in {span:.0f}s = {prog[-1][1] / max(span, 1):.0f} IOPS "
+            f"(4k randwrite+verify reads, as counted by the guest)")
+    rounds_m = re.search(r"rounds=(\d+)", result_line)
+    rounds = int(rounds_m.group(1)) if rounds_m else 0
+    ok = ("PASS" in result_line and int(fin.group(2)) == 0 and host_ok and rounds >= MIN_ROUNDS
+          and len(results) == MIGRATIONS)
+    detail = (f"{len(results)} migrations, guest: {result_line.strip()}, final verify errors="
+              f"{fin.group(2)}, host check {'ok' if host_ok else 'FAILED'}, boot {boot_s:.1f}s")
+    return ok, detail
+
+
+# --------------------------------------------------------------------------
+# Fault scenarios
+# --------------------------------------------------------------------------
+
+def pattern(epoch):
+    return 0xB15C0000 + epoch
+
+
+def region_census(img, pats):
+    """Count the region's 4 KiB blocks by which writer's pattern they hold."""
+    names = {pattern(e).to_bytes(4, "big") * 1024: f"epoch{e}" for e in pats}
+    names[b"\x55" * 4096] = "old-epoch-probe"
+    names[b"\0" * 4096] = "zero"
+    counts = {}
+    with open(img, "rb") as f:
+        for _ in range(REGION_KB // 4):
+            blk = f.read(4096)
+            k = names.get(blk, "other")
+            counts[k] = counts.get(k, 0) + 1
+    return counts
+
+
+def writer(workdir, accel, srv, epoch, via, forever, tag):
+    append = f"hw.mode=writer hw.pattern=0x{pattern(epoch):08x} hw.region={REGION_KB}k"
+    if forever:
+        append += " hw.forever=1"
+    return Guest(workdir, f"{tag}-e{epoch}", accel, append, via, srv.export(epoch))
+
+
+def hold_inflight(proxy, guest):
+    """Hold the guest's NBD traffic until writes are caught in the proxy."""
+    proxy.hold()
+    # One NBD write request = 28-byte header + 4 KiB payload; wait for a few.
+    if not proxy.wait_held(3 * (28 + 4096), 20):
+        raise RuntimeError(f"no writes caught in flight from {guest.name}: {proxy.stats()}")
+    time.sleep(0.5)
+
+
+def release_and_settle(proxy):
+    before = proxy.stats()["bytes_down"]
+    proxy.release()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and proxy.stats()["bytes_down"] == before:
+        time.sleep(0.05)
+    time.sleep(1.0)  # let the server finish what it accepted
+    st = proxy.stats()
+    st["answered_after_release"] = st["bytes_down"] - before
+    return st
+
+
+def run_fresh_writer(workdir, accel, srv, epoch, via, tag):
+    """Start the VM fresh at `epoch`; it writes its pattern and verifies it."""
+    g = writer(workdir, accel, srv, epoch, via, forever=False, tag=tag)
+    g.console.wait_for("HARNESS-BOOTED", BOOT_TIMEOUT)
+    m, _ = g.console.wait_for(r"HARNESS-(WRITER-VERIFIED|RESULT FAIL.*)", 120)
+    if "VERIFIED" not in m.group(0):
+        raise RuntimeError(f"{g.name}: {m.group(0)}")
+    g.wait_exit(30)
+    g.kill()
+    return g
+
+
+def scenario_cutoff(workdir, accel):
+    size = DISK_MB << 20
+    img = os.path.join(workdir, "cutoff.img")
+    make_image(img, size)
+    srv = NbdServer(workdir, "cutoff", img, size)
+    e = FIRST_EPOCH
+    pa = HoldProxy(os.path.join(workdir, "cutoff-a.proxy.sock"), srv.sock).start()
+    a = writer(workdir, accel, srv, e, pa.listen, True, "cutoff")
+    a.console.wait_for("HARNESS-WRITER-LOOPING", BOOT_TIMEOUT)
+    time.sleep(1)
+    hold_inflight(pa, a)
+    os.kill(a.pid, signal.SIGSTOP)
+    log(f"source {a.name} frozen (SIGSTOP) with {pa.stats()['held_bytes']} bytes held in the proxy")
+    run_fresh_writer(workdir, accel, srv, e + 1, srv.sock, "cutoff")
+    log(f"destination at epoch {e + 1} wrote and verified its blocks; releasing the held writes")
+    st = release_and_settle(pa)
+    a.kill()
+    pa.stop()
+    srv.stop()
+    census = region_census(img, [e, e + 1])
+    ok = census.get(f"epoch{e + 1}", 0) == REGION_KB // 4
+    return ok, (f"region blocks by writer: {census} (released {st['released_bytes']} held bytes, "
+                f"server answered {st['answered_after_release']} bytes after release)")
+
+
+FAILOVER_STATE = {}
+
+
+def scenario_failover(workdir, accel):
+    size = DISK_MB << 20
+    img = os.path.join(workdir, "failover.img")
+    make_image(img, size)
+    srv = NbdServer(workdir, "failover", img, size)
+    e = FIRST_EPOCH
+    pa = HoldProxy(os.path.join(workdir, "fo-a.proxy.sock"), srv.sock).start()
+    a = writer(workdir, accel, srv, e, pa.listen, True, "fo")
+    a.console.wait_for("HARNESS-WRITER-LOOPING", BOOT_TIMEOUT)
+    time.sleep(1)
+    hold_inflight(pa, a)
+    a.kill()
+    log(f"source {a.name} SIGKILLed with {pa.stats()['held_bytes']} bytes held in the proxy")
+    # The VM starts fresh on the destination from the same disk, and keeps
+    # writing afterwards (the failback scenario cuts it off in turn).
+    pb = HoldProxy(os.path.join(workdir, "fo-b.proxy.sock"), srv.sock).start()
+    b = writer(workdir, accel, srv, e + 1, pb.listen, True, "fo")
+    b.console.wait_for("HARNESS-WRITER-VERIFIED", BOOT_TIMEOUT)
+    b.qmp.cmd("stop")  # pause B so its own rewrites cannot hide a stale write
+    st = release_and_settle(pa)
+    census = region_census(img, [e, e + 1])
+    b.qmp.cmd("cont")
+    pa.stop()
+    FAILOVER_STATE.update(srv=srv, img=img, b=b, pb=pb, epoch=e + 1)
+    ok = census.get(f"epoch{e + 1}", 0) == REGION_KB // 4
+    return ok, (f"region blocks by writer: {census} (released {st['released_bytes']} held bytes, "
+                f"server answered {st['answered_after_release']} bytes after release)")
+
+
+def old_epoch_write(srv, epoch, offset):
+    """A fresh write from an old epoch; True if the server refused it."""
+    r = subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P 0x55 {offset} 4096",
+                        srv.uri(epoch)], capture_output=True, text=True, timeout=30)
+    refused = r.returncode != 0 or "failed" in (r.stdout + r.stderr).lower()
+    last = ((r.stdout + r.stderr).strip().splitlines() or [""])[-1]
+    log(f"fresh write at old epoch {epoch}: {'refused' if refused else 'ACCEPTED'} ({last})")
+    return refused
+
+
+def scenario_failback(workdir, accel):
+    if not FAILOVER_STATE:
+        return False, "needs the failover scenario first"
+    srv, img, b, pb, e = (FAILOVER_STATE[k] for k in ("srv", "img", "b", "pb", "epoch"))
+    b.console.wait_for("HARNESS-WRITER-LOOPING", 30)
+    time.sleep(1)
+    hold_inflight(pb, b)
+    b.kill()
+    log(f"{b.name} SIGKILLed with {pb.stats()['held_bytes']} bytes held; failing back at epoch {e + 1}")
+    run_fresh_writer(workdir, accel, srv, e + 1, srv.sock, "fb")
+    st = release_and_settle(pb)
+    pb.stop()
+    refused = [old_epoch_write(srv, old, 4096 * i) for i, old in enumerate((e - 1, e))]
+    time.sleep(0.5)
+    srv.stop()
+    census = region_census(img, [e - 1, e, e + 1])
+    ok = census.get(f"epoch{e + 1}", 0) == REGION_KB // 4 and all(refused)
+    return ok, (f"region blocks by writer: {census} (released {st['released_bytes']} held bytes, "
+                f"server answered {st['answered_after_release']} bytes after release); "
+                f"fresh writes from epochs {e - 1},{e} refused: {refused}")
+
+
+SCENARIO_FUNCS = {"migrate": scenario_migrate, "cutoff": scenario_cutoff,
+                  "failover": scenario_failover, "failback": scenario_failback}
+
+
+def main():
+    if not GUEST:
+        raise SystemExit("GUEST_DIR not set (run build-guest.sh, or use run.sh)")
+    workdir = ENV("WORKDIR") or tempfile.mkdtemp(prefix="qh-", dir="/tmp")
+    os.makedirs(workdir, exist_ok=True)
+    log(f"workdir {workdir}, nbd server {NBD_SERVER}, guest {GUEST}")
+    accel = probe_accel(workdir)
+    results = []
+    for name in SCENARIOS:
+        name = name.strip()
+        if not name:
+            continue
+        fn = SCENARIO_FUNCS.get(name)
+        if fn is None:
+            raise SystemExit(f"unknown scenario {name}; known: {', '.join(SCENARIO_FUNCS)}")
+        log(f"=== scenario {name} ===")
+        t = now()
+        try:
+            ok, detail = fn(workdir, accel)
+            verdict = "PASS" if ok else "FAIL"
+        except Exception as ex:  # could not run its checks at all
+            verdict, detail = "ERROR", f"{type(ex).__name__}: {ex}"
+        # With --expect-unfenced (qemu-nbd), a fault scenario must FAIL: that
+        # shows its check does catch stale writes when nothing fences them.
+        if EXPECT_FAULTS == "fail" and name in FAULT_SCENARIOS and verdict != "ERROR":
+            good = verdict == "FAIL"
+            verdict += " (expected FAIL)" if good else " (expected FAIL!)"
+        else:
+            good = verdict == "PASS"
+        results.append((name, good, verdict, detail, now() - t))
+        log(f"scenario {name}: {verdict} ({now() - t:.0f}s) {detail}")
+    # Anything a scenario left running (the failover guest, servers) goes now.
+    kill_children()
+    if ENV("KEEP_IMAGES", "0") != "1":  # logs stay; the disk images go
+        for f in os.listdir(workdir):
+            if f.endswith(".img"):
+                os.unlink(os.path.join(workdir, f))
+    print()
+    print(f"NBD server: {NBD_SERVER}   accel: {accel}   workdir: {workdir}")
+    for name, good, verdict, detail, dt in results:
+        print(f"  {verdict:<22} {name:<9} {dt:5.0f}s  {detail}")
+    all_ok = bool(results) and all(good for _, good, _, _, _ in results)
+    print("OVERALL:", "PASS" if all_ok else "FAIL")
+    sys.exit(0 if all_ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+#!/bin/bash
+# Run the qemu harness: build (or reuse) the guest, then the scenarios.
+# Exits non-zero on any verification error or scenario failure.
+#
+#   qemu-harness/run.sh [options]
+#     --nbd-server blkshim|qemu-nbd|model|auto   NBD server under test (env NBD_SERVER, default
+#                                          auto: blkshim if it can be built/found, else qemu-nbd;
+#                                          model = fence_model_server.py, the harness self-test)
+#     --blkshim PATH                       blkshim binary (env BLKSHIM; default: cargo build, profile
+#                                          env BLKSHIM_PROFILE=debug|release, default debug)
+#     --scenarios LIST                     comma list of migrate,cutoff,failover,failback (default all)
+#     --migrations N                       live migrations under load (env MIGRATIONS, default 4)
+#     --interval S                         seconds of load between migrations (env MIG_INTERVAL, 5)
+#     --rounds N                           minimum whole-disk fio rounds (env FIO_MIN_ROUNDS, 1)
+#     --disk-mb N                          disk size in MiB (env DISK_MB, default 64)
+#     --strict                             pause-before-switchover hand-off (env STRICT_SWITCHOVER=1)
+#     --accel auto|kvm|tcg                 (env ACCEL, default auto: kvm probe, else tcg)
+#     --expect-unfenced                    fault scenarios are expected to FAIL (qemu-nbd self-test
+#                                          of the checks); the run fails if any of them passes
+#     --timeout S                          bound on the whole run (env RUN_TIMEOUT, default 600)
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --nbd-server) export NBD_SERVER=$2; shift ;;
+    --blkshim) export BLKSHIM=$2; shift ;;
+    --scenarios) export SCENARIOS=$2; shift ;;
+    --migrations) export MIGRATIONS=$2; shift ;;
+    --interval) export MIG_INTERVAL=$2; shift ;;
+    --rounds) export FIO_MIN_ROUNDS=$2; shift ;;
+    --disk-mb) export DISK_MB=$2; shift ;;
+    --strict) export STRICT_SWITCHOVER=1 ;;
+    --accel) export ACCEL=$2; shift ;;
+    --expect-unfenced) export EXPECT_FAULTS=fail ;;
+    --timeout) export RUN_TIMEOUT=$2; shift ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+# --- host packages ---------------------------------------------------------
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have qemu-system-x86_64 || need+=(qemu-system-x86 qemu-utils/bookworm)
+have qemu-nbd || need+=(qemu-utils/bookworm)
+have qemu-io || need+=(qemu-utils/bookworm)
+have fio || need+=(fio)
+have nbdinfo || need+=(libnbd-bin)
+have cpio || need+=(cpio)
+have python3 || need+=(python3)
+dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "run.sh: installing ${need[*]}" >&2
+    # qemu-system-x86 from bookworm needs the matching qemu-utils (a newer
+    # one may be preinstalled and conflicts), hence the downgrade.
+    SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+    $SUDO apt-get update -q >&2 || true
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --allow-downgrades \
+        $(printf '%s\n' "${need[@]}" | sort -u) >&2
+fi
+
+# --- the NBD server --------------------------------------------------------
+NBD_SERVER=${NBD_SERVER:-auto}
+case "$NBD_SERVER" in auto|blkshim|qemu-nbd|model) ;; *) echo "run.sh: bad --nbd-server $NBD_SERVER" >&2; exit 2 ;; esac
+if { [ "$NBD_SERVER" = auto ] || [ "$NBD_SERVER" = blkshim ]; } && [ -z "${BLKSHIM:-}" ]; then
+    if have cargo && [ -f "$REPO/Cargo.toml" ]; then
+        # Debug profile by default: CI's `cargo test` has built most of it
+        # already, and under TCG the guest, not the server, is the bottleneck.
+        prof=${BLKSHIM_PROFILE:-debug}
+        flag=; [ "$prof" = release ] && flag=--release
+        echo "run.sh: building blkshim (cargo build $flag)" >&2
+        (cd "$REPO" && cargo build $flag -q --bin blkshim) >&2 || echo "run.sh: blkshim build failed" >&2
+        [ -x "$REPO/target/$prof/blkshim" ] && export BLKSHIM=$REPO/target/$prof/blkshim
+    fi
+fi
+if [ "$NBD_SERVER" = auto ]; then
+    if [ -n "${BLKSHIM:-}" ] && "$BLKSHIM" serve --help >/dev/null 2>&1; then
+        NBD_SERVER=blkshim
+    else
+        echo "run.sh: no blkshim with a 'serve' command: falling back to qemu-nbd (no fencing)" >&2
+        NBD_SERVER=qemu-nbd
+    fi
+fi
+export NBD_SERVER
+
+# --- guest and run ---------------------------------------------------------
+GUEST_DIR=$("$HERE/build-guest.sh" | tail -1)
+export GUEST_DIR
+echo "run.sh: guest $GUEST_DIR ($(cat "$GUEST_DIR/INFO"))" >&2
+exec timeout --kill-after=10 "${RUN_TIMEOUT:-600}" python3 "$HERE/harness.py"

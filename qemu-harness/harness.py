@@ -137,14 +137,11 @@ class NbdServer:
             subst = {"sock": self.sock, "img": img, "size": str(size), "name": EXPORT,
                      "ctl": self.ctl, "state": self.state}
             argv = [BLKSHIM] + [a.format(**subst) for a in shlex.split(BLKSHIM_ARGS)]
-        elif NBD_SERVER == "model":
-            argv = [sys.executable, os.path.join(HERE, "fence_model_server.py"), "--socket",
-                    self.sock, f"{EXPORT}={img}", "--size", str(size)]
         elif NBD_SERVER == "qemu-nbd":
             argv = ["qemu-nbd", "-f", "raw", f"--socket={self.sock}", "-x", EXPORT,
                     "--shared=32", "-t", "--cache=none", "--aio=native", img]
         else:
-            raise SystemExit(f"NBD_SERVER must be blkshim, qemu-nbd or model, not {NBD_SERVER}")
+            raise SystemExit(f"NBD_SERVER must be blkshim or qemu-nbd, not {NBD_SERVER}")
         log(f"nbd server ({NBD_SERVER}): {' '.join(argv)}")
         self.proc = spawn(argv, self.logfile)
         wait_connectable(self.sock, 20, self.proc)

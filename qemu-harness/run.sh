@@ -3,9 +3,9 @@
 # Exits non-zero on any verification error or scenario failure.
 #
 #   qemu-harness/run.sh [options]
-#     --nbd-server blkshim|qemu-nbd|model|auto   NBD server under test (env NBD_SERVER, default
-#                                          auto: blkshim if it can be built/found, else qemu-nbd;
-#                                          model = fence_model_server.py, the harness self-test)
+#     --nbd-server blkshim|qemu-nbd        NBD server under test (env NBD_SERVER, default blkshim;
+#                                          qemu-nbd, with --expect-unfenced, shows the checks fail
+#                                          without fencing)
 #     --blkshim PATH                       blkshim binary (env BLKSHIM; default: cargo build, profile
 #                                          env BLKSHIM_PROFILE=debug|release, default debug)
 #     --scenarios LIST                     comma list of migrate,cutoff,failover,failback (default all)
@@ -63,26 +63,20 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # --- the NBD server --------------------------------------------------------
-NBD_SERVER=${NBD_SERVER:-auto}
-case "$NBD_SERVER" in auto|blkshim|qemu-nbd|model) ;; *) echo "run.sh: bad --nbd-server $NBD_SERVER" >&2; exit 2 ;; esac
-if { [ "$NBD_SERVER" = auto ] || [ "$NBD_SERVER" = blkshim ]; } && [ -z "${BLKSHIM:-}" ]; then
-    if have cargo && [ -f "$REPO/Cargo.toml" ]; then
-        # Debug profile by default: CI's `cargo test` has built most of it
-        # already, and under TCG the guest, not the server, is the bottleneck.
-        prof=${BLKSHIM_PROFILE:-debug}
-        flag=; [ "$prof" = release ] && flag=--release
-        echo "run.sh: building blkshim (cargo build $flag)" >&2
-        (cd "$REPO" && cargo build $flag -q --bin blkshim) >&2 || echo "run.sh: blkshim build failed" >&2
-        [ -x "$REPO/target/$prof/blkshim" ] && export BLKSHIM=$REPO/target/$prof/blkshim
-    fi
+NBD_SERVER=${NBD_SERVER:-blkshim}
+case "$NBD_SERVER" in blkshim|qemu-nbd) ;; *) echo "run.sh: bad --nbd-server $NBD_SERVER" >&2; exit 2 ;; esac
+if [ "$NBD_SERVER" = blkshim ] && [ -z "${BLKSHIM:-}" ]; then
+    # Debug profile by default: CI's `cargo test` has built most of it
+    # already, and under TCG the guest, not the server, is the bottleneck.
+    prof=${BLKSHIM_PROFILE:-debug}
+    flag=; [ "$prof" = release ] && flag=--release
+    echo "run.sh: building blkshim (cargo build $flag)" >&2
+    (cd "$REPO" && cargo build $flag -q --bin blkshim) >&2
+    export BLKSHIM=$REPO/target/$prof/blkshim
 fi
-if [ "$NBD_SERVER" = auto ]; then
-    if [ -n "${BLKSHIM:-}" ] && "$BLKSHIM" serve --help >/dev/null 2>&1; then
-        NBD_SERVER=blkshim
-    else
-        echo "run.sh: no blkshim with a 'serve' command: falling back to qemu-nbd (no fencing)" >&2
-        NBD_SERVER=qemu-nbd
-    fi
+if [ "$NBD_SERVER" = blkshim ] && ! "$BLKSHIM" serve --help >/dev/null 2>&1; then
+    echo "run.sh: $BLKSHIM has no working 'serve' command" >&2
+    exit 1
 fi
 export NBD_SERVER
 

@@ -31,6 +31,11 @@ pub enum Kind {
     MigrateDrain,
     /// Live migration X->Y; the source fences at once.
     MigrateFence,
+    /// X->Y without a suspend: the destination takes the next epoch
+    /// (gateway: with its first write; host-side: `advance_to` plus a
+    /// storage preempt) while the source's requests are still in flight;
+    /// they drain and are fenced later, on the clock.
+    MigrateTakeover,
     /// X->Y->X->... live migrations.
     PingPong,
     /// Live migration while the source's storage path hangs: its writes
@@ -47,9 +52,10 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::MigrateDrain,
         Kind::MigrateFence,
+        Kind::MigrateTakeover,
         Kind::PingPong,
         Kind::CutOffSource,
         Kind::Failover,
@@ -61,6 +67,7 @@ impl Kind {
         match self {
             Kind::MigrateDrain => "migrate-drain",
             Kind::MigrateFence => "migrate-fence",
+            Kind::MigrateTakeover => "migrate-takeover",
             Kind::PingPong => "ping-pong",
             Kind::CutOffSource => "cut-off-source",
             Kind::Failover => "failover",
@@ -137,6 +144,13 @@ pub enum ActionKind {
         downtime: Time,
         hang: Option<Time>,
     },
+    /// Move the VM to `to` without suspending the source; the source's
+    /// requests still in flight are fenced `fence_after` ticks later.
+    Takeover {
+        to: usize,
+        fence_after: Time,
+        cut_off: Option<Time>,
+    },
     /// The stale node `host` tries to take over and write `writes` times.
     StalePromote { host: usize, writes: u32 },
 }
@@ -159,6 +173,14 @@ fn mode(rng: &mut SimRng) -> MigrationMode {
         }
     } else {
         MigrationMode::Fence
+    }
+}
+
+fn takeover(rng: &mut SimRng, to: usize) -> ActionKind {
+    ActionKind::Takeover {
+        to,
+        fence_after: if rng.chance(30) { 0 } else { rng.range(1, 600) },
+        cut_off: rng.chance(40).then(|| rng.range(200, 2000)),
     }
 }
 
@@ -192,14 +214,26 @@ pub fn plan(kind: Kind, rng: &mut SimRng) -> Vec<Action> {
                 cut_off: None,
             },
         }],
+        Kind::MigrateTakeover => vec![Action {
+            gap: gap(rng),
+            kind: takeover(rng, HOST_Y),
+        }],
         Kind::PingPong => (0..rng.range(2, 5))
-            .map(|i| Action {
-                gap: gap(rng),
-                kind: ActionKind::Migrate {
-                    to: if i % 2 == 0 { HOST_Y } else { HOST_X },
-                    mode: mode(rng),
-                    cut_off: rng.chance(25).then(|| rng.range(200, 2000)),
-                },
+            .map(|i| {
+                let to = if i % 2 == 0 { HOST_Y } else { HOST_X };
+                let kind = if rng.chance(20) {
+                    takeover(rng, to)
+                } else {
+                    ActionKind::Migrate {
+                        to,
+                        mode: mode(rng),
+                        cut_off: rng.chance(25).then(|| rng.range(200, 2000)),
+                    }
+                };
+                Action {
+                    gap: gap(rng),
+                    kind,
+                }
             })
             .collect(),
         Kind::CutOffSource => vec![Action {

@@ -208,9 +208,9 @@ impl StorageModel {
         let id = inner.next_io;
         inner.next_io += 1;
         let size = inner.params.sectors * SECTOR_SIZE;
-        let in_range = io
-            .byte_range()
-            .map_or(true, |(o, l)| l > 0 && o.checked_add(l).is_some_and(|e| e <= size));
+        let in_range = io.byte_range().map_or(true, |(o, l)| {
+            l > 0 && o.checked_add(l).is_some_and(|e| e <= size)
+        });
         let writes = if modifies(&io) {
             io.byte_range()
                 .map(|(o, l)| (o / SECTOR_SIZE, (o + l).div_ceil(SECTOR_SIZE)))

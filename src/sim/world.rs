@@ -12,7 +12,8 @@ use super::sched::{Event, Sched, SharedSched, Time};
 use super::storage_model::{StorageModel, StorageParams, StoragePath};
 use crate::epoch::{EpochStore, MemEpochStore};
 use crate::handoff::{
-    Disk, DiskError, DiskOptions, HandoffMethod, HandoffRecord, SuspendMode, Suspension, Writer,
+    Disk, DiskError, DiskOptions, HandoffMethod, HandoffRecord, RequestFate, SuspendMode,
+    Suspension, Writer,
 };
 use crate::storage::fencing::{take_over, StorageFencing};
 use crate::storage::{AlignedBuf, BlockStorage, IoOutcome, StorageIo, SECTOR_SIZE};
@@ -166,9 +167,18 @@ struct Host {
 
 enum ActState {
     Idle,
-    Draining { deadline: Time, to: usize },
-    Restarting { to: usize },
-    Fencing { epoch: u64 },
+    Draining {
+        deadline: Time,
+        to: usize,
+    },
+    Restarting {
+        to: usize,
+    },
+    /// Fence everything below `epoch` on the disk `host` uses.
+    Fencing {
+        epoch: u64,
+        host: usize,
+    },
     Done,
 }
 
@@ -197,6 +207,10 @@ pub struct World {
     actions: Vec<Action>,
     states: Vec<ActState>,
     suspension: Option<Suspension>,
+    /// The frontend's requests outstanding on the source when it suspended.
+    suspended_tags: Vec<(u64, bool)>,
+    /// The endpoint each wire request (by tag) was sent to.
+    wire_ep: Vec<usize>,
     rng: SimRng,
     rogue: Option<Rogue>,
     /// The stale node's old writer (protected runs): endpoint index.
@@ -277,6 +291,8 @@ impl World {
             actions,
             states,
             suspension: None,
+            suspended_tags: Vec::new(),
+            wire_ep: vec![usize::MAX],
             rng,
             rogue: None,
             stale_ep: None,
@@ -593,6 +609,7 @@ impl World {
         };
         let tag = self.front.next_wire;
         self.front.next_wire += 1;
+        self.wire_ep.push(ep);
         let io = wire_io(&wire);
         self.front.wires.insert(tag, wire);
         self.submit(ep, tag, io);
@@ -846,9 +863,21 @@ impl World {
                 self.after(downtime, Event::Control(i));
             }
             (ActState::Restarting { to }, ActionKind::Crash { .. }) => self.restart(i, to),
-            (ActState::Fencing { epoch }, _) => {
-                if let Some(g) = self.gateway.clone() {
-                    g.fence_below(epoch);
+            (
+                ActState::Idle,
+                ActionKind::Takeover {
+                    to,
+                    fence_after,
+                    cut_off,
+                },
+            ) => self.takeover(i, to, fence_after, cut_off),
+            (ActState::Fencing { epoch, host }, _) => {
+                let disk = match self.scenario.deployment {
+                    Deployment::Gateway => self.gateway.clone(),
+                    Deployment::HostSide => self.hosts[host].disk.clone(),
+                };
+                if let Some(d) = disk {
+                    d.fence_below(epoch);
                 }
                 self.action_done(i);
             }
@@ -904,6 +933,12 @@ impl World {
             ),
             MigrationMode::Fence => (SuspendMode::Fence, now),
         };
+        self.suspended_tags = self
+            .front
+            .wires
+            .iter()
+            .map(|(&t, w)| (t, w.kind.modifies()))
+            .collect();
         self.suspension = Some(disk.begin_suspend(epoch, smode));
         self.migrate_poll(i, deadline, to);
     }
@@ -932,6 +967,7 @@ impl World {
             return;
         };
         self.suspension = None;
+        self.check_record(&record);
         if record.method == HandoffMethod::DrainTimedOutThenFenced {
             self.report.drains_timed_out += 1;
         }
@@ -947,6 +983,108 @@ impl World {
             Err(e) => self.fail(e),
         }
         self.action_done(i);
+    }
+
+    /// Move the VM without a suspend: the destination takes the next epoch
+    /// while the source's requests are in flight.
+    fn takeover(&mut self, i: usize, to: usize, fence_after: Time, cut_off: Option<Time>) {
+        let now = self.now();
+        let from = self.vm_host;
+        self.pause();
+        if let Some(h) = cut_off {
+            let path = self.path_of(from).id();
+            self.storage.hang_in_flight(path, now + h);
+        }
+        let src = self.source_ep();
+        let next = if self.protected() {
+            self.takeover_protected(from, to)
+        } else {
+            Ok((self.raw_endpoint(to), 0))
+        };
+        let (ep, epoch) = match next {
+            Ok(x) => x,
+            Err(e) => {
+                self.fail(e);
+                self.action_done(i);
+                return;
+            }
+        };
+        if let Some(src) = src {
+            self.close_endpoint(src);
+        }
+        self.vm_host = to;
+        self.report.migrations += 1;
+        self.recover(ep);
+        if self.protected() {
+            // The old epoch's requests drain until the fence, on the clock;
+            // the source's own backend fences them too (host-side).
+            self.states[i] = ActState::Fencing {
+                epoch,
+                host: if self.host_side() { from } else { to },
+            };
+            self.after(fence_after, Event::Control(i));
+        } else {
+            self.action_done(i);
+        }
+    }
+
+    fn takeover_protected(&mut self, from: usize, to: usize) -> Result<(usize, u64), String> {
+        let epoch = self.epochs.current(DISK_NAME).map_err(|e| e.to_string())? + 1;
+        if self.host_side() {
+            // `blkshim ctl handoff` on the destination host.
+            let disk = self.disk_of(to).map_err(|e| e.to_string())?;
+            disk.advance_to(epoch)
+                .map_err(|e| format!("advance to {epoch} on host {to}: {e}"))?;
+            self.fence_storage(to, epoch)?;
+        }
+        // Gateway: the destination's first write advances the epoch.
+        let ep = self.disk_endpoint(to, epoch, "destination")?;
+        let _ = from;
+        Ok((ep, epoch))
+    }
+
+    /// The hand-off record must list exactly the requests the frontend had
+    /// outstanding on the source, with fates that fit the method.
+    fn check_record(&mut self, record: &HandoffRecord) {
+        // Older writers' leftovers (fenced at an earlier hand-off, still at
+        // the storage) are listed too: the suspend covers every epoch up to
+        // the source's. Those must have gone to another endpoint.
+        let src = self.source_ep();
+        let mut listed: Vec<u64> = record
+            .requests
+            .iter()
+            .map(|e| e.tag)
+            .filter(|&t| self.wire_ep.get(t as usize).copied() == src)
+            .collect();
+        listed.sort_unstable();
+        let outstanding: Vec<u64> = self.suspended_tags.iter().map(|&(t, _)| t).collect();
+        let unknown = record
+            .requests
+            .iter()
+            .any(|e| self.wire_ep.get(e.tag as usize).is_none());
+        if listed != outstanding || unknown {
+            self.fail(format!(
+                "record lists requests {listed:?}, the frontend had {outstanding:?} outstanding"
+            ));
+        }
+        for e in &record.requests {
+            if !e.kind.modifies() || self.wire_ep.get(e.tag as usize).copied() != src {
+                continue;
+            }
+            let ok = match record.method {
+                HandoffMethod::Drained => e.fate == RequestFate::CompletedNotAcknowledged,
+                HandoffMethod::Fenced => {
+                    matches!(e.fate, RequestFate::Cancelled | RequestFate::Fenced)
+                }
+                HandoffMethod::DrainTimedOutThenFenced => true,
+            };
+            if !ok {
+                self.fail(format!(
+                    "record of a {:?} hand-off says {:?} {} (tag {}) was {:?}",
+                    record.method, e.kind, e.range, e.tag, e.fate
+                ));
+            }
+        }
     }
 
     /// The destination's side: resume from the record, fence the storage,
@@ -1002,7 +1140,7 @@ impl World {
                     } else {
                         self.rng.range(10, 400)
                     };
-                    self.states[i] = ActState::Fencing { epoch };
+                    self.states[i] = ActState::Fencing { epoch, host: to };
                     self.after(delay, Event::Control(i));
                 }
             }

@@ -136,6 +136,10 @@ pub enum ActionKind {
         to: usize,
         mode: MigrationMode,
         cut_off: Option<Time>,
+        /// The source host dies this long into the drain (if it is still
+        /// draining then): no record; the destination takes the next
+        /// epoch and the VM goes on there.
+        source_dies: Option<Time>,
     },
     /// The VM's host dies; after `downtime` the VM restarts on `restart_on`.
     /// With `hang`, the dead host's writes in flight land that much later.
@@ -199,6 +203,7 @@ pub fn plan(kind: Kind, rng: &mut SimRng) -> Vec<Action> {
         Kind::MigrateDrain => vec![Action {
             gap: gap(rng),
             kind: ActionKind::Migrate {
+                source_dies: None,
                 to: HOST_Y,
                 mode: MigrationMode::Drain {
                     deadline: rng.range(20, 600),
@@ -209,6 +214,7 @@ pub fn plan(kind: Kind, rng: &mut SimRng) -> Vec<Action> {
         Kind::MigrateFence => vec![Action {
             gap: gap(rng),
             kind: ActionKind::Migrate {
+                source_dies: None,
                 to: HOST_Y,
                 mode: MigrationMode::Fence,
                 cut_off: None,
@@ -225,6 +231,7 @@ pub fn plan(kind: Kind, rng: &mut SimRng) -> Vec<Action> {
                     takeover(rng, to)
                 } else {
                     ActionKind::Migrate {
+                        source_dies: rng.chance(10).then(|| rng.range(0, 200)),
                         to,
                         mode: mode(rng),
                         cut_off: rng.chance(25).then(|| rng.range(200, 2000)),
@@ -239,6 +246,7 @@ pub fn plan(kind: Kind, rng: &mut SimRng) -> Vec<Action> {
         Kind::CutOffSource => vec![Action {
             gap: gap(rng),
             kind: ActionKind::Migrate {
+                source_dies: rng.chance(40).then(|| rng.range(0, 300)),
                 to: HOST_Y,
                 mode: if rng.chance(75) {
                     MigrationMode::Drain {
@@ -263,6 +271,7 @@ pub fn plan(kind: Kind, rng: &mut SimRng) -> Vec<Action> {
                 crash(rng, HOST_X)
             } else {
                 ActionKind::Migrate {
+                    source_dies: None,
                     to: HOST_X,
                     mode: mode(rng),
                     cut_off: rng.chance(30).then(|| rng.range(200, 2000)),
@@ -280,6 +289,7 @@ pub fn plan(kind: Kind, rng: &mut SimRng) -> Vec<Action> {
             Action {
                 gap: gap(rng),
                 kind: ActionKind::Migrate {
+                source_dies: None,
                     to: HOST_Y,
                     mode: mode(rng),
                     cut_off: rng.chance(30).then(|| rng.range(200, 2000)),

@@ -70,11 +70,12 @@ enum GKind {
     Write,
     Flush,
     Discard,
+    WriteZeroes,
 }
 
 impl GKind {
     fn modifies(self) -> bool {
-        matches!(self, GKind::Write | GKind::Discard)
+        matches!(self, GKind::Write | GKind::Discard | GKind::WriteZeroes)
     }
 }
 
@@ -170,6 +171,7 @@ enum ActState {
     Draining {
         deadline: Time,
         to: usize,
+        dies_at: Option<Time>,
     },
     Restarting {
         to: usize,
@@ -538,7 +540,8 @@ impl World {
             0..=54 => GKind::Write,
             55..=79 => GKind::Read,
             80..=89 => GKind::Flush,
-            _ => GKind::Discard,
+            90..=94 => GKind::Discard,
+            _ => GKind::WriteZeroes,
         };
         let (mut start, mut count) = (0, 0);
         if kind != GKind::Flush {
@@ -701,8 +704,8 @@ impl World {
         };
         for s in q.start..q.start + q.count {
             match (q.kind, q.failed) {
-                (GKind::Write | GKind::Discard, None) => self.checker.completed(s, content),
-                (GKind::Write | GKind::Discard, Some(_)) => self.checker.maybe(s, content),
+                (_, None) if q.kind.modifies() => self.checker.completed(s, content),
+                (_, Some(_)) if q.kind.modifies() => self.checker.maybe(s, content),
                 (GKind::Read, None) => self.checker.read(now, s, q.read[(s - q.start) as usize]),
                 _ => {}
             }
@@ -801,7 +804,7 @@ impl World {
         for (id, q) in reqs {
             let content = match q.kind {
                 GKind::Write => Content::Write(id),
-                GKind::Discard => Content::Zero,
+                GKind::Discard | GKind::WriteZeroes => Content::Zero,
                 _ => continue,
             };
             for s in q.start..q.start + q.count {
@@ -844,12 +847,26 @@ impl World {
         };
         let state = std::mem::replace(&mut self.states[i], ActState::Done);
         match (state, action.kind) {
-            (ActState::Idle, ActionKind::Migrate { to, mode, cut_off }) => {
-                self.migrate_start(i, to, mode, cut_off)
+            (
+                ActState::Idle,
+                ActionKind::Migrate {
+                    to,
+                    mode,
+                    cut_off,
+                    source_dies,
+                },
+            ) => {
+                let dies_at = source_dies.map(|d| self.now() + d);
+                self.migrate_start(i, to, mode, cut_off, dies_at)
             }
-            (ActState::Draining { deadline, to }, ActionKind::Migrate { .. }) => {
-                self.migrate_poll(i, deadline, to)
-            }
+            (
+                ActState::Draining {
+                    deadline,
+                    to,
+                    dies_at,
+                },
+                ActionKind::Migrate { .. },
+            ) => self.migrate_poll(i, deadline, to, dies_at),
             (
                 ActState::Idle,
                 ActionKind::Crash {
@@ -889,7 +906,14 @@ impl World {
         }
     }
 
-    fn migrate_start(&mut self, i: usize, to: usize, mode: MigrationMode, cut_off: Option<Time>) {
+    fn migrate_start(
+        &mut self,
+        i: usize,
+        to: usize,
+        mode: MigrationMode,
+        cut_off: Option<Time>,
+        dies_at: Option<Time>,
+    ) {
         let now = self.now();
         let from = self.vm_host;
         self.pause();
@@ -904,7 +928,11 @@ impl World {
         if !self.protected() {
             // blkback just disconnects; the frontend reconnects to Y.
             let downtime = self.rng.range(1, 20);
-            self.states[i] = ActState::Draining { deadline: now, to };
+            self.states[i] = ActState::Draining {
+                deadline: now,
+                to,
+                dies_at: None,
+            };
             self.after(downtime, Event::Control(i));
             return;
         }
@@ -940,11 +968,14 @@ impl World {
             .map(|(&t, w)| (t, w.kind.modifies()))
             .collect();
         self.suspension = Some(disk.begin_suspend(epoch, smode));
-        self.migrate_poll(i, deadline, to);
+        self.migrate_poll(i, deadline, to, dies_at);
     }
 
-    fn migrate_poll(&mut self, i: usize, deadline: Time, to: usize) {
+    fn migrate_poll(&mut self, i: usize, deadline: Time, to: usize, dies_at: Option<Time>) {
         let now = self.now();
+        if self.protected() && dies_at.is_some_and(|t| now >= t) {
+            return self.source_died_mid_migration(i, to);
+        }
         if !self.protected() {
             let ep = self.raw_endpoint(to);
             self.vm_host = to;
@@ -962,7 +993,11 @@ impl World {
             }
         };
         let Some(record) = record else {
-            self.states[i] = ActState::Draining { deadline, to };
+            self.states[i] = ActState::Draining {
+                deadline,
+                to,
+                dies_at,
+            };
             self.after(5, Event::Control(i));
             return;
         };
@@ -1025,6 +1060,42 @@ impl World {
             self.after(fence_after, Event::Control(i));
         } else {
             self.action_done(i);
+        }
+    }
+
+    /// The source died while draining: its suspension never finishes and
+    /// there is no record. The VM's state already reached the destination,
+    /// which takes the next epoch; blkfront re-sends there.
+    fn source_died_mid_migration(&mut self, i: usize, to: usize) {
+        let from = self.vm_host;
+        // Dropped unfinished, as a dead process would.
+        self.suspension = None;
+        let path = self.path_of(from).id();
+        if let Some(src) = self.source_ep() {
+            self.close_endpoint(src);
+        }
+        if self.host_side() {
+            self.storage.kill_path(path);
+            self.hosts[from].disk = None;
+            self.hosts[from].path = self.storage.path();
+        }
+        let (ep, epoch) = match self.takeover_protected(from, to) {
+            Ok(x) => x,
+            Err(e) => {
+                self.fail(e);
+                self.action_done(i);
+                return;
+            }
+        };
+        self.vm_host = to;
+        self.report.migrations += 1;
+        self.recover(ep);
+        if self.host_side() {
+            self.action_done(i);
+        } else {
+            let delay = self.rng.range(0, 400);
+            self.states[i] = ActState::Fencing { epoch, host: to };
+            self.after(delay, Event::Control(i));
         }
     }
 
@@ -1293,6 +1364,11 @@ fn wire_io(w: &Wire) -> StorageIo {
             buf: AlignedBuf::zeroed(w.count as usize * SECTOR),
         },
         GKind::Flush => StorageIo::Flush,
+        GKind::WriteZeroes => StorageIo::WriteZeroes {
+            offset,
+            len: w.count * SECTOR_SIZE,
+            may_unmap: w.start % 2 == 0,
+        },
         GKind::Discard => StorageIo::Discard {
             offset,
             len: w.count * SECTOR_SIZE,

@@ -289,7 +289,7 @@ pub fn plan(kind: Kind, rng: &mut SimRng) -> Vec<Action> {
             Action {
                 gap: gap(rng),
                 kind: ActionKind::Migrate {
-                source_dies: None,
+                    source_dies: None,
                     to: HOST_Y,
                     mode: mode(rng),
                     cut_off: rng.chance(30).then(|| rng.range(200, 2000)),

@@ -21,6 +21,8 @@ pub enum Event {
     Control(usize),
     /// The stale node of the stale-promote scenario writes again.
     RogueTick,
+    /// The gateway's deadline for a suspend whose source connection died.
+    OrphanDeadline,
 }
 
 /// Clock plus queue.

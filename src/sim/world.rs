@@ -209,6 +209,9 @@ pub struct World {
     actions: Vec<Action>,
     states: Vec<ActState>,
     suspension: Option<Suspension>,
+    /// Gateway: suspends whose source died; the gateway still finishes them
+    /// at their deadline.
+    orphans: Vec<(Time, Suspension)>,
     /// The frontend's requests outstanding on the source when it suspended.
     suspended_tags: Vec<(u64, bool)>,
     /// The endpoint each wire request (by tag) was sent to.
@@ -294,6 +297,7 @@ impl World {
             states,
             suspension: None,
             suspended_tags: Vec::new(),
+            orphans: Vec::new(),
             wire_ep: vec![usize::MAX],
             rng,
             rogue: None,
@@ -463,6 +467,7 @@ impl World {
                 Event::GuestTick => self.guest_tick(),
                 Event::Control(i) => self.control(i),
                 Event::RogueTick => self.rogue_tick(),
+                Event::OrphanDeadline => self.finish_orphans(),
             }
             self.drain_inbox();
         }
@@ -974,7 +979,7 @@ impl World {
     fn migrate_poll(&mut self, i: usize, deadline: Time, to: usize, dies_at: Option<Time>) {
         let now = self.now();
         if self.protected() && dies_at.is_some_and(|t| now >= t) {
-            return self.source_died_mid_migration(i, to);
+            return self.source_died_mid_migration(i, to, deadline);
         }
         if !self.protected() {
             let ep = self.raw_endpoint(to);
@@ -1066,10 +1071,17 @@ impl World {
     /// The source died while draining: its suspension never finishes and
     /// there is no record. The VM's state already reached the destination,
     /// which takes the next epoch; blkfront re-sends there.
-    fn source_died_mid_migration(&mut self, i: usize, to: usize) {
+    fn source_died_mid_migration(&mut self, i: usize, to: usize, deadline: Time) {
         let from = self.vm_host;
-        // Dropped unfinished, as a dead process would.
-        self.suspension = None;
+        let orphan = self.suspension.take();
+        if let (Some(s), false) = (orphan, self.host_side()) {
+            // Only the source's connection died: the gateway's suspend
+            // runs on and is finished at its deadline.
+            self.orphans.push((deadline, s));
+            let now = self.now();
+            self.after(deadline.saturating_sub(now), Event::OrphanDeadline);
+        }
+        // Host-side: dropped unfinished, as a dead process would.
         let path = self.path_of(from).id();
         if let Some(src) = self.source_ep() {
             self.close_endpoint(src);
@@ -1156,6 +1168,17 @@ impl World {
                 ));
             }
         }
+    }
+
+    fn finish_orphans(&mut self) {
+        let now = self.now();
+        let mut kept = Vec::new();
+        for (deadline, mut s) in std::mem::take(&mut self.orphans) {
+            if deadline > now || s.try_finish(true).is_none() {
+                kept.push((deadline, s));
+            }
+        }
+        self.orphans = kept;
     }
 
     /// The destination's side: resume from the record, fence the storage,

@@ -3,7 +3,7 @@
 //! stays in flight until the test lets it finish).
 
 use blkshim::epoch::MemEpochStore;
-use blkshim::handoff::{Disk, DiskOptions, SuspendMode};
+use blkshim::handoff::{Disk, DiskOptions, HandoffMethod, RequestFate, SuspendMode};
 use blkshim::sim::rng::SimRng;
 use blkshim::sim::sched::{Event, Sched, SharedSched};
 use blkshim::sim::storage_model::{StorageModel, StorageParams};
@@ -85,4 +85,34 @@ fn resume_accepts_record_of_a_writer_that_never_wrote() {
     // Everything older is fenced.
     let x_again = disk.register(Some(1), "X again");
     assert!(x_again.is_err());
+}
+
+/// A suspend whose source connection died is still finished by the
+/// gateway at its deadline. If a newer writer's suspend began meanwhile,
+/// finishing the old one cleared the disk's (newer) suspension log, so the
+/// newer record listed requests that completed as "cancelled".
+/// Found by `blkshim sim --seed 706 --scenario ping-pong/gateway`.
+#[test]
+fn finishing_an_old_suspension_does_not_clobber_a_newer_one() {
+    let (sched, model, disk) = gateway();
+    disk.advance_to(1).unwrap();
+    let x = disk.register(Some(1), "X").unwrap();
+    disk.submit(&x, 10, write(0), Box::new(|_| {}));
+    let mut old = disk.begin_suspend(1, DRAIN);
+    // X's connection dies; Y takes over at epoch 2 and writes.
+    disk.advance_to(2).unwrap();
+    let y = disk.register(Some(2), "Y").unwrap();
+    disk.submit(&y, 20, write(8), Box::new(|_| {}));
+    let mut newer = disk.begin_suspend(2, DRAIN);
+    // The old suspend's deadline passes.
+    assert!(old.try_finish(true).is_some());
+    run(&sched, &model);
+    let record = newer.try_finish(false).expect("drained");
+    assert_eq!(record.method, HandoffMethod::Drained);
+    let entry = record
+        .requests
+        .iter()
+        .find(|e| e.tag == 20)
+        .expect("Y's write is listed");
+    assert_eq!(entry.fate, RequestFate::CompletedNotAcknowledged);
 }

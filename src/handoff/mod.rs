@@ -848,8 +848,14 @@ impl Suspension {
             .map(|(e, _)| e.clone())
             .collect();
         requests.sort_by_key(|e| (e.range.start, e.tag));
-        self.disk.suspending.store(false, Ordering::Release);
-        *self.disk.suspension.lock() = None;
+        // Only if no newer suspend replaced this one meanwhile (an orphaned
+        // suspend finished at its deadline must not end the newer's log).
+        let mut current = self.disk.suspension.lock();
+        if current.as_ref().is_some_and(|l| Arc::ptr_eq(l, &self.log)) {
+            *current = None;
+            self.disk.suspending.store(false, Ordering::Release);
+        }
+        drop(current);
         HandoffRecord {
             disk: self.disk.name.clone(),
             source_epoch: epoch,

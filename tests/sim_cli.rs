@@ -67,3 +67,16 @@ fn unknown_scenario_is_an_error() {
     let (ok, _) = sim(&["--scenario", "nope"]);
     assert!(!ok);
 }
+
+#[test]
+fn trace_shows_the_hand_off() {
+    let (ok, out) = sim(&["--seed", "7", "--scenario", "stale-promote/host", "--trace"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("suspended:"), "{out}");
+    assert!(out.contains("blkfront reconnects"), "{out}");
+    assert!(
+        out.contains("stale node: epoch store advanced from 1: refused"),
+        "{out}"
+    );
+    assert_eq!(last_line(&out), "violations: 0");
+}

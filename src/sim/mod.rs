@@ -57,7 +57,7 @@ mod world;
 
 pub use checker::Violation;
 pub use scenario::{Deployment, Kind, Scenario};
-pub use world::{run_one, Protection, RunReport};
+pub use world::{run_one, run_traced, Protection, RunReport};
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -88,6 +88,9 @@ pub struct SimArgs {
     /// Print every violation of every failing seed.
     #[arg(long, short)]
     pub verbose: bool,
+    /// With --seed: print the run's steps (actions, hand-off records, re-sends).
+    #[arg(long, requires = "seed")]
+    pub trace: bool,
 }
 
 /// One line of the table.
@@ -310,6 +313,15 @@ pub fn cli_main(args: SimArgs) -> Result<(), Box<dyn std::error::Error>> {
             names.join(", ")
         )
         .into());
+    }
+    if let (Some(seed), true) = (args.seed, args.trace) {
+        if let Some(sc) = scenario_for(seed, &selected) {
+            let (_, lines) = run_traced(seed, sc, p);
+            println!("trace of seed {seed} {sc}:");
+            for l in lines {
+                println!("  {l}");
+            }
+        }
     }
     let started = Instant::now();
     let summary = match args.seed {

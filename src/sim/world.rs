@@ -222,6 +222,8 @@ pub struct World {
     stale_ep: Option<usize>,
     disks: Vec<Arc<Disk>>,
     report: RunReport,
+    /// What happened, step by step (single-seed replays only).
+    trace: Option<Vec<String>>,
 }
 
 fn errno_of(r: &std::io::Result<()>) -> Result<(), i32> {
@@ -304,6 +306,17 @@ impl World {
             stale_ep: None,
             disks: Vec::new(),
             report: RunReport::default(),
+            trace: None,
+        }
+    }
+
+    /// Record a step of the run when tracing.
+    fn note(&mut self, what: impl FnOnce() -> String) {
+        if self.trace.is_some() {
+            let line = format!("t={:>6}  {}", self.now(), what());
+            if let Some(t) = self.trace.as_mut() {
+                t.push(line);
+            }
         }
     }
 
@@ -452,7 +465,12 @@ impl World {
     }
 
     /// Run to the end and check.
-    pub fn run(mut self) -> RunReport {
+    pub fn run(self) -> RunReport {
+        self.run_traced().0
+    }
+
+    /// Run to the end and check; also return the trace when tracing.
+    fn run_traced(mut self) -> (RunReport, Vec<String>) {
         self.boot();
         loop {
             let next = self.sched.lock().pop();
@@ -471,7 +489,8 @@ impl World {
             }
             self.drain_inbox();
         }
-        self.finish()
+        let trace = self.trace.take().unwrap_or_default();
+        (self.finish(), trace)
     }
 
     fn finish(mut self) -> RunReport {
@@ -727,6 +746,8 @@ impl World {
     /// blkfront's recovery on the new backend: re-send every unfinished
     /// request under a new id, reads and writes possibly split or merged.
     fn recover(&mut self, ep: usize) {
+        let n = self.front.wires.len();
+        self.note(|| format!("blkfront reconnects to endpoint {ep}, re-sending {n} requests"));
         self.front.paused = false;
         self.front.endpoint = Some(ep);
         let old = std::mem::take(&mut self.front.wires);
@@ -805,6 +826,8 @@ impl World {
     /// The VM dies with its host: whatever it had in flight may or may not
     /// land.
     fn crash_vm(&mut self) {
+        let n = self.guest.reqs.len();
+        self.note(|| format!("VM dies with {n} requests in flight"));
         let reqs = std::mem::take(&mut self.guest.reqs);
         for (id, q) in reqs {
             let content = match q.kind {
@@ -851,6 +874,10 @@ impl World {
             return;
         };
         let state = std::mem::replace(&mut self.states[i], ActState::Done);
+        if matches!(state, ActState::Idle) {
+            let host = self.vm_host;
+            self.note(|| format!("action {i}: {:?} (VM on host {host})", action.kind));
+        }
         match (state, action.kind) {
             (
                 ActState::Idle,
@@ -899,7 +926,12 @@ impl World {
                     Deployment::HostSide => self.hosts[host].disk.clone(),
                 };
                 if let Some(d) = disk {
-                    d.fence_below(epoch);
+                    let (c, f) = d.fence_below(epoch);
+                    self.note(|| {
+                        format!(
+                            "fence below epoch {epoch}: {c} cancelled, {f} fenced at the storage"
+                        )
+                    });
                 }
                 self.action_done(i);
             }
@@ -1008,6 +1040,19 @@ impl World {
         };
         self.suspension = None;
         self.check_record(&record);
+        self.note(|| {
+            let fates: Vec<String> = record
+                .requests
+                .iter()
+                .map(|e| format!("{}:{:?}{}={:?}", e.tag, e.kind, e.range, e.fate))
+                .collect();
+            format!(
+                "source (epoch {}) suspended: {:?}; record [{}]",
+                record.source_epoch,
+                record.method,
+                fates.join(", ")
+            )
+        });
         if record.method == HandoffMethod::DrainTimedOutThenFenced {
             self.report.drains_timed_out += 1;
         }
@@ -1174,8 +1219,19 @@ impl World {
         let now = self.now();
         let mut kept = Vec::new();
         for (deadline, mut s) in std::mem::take(&mut self.orphans) {
-            if deadline > now || s.try_finish(true).is_none() {
-                kept.push((deadline, s));
+            let record = if deadline > now {
+                None
+            } else {
+                s.try_finish(true)
+            };
+            match record {
+                Some(r) => self.note(|| {
+                    format!(
+                        "orphaned suspend of epoch {} finished: {:?}",
+                        r.source_epoch, r.method
+                    )
+                }),
+                None => kept.push((deadline, s)),
             }
         }
         self.orphans = kept;
@@ -1256,6 +1312,7 @@ impl World {
     }
 
     fn boot_on(&mut self, ep: usize) {
+        self.note(|| format!("VM restarts on endpoint {ep}"));
         self.report.migrations += 1;
         self.front.endpoint = Some(ep);
         self.front.paused = false;
@@ -1310,6 +1367,8 @@ impl World {
             } else {
                 w.report.takeovers_refused += 1;
             }
+            let verdict = if ok { "ADMITTED" } else { "refused" };
+            w.note(|| format!("stale node: {what}: {verdict}"));
         };
         let r = disk.resume(&stale).is_ok();
         attempt(r, "resume from an epoch-1 hand-off record", self);
@@ -1402,4 +1461,16 @@ fn wire_io(w: &Wire) -> StorageIo {
 /// Run one seed of one scenario.
 pub fn run_one(seed: u64, scenario: Scenario, protection: Protection) -> RunReport {
     World::new(seed, scenario, protection).run()
+}
+
+/// Run one seed and also return a step-by-step trace of the scenario's
+/// actions (what `blkshim sim --seed N --trace` prints).
+pub fn run_traced(
+    seed: u64,
+    scenario: Scenario,
+    protection: Protection,
+) -> (RunReport, Vec<String>) {
+    let mut w = World::new(seed, scenario, protection);
+    w.trace = Some(Vec::new());
+    w.run_traced()
 }

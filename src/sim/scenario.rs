@@ -49,10 +49,14 @@ pub enum Kind {
     /// A node with an older epoch but a newer wall clock tries to take the
     /// disk over and write (seeds/004): must be refused.
     StalePromote,
+    /// Split brain: after the VM moved to Y, its old copy on X keeps
+    /// running and writing through X's backend (seeds/000: both servers
+    /// edit the disk). Every such write must be refused.
+    SplitBrain,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::MigrateDrain,
         Kind::MigrateFence,
         Kind::MigrateTakeover,
@@ -61,6 +65,7 @@ impl Kind {
         Kind::Failover,
         Kind::Failback,
         Kind::StalePromote,
+        Kind::SplitBrain,
     ];
 
     pub fn name(self) -> &'static str {
@@ -73,6 +78,7 @@ impl Kind {
             Kind::Failover => "failover",
             Kind::Failback => "failback",
             Kind::StalePromote => "stale-promote",
+            Kind::SplitBrain => "split-brain",
         }
     }
 }
@@ -157,6 +163,9 @@ pub enum ActionKind {
     },
     /// The stale node `host` tries to take over and write `writes` times.
     StalePromote { host: usize, writes: u32 },
+    /// The VM's previous host keeps writing `writes` times through its
+    /// old connection.
+    Zombie { writes: u32 },
 }
 
 /// An action and how long after the previous one it starts.
@@ -285,6 +294,27 @@ pub fn plan(kind: Kind, rng: &mut SimRng) -> Vec<Action> {
                 },
             ]
         }
+        Kind::SplitBrain => vec![
+            Action {
+                gap: gap(rng),
+                kind: if rng.chance(50) {
+                    takeover(rng, HOST_Y)
+                } else {
+                    ActionKind::Migrate {
+                        source_dies: None,
+                        to: HOST_Y,
+                        mode: mode(rng),
+                        cut_off: None,
+                    }
+                },
+            },
+            Action {
+                gap: rng.range(0, 60),
+                kind: ActionKind::Zombie {
+                    writes: rng.range(3, 10) as u32,
+                },
+            },
+        ],
         Kind::StalePromote => vec![
             Action {
                 gap: gap(rng),

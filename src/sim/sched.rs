@@ -23,6 +23,8 @@ pub enum Event {
     RogueTick,
     /// The gateway's deadline for a suspend whose source connection died.
     OrphanDeadline,
+    /// A deferred fence (number `.0`) of an older epoch's requests.
+    Fence(usize),
 }
 
 /// Clock plus queue.

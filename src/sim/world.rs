@@ -24,6 +24,8 @@ use std::time::Duration;
 
 const DISK_NAME: &str = "vm1";
 const SECTOR: usize = SECTOR_SIZE as usize;
+/// Tags of the stale node's (or zombie's) writes; the frontend's are small.
+const ROGUE_TAG: u64 = 1 << 62;
 /// A run that needs more events than this is reported as stuck.
 const MAX_EVENTS: u64 = 2_000_000;
 
@@ -98,6 +100,8 @@ struct Guest {
     sectors: u64,
     hot: Vec<u64>,
     depth: usize,
+    /// Percent of requests that are writes (the rest mostly reads).
+    write_percent: u64,
     budget: u64,
     issued: u64,
     since_action: u64,
@@ -176,11 +180,6 @@ enum ActState {
     Restarting {
         to: usize,
     },
-    /// Fence everything below `epoch` on the disk `host` uses.
-    Fencing {
-        epoch: u64,
-        host: usize,
-    },
     Done,
 }
 
@@ -212,12 +211,17 @@ pub struct World {
     /// Gateway: suspends whose source died; the gateway still finishes them
     /// at their deadline.
     orphans: Vec<(Time, Suspension)>,
+    /// Fences of older epochs waiting for their time: (epoch, host), taken when run.
+    fences: Vec<Option<(u64, usize)>>,
     /// The frontend's requests outstanding on the source when it suspended.
     suspended_tags: Vec<(u64, bool)>,
     /// The endpoint each wire request (by tag) was sent to.
     wire_ep: Vec<usize>,
     rng: SimRng,
     rogue: Option<Rogue>,
+    /// The VM's previous connection, kept open after a hand-off (the
+    /// split-brain scenario writes through it).
+    retired: Option<usize>,
     /// The stale node's old writer (protected runs): endpoint index.
     stale_ep: Option<usize>,
     disks: Vec<Arc<Disk>>,
@@ -253,6 +257,7 @@ impl World {
         let hot = (0..grng.range(1, 6)).map(|_| grng.below(sectors)).collect();
         let guest = Guest {
             depth: grng.range(1, 8) as usize,
+            write_percent: grng.range(5, 70),
             budget: grng.range(60, 200),
             rng: grng,
             sectors,
@@ -300,10 +305,12 @@ impl World {
             suspension: None,
             suspended_tags: Vec::new(),
             orphans: Vec::new(),
+            fences: Vec::new(),
             wire_ep: vec![usize::MAX],
             rng,
             rogue: None,
             stale_ep: None,
+            retired: None,
             disks: Vec::new(),
             report: RunReport::default(),
             trace: None,
@@ -486,6 +493,7 @@ impl World {
                 Event::Control(i) => self.control(i),
                 Event::RogueTick => self.rogue_tick(),
                 Event::OrphanDeadline => self.finish_orphans(),
+                Event::Fence(k) => self.run_fence(k),
             }
             self.drain_inbox();
         }
@@ -538,6 +546,7 @@ impl World {
         let g = &self.guest;
         g.issued >= g.budget
             && self.states.iter().all(|s| matches!(s, ActState::Done))
+            && self.fences.iter().all(Option::is_none)
             && g.since_action >= 40
     }
 
@@ -560,12 +569,17 @@ impl World {
     fn pick(&mut self) -> Option<u64> {
         let g = &mut self.guest;
         let r = g.rng.below(100);
-        let kind = match r {
-            0..=54 => GKind::Write,
-            55..=79 => GKind::Read,
-            80..=89 => GKind::Flush,
-            90..=94 => GKind::Discard,
-            _ => GKind::WriteZeroes,
+        let w = g.write_percent;
+        let kind = if r < w {
+            GKind::Write
+        } else if r < 80 {
+            GKind::Read
+        } else {
+            match r {
+                80..=89 => GKind::Flush,
+                90..=94 => GKind::Discard,
+                _ => GKind::WriteZeroes,
+            }
         };
         let (mut start, mut count) = (0, 0);
         if kind != GKind::Flush {
@@ -666,13 +680,11 @@ impl World {
     }
 
     fn on_done(&mut self, d: Done) {
-        if let Some(r) = &self.rogue {
-            if r.ep == d.ep {
-                if d.result.is_ok() {
-                    self.report.rogue_landed += 1;
-                }
-                return;
+        if d.tag >= ROGUE_TAG {
+            if d.result.is_ok() {
+                self.report.rogue_landed += 1;
             }
+            return;
         }
         if self.front.paused || self.front.endpoint != Some(d.ep) {
             // The ring this answer was meant for is gone (suspended or dead).
@@ -860,6 +872,23 @@ impl World {
         self.front.endpoint
     }
 
+    /// The VM's current writer's epoch is the disk's epoch (always true
+    /// without protection: nothing to wait for).
+    fn destination_admitted(&self) -> bool {
+        let Some(ep) = self.front.endpoint else {
+            return true;
+        };
+        match self.endpoints.get(ep).map(|e| &e.kind) {
+            Some(EpKind::Disk {
+                writer: Some(w), ..
+            }) => self
+                .epochs
+                .current(DISK_NAME)
+                .is_ok_and(|cur| cur >= w.epoch()),
+            _ => true,
+        }
+    }
+
     fn close_endpoint(&mut self, ep: usize) {
         if let Some(Endpoint {
             kind: EpKind::Disk { writer, .. },
@@ -920,18 +949,23 @@ impl World {
                     cut_off,
                 },
             ) => self.takeover(i, to, fence_after, cut_off),
-            (ActState::Fencing { epoch, host }, _) => {
-                let disk = match self.scenario.deployment {
-                    Deployment::Gateway => self.gateway.clone(),
-                    Deployment::HostSide => self.hosts[host].disk.clone(),
-                };
-                if let Some(d) = disk {
-                    let (c, f) = d.fence_below(epoch);
-                    self.note(|| {
-                        format!(
-                            "fence below epoch {epoch}: {c} cancelled, {f} fenced at the storage"
-                        )
+            (ActState::Idle, ActionKind::Zombie { .. }) if !self.destination_admitted() => {
+                // The promise starts when the destination is admitted (its
+                // epoch is current; with the gateway's auto-advance, at its
+                // first write or flush): wait for that.
+                self.states[i] = ActState::Idle;
+                self.after(5, Event::Control(i));
+            }
+            (ActState::Idle, ActionKind::Zombie { writes }) => {
+                if let Some(ep) = self.retired {
+                    self.rogue = Some(Rogue {
+                        ep,
+                        left: writes,
+                        next_id: ROGUE_BASE,
                     });
+                    self.after(1, Event::RogueTick);
+                } else {
+                    self.fail("no previous connection to write through".into());
                 }
                 self.action_done(i);
             }
@@ -1056,9 +1090,7 @@ impl World {
         if record.method == HandoffMethod::DrainTimedOutThenFenced {
             self.report.drains_timed_out += 1;
         }
-        if let Some(src) = self.source_ep() {
-            self.close_endpoint(src);
-        }
+        self.retired = self.source_ep();
         match self.resume_on(to, &record) {
             Ok(ep) => {
                 self.vm_host = to;
@@ -1094,20 +1126,15 @@ impl World {
                 return;
             }
         };
-        if let Some(src) = src {
-            self.close_endpoint(src);
-        }
+        self.retired = src;
         self.vm_host = to;
         self.report.migrations += 1;
         self.recover(ep);
         if self.protected() {
             // The old epoch's requests drain until the fence, on the clock;
             // the source's own backend fences them too (host-side).
-            self.states[i] = ActState::Fencing {
-                epoch,
-                host: if self.host_side() { from } else { to },
-            };
-            self.after(fence_after, Event::Control(i));
+            let host = if self.host_side() { from } else { to };
+            self.defer_fence(i, epoch, host, fence_after);
         } else {
             self.action_done(i);
         }
@@ -1151,8 +1178,7 @@ impl World {
             self.action_done(i);
         } else {
             let delay = self.rng.range(0, 400);
-            self.states[i] = ActState::Fencing { epoch, host: to };
-            self.after(delay, Event::Control(i));
+            self.defer_fence(i, epoch, to, delay);
         }
     }
 
@@ -1212,6 +1238,30 @@ impl World {
                     record.method, e.kind, e.range, e.tag, e.fate
                 ));
             }
+        }
+    }
+
+    /// The hand-off is done; the older epoch's requests still in flight are
+    /// fenced `delay` ticks later, while the next action may already run.
+    fn defer_fence(&mut self, i: usize, epoch: u64, host: usize, delay: Time) {
+        self.fences.push(Some((epoch, host)));
+        self.after(delay, Event::Fence(self.fences.len() - 1));
+        self.action_done(i);
+    }
+
+    fn run_fence(&mut self, k: usize) {
+        let Some((epoch, host)) = self.fences.get_mut(k).and_then(Option::take) else {
+            return;
+        };
+        let disk = match self.scenario.deployment {
+            Deployment::Gateway => self.gateway.clone(),
+            Deployment::HostSide => self.hosts[host].disk.clone(),
+        };
+        if let Some(d) = disk {
+            let (c, f) = d.fence_below(epoch);
+            self.note(|| {
+                format!("fence below epoch {epoch}: {c} cancelled, {f} fenced at the storage")
+            });
         }
     }
 
@@ -1290,8 +1340,7 @@ impl World {
                     } else {
                         self.rng.range(10, 400)
                     };
-                    self.states[i] = ActState::Fencing { epoch, host: to };
-                    self.after(delay, Event::Control(i));
+                    self.defer_fence(i, epoch, to, delay);
                 }
             }
             Err(e) => {
@@ -1407,7 +1456,7 @@ impl World {
         for (k, chunk) in buf.as_mut_slice().chunks_exact_mut(SECTOR).enumerate() {
             encode(chunk, start + k as u64, id);
         }
-        let tag = u64::MAX - u64::from(r.left);
+        let tag = ROGUE_TAG + u64::from(r.left);
         self.submit(
             ep,
             tag,

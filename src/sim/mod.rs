@@ -245,6 +245,12 @@ pub fn print_summary(
     writeln!(out, "blkshim simulation ({mode})")?;
     writeln!(
         out,
+        "(replays: requests blkfront re-sent; stale-ref: older writers' writes refused, cancelled, \
+         fenced or aborted, plus stale takeovers refused; drain-t/o: drains fenced at the deadline; \
+         ignored: writes the storage ignored because one overlapped in flight)"
+    )?;
+    writeln!(
+        out,
         "{:<22} {:>7} {:>7} {:>10} {:>9} {:>8} {:>9} {:>9} {:>8} {:>10}",
         "scenario",
         "seeds",

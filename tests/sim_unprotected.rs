@@ -60,6 +60,14 @@ fn seeds_003_stale_write_overwrites_newer_one() {
             })
     });
     assert!(found, "no seed reproduced A landing over A'");
+    // And the landing itself is caught as it happens.
+    let landed = (0..100).any(|seed| {
+        run_one(seed, sc, Protection::Off)
+            .violations
+            .iter()
+            .any(|v| matches!(v, Violation::StaleLanding { .. }))
+    });
+    assert!(landed);
 }
 
 #[test]

@@ -34,6 +34,14 @@ pub enum Violation {
         request: u64,
         errno: i32,
     },
+    /// A write landed that is older than a write the guest had already been
+    /// told completed on that sector (even if something overwrote it later).
+    StaleLanding {
+        time: Time,
+        sector: u64,
+        landed: Content,
+        allowed: Vec<Content>,
+    },
     /// A guest request never completed.
     Stuck { request: u64 },
     /// A takeover that must have been refused was admitted.
@@ -78,6 +86,16 @@ impl fmt::Display for Violation {
             } => write!(
                 f,
                 "t={time}: guest request {request} failed with errno {errno}"
+            ),
+            Violation::StaleLanding {
+                time,
+                sector,
+                landed,
+                allowed,
+            } => write!(
+                f,
+                "t={time}: {landed} landed on sector {sector} after the newer {} completed",
+                set(allowed)
             ),
             Violation::Stuck { request } => write!(f, "guest request {request} never completed"),
             Violation::StaleTakeoverAdmitted { what } => {
@@ -136,6 +154,27 @@ impl Checker {
                 time,
                 sector,
                 got,
+                allowed: a.clone(),
+            });
+        }
+    }
+
+    /// `landed` just reached `sector` at the storage. Write ids grow in the
+    /// guest's issue order and the guest never overlaps its own writes, so
+    /// a write id below every allowed one is a stale write landing.
+    pub fn landed(&mut self, time: Time, sector: u64, landed: Content) {
+        let Content::Write(k) = landed else {
+            return;
+        };
+        let Some(a) = self.allowed.get(sector as usize) else {
+            return;
+        };
+        let newer = |c: &Content| matches!(c, Content::Write(j) if *j > k);
+        if !a.is_empty() && a.iter().all(newer) {
+            self.violations.push(Violation::StaleLanding {
+                time,
+                sector,
+                landed,
                 allowed: a.clone(),
             });
         }

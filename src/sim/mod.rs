@@ -338,8 +338,12 @@ pub fn cli_main(args: SimArgs) -> Result<(), Box<dyn std::error::Error>> {
     let verbose = args.verbose || args.seed.is_some();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    print_summary(&mut out, &summary, p, verbose, elapsed)?;
-    out.flush()?;
+    let printed = print_summary(&mut out, &summary, p, verbose, elapsed).and_then(|_| out.flush());
+    match printed {
+        // `blkshim sim ... | head` is not an error.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        other => other?,
+    }
     if summary.total().violations > 0 {
         std::process::exit(1);
     }

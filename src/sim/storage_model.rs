@@ -110,6 +110,8 @@ struct Inner {
     holder: Option<(u32, ReservationKey)>,
     /// Bumped by every preempt.
     preempt_gen: u64,
+    /// Sector ranges whose data landed since the last [`StorageModel::take_landed`].
+    landed: Vec<(u64, u64)>,
     stats: StorageStats,
 }
 
@@ -145,6 +147,7 @@ impl StorageModel {
                 paths: Vec::new(),
                 holder: None,
                 preempt_gen: 0,
+                landed: Vec::new(),
                 stats: StorageStats::default(),
             }),
             sched,
@@ -168,6 +171,21 @@ impl StorageModel {
     /// A copy of the whole medium.
     pub fn snapshot(&self) -> Vec<u8> {
         self.inner.lock().data.clone()
+    }
+
+    /// The (start sector, count) ranges whose data landed since the last
+    /// call, in landing order.
+    pub fn take_landed(&self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.inner.lock().landed)
+    }
+
+    /// A copy of `count` sectors from `start` (clipped to the medium).
+    pub fn read_sectors(&self, start: u64, count: u64) -> Vec<u8> {
+        let g = self.inner.lock();
+        let n = g.data.len() as u64;
+        let a = (start * SECTOR_SIZE).min(n) as usize;
+        let b = ((start + count) * SECTOR_SIZE).min(n) as usize;
+        g.data[a..b].to_vec()
     }
 
     /// I/Os submitted and not yet delivered.
@@ -313,14 +331,14 @@ impl StorageModel {
                 if p.fate == Fate::Normal {
                     let o = offset as usize;
                     inner.data[o..o + buf.len()].copy_from_slice(buf.as_slice());
-                    inner.note_landed(p.path, p.preempt_gen);
+                    inner.note_landed(p.path, p.preempt_gen, offset, buf.len() as u64);
                 }
                 Some(buf)
             }
             StorageIo::Discard { offset, len } | StorageIo::WriteZeroes { offset, len, .. } => {
                 if p.fate == Fate::Normal {
                     inner.data[offset as usize..(offset + len) as usize].fill(0);
-                    inner.note_landed(p.path, p.preempt_gen);
+                    inner.note_landed(p.path, p.preempt_gen, offset, len);
                 }
                 None
             }
@@ -387,8 +405,10 @@ impl StorageModel {
 }
 
 impl Inner {
-    fn note_landed(&mut self, path: u32, submitted_gen: u64) {
+    fn note_landed(&mut self, path: u32, submitted_gen: u64, offset: u64, len: u64) {
         self.stats.landed += 1;
+        self.landed
+            .push((offset / SECTOR_SIZE, len.div_ceil(SECTOR_SIZE)));
         // A write submitted before a preempt by another path, landing after it.
         if submitted_gen < self.preempt_gen && self.holder.is_some_and(|(h, _)| h != path) {
             self.stats.landed_after_preempt += 1;

@@ -488,7 +488,10 @@ impl World {
                 break;
             }
             match ev {
-                Event::Storage(id) => self.storage.deliver(id),
+                Event::Storage(id) => {
+                    self.storage.deliver(id);
+                    self.check_landed();
+                }
                 Event::GuestTick => self.guest_tick(),
                 Event::Control(i) => self.control(i),
                 Event::RogueTick => self.rogue_tick(),
@@ -519,6 +522,18 @@ impl World {
         self.report.storage_ignored = st.ignored_overlapping;
         self.report.violations = std::mem::take(&mut self.checker.violations);
         self.report
+    }
+
+    /// Check every sector whose data just landed.
+    fn check_landed(&mut self) {
+        let now = self.now();
+        for (start, count) in self.storage.take_landed() {
+            let data = self.storage.read_sectors(start, count);
+            for (k, chunk) in data.chunks_exact(SECTOR).enumerate() {
+                let s = start + k as u64;
+                self.checker.landed(now, s, decode(chunk, s));
+            }
+        }
     }
 
     fn drain_inbox(&mut self) {

@@ -18,6 +18,8 @@ struct Cli {
 enum Command {
     /// Print the version (placeholder until the real subcommands land).
     Version,
+    /// Run the deterministic simulation (guest, blkfront, backends, adversarial storage).
+    Sim(crate::sim::SimArgs),
 }
 
 /// Parse the command line and run the subcommand.
@@ -25,6 +27,7 @@ pub fn run() -> Result<(), Box<dyn std::error::Error>> {
     let cli = Cli::parse();
     match cli.command {
         Command::Version => println!("blkshim {}", env!("CARGO_PKG_VERSION")),
+        Command::Sim(args) => crate::sim::cli_main(args)?,
     }
     Ok(())
 }

@@ -548,6 +548,19 @@ impl Disk {
         if record.destination_epoch != record.source_epoch + 1 {
             return Err(stale(self.current_epoch()));
         }
+        // A writer registered above the stored epoch (gateway) makes its
+        // epoch current only with its first write; suspended before that,
+        // its record is ahead of the store. No writer at or above the
+        // record's source epoch was admitted yet, so catching the store up
+        // is safe; a record behind the store still fails below.
+        let mut cur = self.epochs.current(&self.name)?;
+        while cur < record.source_epoch {
+            match self.epochs.compare_and_advance(&self.name, cur) {
+                Ok(n) => cur = n,
+                Err(EpochError::Conflict { current, .. }) if current > cur => cur = current,
+                Err(e) => return Err(e.into()),
+            }
+        }
         let next = match self
             .epochs
             .compare_and_advance(&self.name, record.source_epoch)
@@ -837,8 +850,14 @@ impl Suspension {
             .map(|(e, _)| e.clone())
             .collect();
         requests.sort_by_key(|e| (e.range.start, e.tag));
-        self.disk.suspending.store(false, Ordering::Release);
-        *self.disk.suspension.lock() = None;
+        // Only if no newer suspend replaced this one meanwhile (an orphaned
+        // suspend finished at its deadline must not end the newer's log).
+        let mut current = self.disk.suspension.lock();
+        if current.as_ref().is_some_and(|l| Arc::ptr_eq(l, &self.log)) {
+            *current = None;
+            self.disk.suspending.store(false, Ordering::Release);
+        }
+        drop(current);
         HandoffRecord {
             disk: self.disk.name.clone(),
             source_epoch: epoch,

@@ -7,6 +7,7 @@
 //! adversarial storage model are interchangeable.
 
 mod buffer;
+pub mod fencing;
 mod file;
 mod mem;
 pub mod threadpool;

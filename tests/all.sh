@@ -32,7 +32,7 @@ section "format and lint"
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 
-section "unit, integration and doc tests"
+section "unit, integration and doc tests (the simulation's 20,000 protected seeds among them)"
 # The bindings drift test must regenerate here (libclang and libxen-dev
 # were installed above), never quietly skip.
 export BLKSHIM_REQUIRE_XEN_BINDGEN=1
@@ -41,9 +41,6 @@ cargo test
 section "Xen: link and call the real libxenstore/libxengnttab/libxenevtchn"
 cargo test --features xen --test xen_real
 
-section "simulation: 20000 seeds, protection on (release build)"
-cargo run --release --quiet -- sim --seeds 20000 | tee /tmp/blkshim-sim.out
-tail -n 1 /tmp/blkshim-sim.out | grep -qx 'violations: 0'
 
 section "fuzz targets, briefly"
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz

@@ -488,6 +488,7 @@ impl Disk {
                 let tag = self.tracker.with_token(f.ticket, |p| p.tag).unwrap_or(0);
                 let entry = HandoffEntry {
                     tag,
+                    epoch: f.request.epoch,
                     kind: f.request.kind,
                     range: f.request.range,
                     fate: RequestFate::Cancelled,
@@ -849,7 +850,7 @@ impl Suspension {
             .values()
             .map(|(e, _)| e.clone())
             .collect();
-        requests.sort_by_key(|e| (e.range.start, e.tag));
+        requests.sort_by_key(|e| (e.range.start, e.epoch, e.tag));
         // Only if no newer suspend replaced this one meanwhile (an orphaned
         // suspend finished at its deadline must not end the newer's log).
         let mut current = self.disk.suspension.lock();

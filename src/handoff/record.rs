@@ -36,6 +36,8 @@ pub enum RequestFate {
 pub struct HandoffEntry {
     /// The frontend's id for the request (NBD handle, blkif id...).
     pub tag: u64,
+    /// The epoch of the writer that issued it (tags of different writers may collide).
+    pub epoch: Epoch,
     pub kind: OpKind,
     pub range: SectorRange,
     pub fate: RequestFate,
@@ -47,7 +49,7 @@ pub struct HandoffEntry {
 /// use blkshim::handoff::{HandoffMethod, HandoffRecord};
 /// let json = r#"{"disk":"vm1","source_epoch":5,"destination_epoch":6,
 ///               "method":"drain_timed_out_then_fenced",
-///               "requests":[{"tag":7,"kind":"write","range":{"start":0,"count":8},"fate":"fenced"}]}"#;
+///               "requests":[{"tag":7,"epoch":5,"kind":"write","range":{"start":0,"count":8},"fate":"fenced"}]}"#;
 /// let rec = HandoffRecord::from_json(json).unwrap();
 /// assert_eq!(rec.method, HandoffMethod::DrainTimedOutThenFenced);
 /// assert_eq!(HandoffRecord::from_json(&rec.to_json()).unwrap(), rec);

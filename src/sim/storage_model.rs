@@ -226,9 +226,9 @@ impl StorageModel {
         let id = inner.next_io;
         inner.next_io += 1;
         let size = inner.params.sectors * SECTOR_SIZE;
-        let in_range = io.byte_range().map_or(true, |(o, l)| {
-            l > 0 && o.checked_add(l).is_some_and(|e| e <= size)
-        });
+        let in_range = io
+            .byte_range()
+            .is_none_or(|(o, l)| l > 0 && o.checked_add(l).is_some_and(|e| e <= size));
         let writes = if modifies(&io) {
             io.byte_range()
                 .map(|(o, l)| (o / SECTOR_SIZE, (o + l).div_ceil(SECTOR_SIZE)))
@@ -390,7 +390,7 @@ impl StorageModel {
                 && inner
                     .paths
                     .get(p.path as usize)
-                    .map_or(true, |s| s.registered.map_or(true, |k| k < key));
+                    .is_none_or(|s| s.registered.is_none_or(|k| k < key));
             if stale && p.fate == Fate::Normal {
                 p.fate = Fate::Aborted;
                 p.writes = None;

@@ -20,6 +20,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod evtchn;
 pub mod frontend_emu;
+pub mod platform;
 pub mod fuzz;
 pub mod grant;
 pub mod ring;

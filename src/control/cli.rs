@@ -18,6 +18,8 @@ struct Cli {
 enum Command {
     /// Print the version (placeholder until the real subcommands land).
     Version,
+    /// Serve Xen blkif vbds (watches backend/vbd like tapback).
+    XenBackend(crate::xen::daemon::XenBackendArgs),
 }
 
 /// Parse the command line and run the subcommand.
@@ -25,6 +27,7 @@ pub fn run() -> Result<(), Box<dyn std::error::Error>> {
     let cli = Cli::parse();
     match cli.command {
         Command::Version => println!("blkshim {}", env!("CARGO_PKG_VERSION")),
+        Command::XenBackend(args) => crate::xen::daemon::run(args)?,
     }
     Ok(())
 }

@@ -23,7 +23,11 @@ fn run_one(abi: BlkifAbi, order: u32, queues: u32, persistent: bool, indirect: u
     let storage: Arc<dyn BlockStorage> = mem.clone();
     let epochs = Arc::new(MemEpochStore::default());
     let mut host = Host::new();
-    host.create_vbd(opener("vm1", storage, epochs), BackendConfig::default(), None);
+    host.create_vbd(
+        opener("vm1", storage, epochs),
+        BackendConfig::default(),
+        None,
+    );
     let guest = EmulatedGuest::new(DOMID, 4096).unwrap();
     let mut fe = EmulatedFrontend::new(
         guest,
@@ -43,7 +47,11 @@ fn run_one(abi: BlkifAbi, order: u32, queues: u32, persistent: bool, indirect: u
     assert_eq!(host.vbd().status().queues, queues as usize);
     assert_eq!(fe.sectors(), DISK / 512);
     assert_eq!(fe.persistent(), persistent);
-    assert_eq!(host.vbd().status().epoch, 1, "a fresh start advances the epoch");
+    assert_eq!(
+        host.vbd().status().epoch,
+        1,
+        "a fresh start advances the epoch"
+    );
 
     let mut wl = Workload::new(256, 11);
     wl.run(&mut fe, 24, 400);
@@ -66,27 +74,43 @@ fn run_one(abi: BlkifAbi, order: u32, queues: u32, persistent: bool, indirect: u
     assert_eq!(data.data, mem.read_at(0, 64 * 4096));
 
     if persistent {
-        let grants: usize = host.vbd().with_rings(|r| r.iter().map(|r| r.persistent_grants()).sum());
+        let grants: usize = host
+            .vbd()
+            .with_rings(|r| r.iter().map(|r| r.persistent_grants()).sum());
         assert!(grants > 0, "persistent grants are cached");
     }
     host.vbd().with_rings(|rings| {
         let consumed: u64 = rings
             .iter()
-            .map(|r| r.stats().consumed.load(std::sync::atomic::Ordering::Relaxed))
+            .map(|r| {
+                r.stats()
+                    .consumed
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
             .sum();
         assert!(consumed >= 400);
         if queues > 1 {
-            assert!(rings.iter().all(|r| r.stats().consumed.load(std::sync::atomic::Ordering::Relaxed) > 0));
+            assert!(rings.iter().all(|r| r
+                .stats()
+                .consumed
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0));
         }
     });
 
     // Close: frontend Closing -> back end suspends then Closing; Closed.
-    host.xs.write_str(XBT_NULL, &format!("{FE}/state"), "5").unwrap();
+    host.xs
+        .write_str(XBT_NULL, &format!("{FE}/state"), "5")
+        .unwrap();
     wait_phase(host.vbd(), Phase::Closing);
-    host.xs.write_str(XBT_NULL, &format!("{FE}/state"), "6").unwrap();
+    host.xs
+        .write_str(XBT_NULL, &format!("{FE}/state"), "6")
+        .unwrap();
     wait_phase(host.vbd(), Phase::Closed);
     assert_eq!(
-        host.xs.read_string(XBT_NULL, &format!("{BE}/state")).unwrap(),
+        host.xs
+            .read_string(XBT_NULL, &format!("{BE}/state"))
+            .unwrap(),
         "6"
     );
 }
@@ -159,15 +183,18 @@ fn xen_backend_flush_fua_discard_secure() {
     fe.submit(bio(3, BioOp::Flush, 0, 0, 0)).unwrap();
     assert_eq!(wait_for(&mut fe, 3).status, Status::Okay);
     assert_eq!(mem.read_at(32 * 512, 4096), vec![0xbb; 4096]);
-    fe.submit(bio(4, BioOp::Discard { secure: false }, 0, 8, 0)).unwrap();
+    fe.submit(bio(4, BioOp::Discard { secure: false }, 0, 8, 0))
+        .unwrap();
     assert_eq!(wait_for(&mut fe, 4).status, Status::Okay);
     assert_eq!(mem.read_at(0, 4096), vec![0; 4096]);
-    fe.submit(bio(5, BioOp::Discard { secure: true }, 8, 8, 0)).unwrap();
+    fe.submit(bio(5, BioOp::Discard { secure: true }, 8, 8, 0))
+        .unwrap();
     assert_eq!(wait_for(&mut fe, 5).status, Status::Okay);
     assert_eq!(mem.read_at(4096, 4096), vec![0; 4096]);
     assert_eq!(mem.read_at(8192, 4096), vec![0xaa; 4096]);
     // Past the end: an error response, nothing written.
-    fe.submit(bio(6, BioOp::Write, DISK / 512 - 4, 8, 0xcc)).unwrap();
+    fe.submit(bio(6, BioOp::Write, DISK / 512 - 4, 8, 0xcc))
+        .unwrap();
     assert_eq!(wait_for(&mut fe, 6).status, Status::Error);
     assert_eq!(mem.read_at(DISK - 2048, 2048), vec![0; 2048]);
 }

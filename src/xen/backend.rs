@@ -118,7 +118,13 @@ pub fn disk_name_for(path: &Path) -> String {
         .collect();
     let s = s.trim_start_matches('.').to_string();
     let s = if s.is_empty() { "disk".to_string() } else { s };
-    s.chars().rev().take(128).collect::<Vec<_>>().into_iter().rev().collect()
+    s.chars()
+        .rev()
+        .take(128)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect()
 }
 
 /// Where the vbd is in its life.
@@ -241,9 +247,11 @@ pub fn spawn<S: XenStore + 'static>(
         .spawn(move || {
             if let Err(e) = vbd.run() {
                 log::error!("vbd {}: {e}", vbd.be);
-                let _ = vbd
-                    .xs
-                    .write_str(XBT_NULL, &format!("{}/blkshim-error", vbd.be), &e.to_string());
+                let _ = vbd.xs.write_str(
+                    XBT_NULL,
+                    &format!("{}/blkshim-error", vbd.be),
+                    &e.to_string(),
+                );
                 vbd.teardown();
                 let mut st = vbd.status.lock();
                 st.phase = Phase::Failed;
@@ -393,7 +401,9 @@ impl<S: XenStore> Vbd<S> {
             }
             w(
                 "feature-max-indirect-segments",
-                c.max_indirect_segments.min(MAX_INDIRECT_SEGMENTS).to_string(),
+                c.max_indirect_segments
+                    .min(MAX_INDIRECT_SEGMENTS)
+                    .to_string(),
             )?;
             w("feature-persistent", u8::from(c.persistent).to_string())?;
             w(
@@ -583,7 +593,11 @@ impl<S: XenStore> Vbd<S> {
             return Err(Fail(format!("{nq} queues not offered")));
         }
         let persistent = self.config.persistent
-            && self.fe_node("feature-persistent")?.as_deref().map(str::trim) == Some("1");
+            && self
+                .fe_node("feature-persistent")?
+                .as_deref()
+                .map(str::trim)
+                == Some("1");
         let prefixes: Vec<String> = if nq == 0 {
             vec![String::new()]
         } else {
@@ -766,7 +780,8 @@ fn write_atomically(path: &Path, data: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp",
-        path.file_name().map_or("record".into(), |n| n.to_string_lossy())
+        path.file_name()
+            .map_or("record".into(), |n| n.to_string_lossy())
     ));
     {
         let mut f = std::fs::File::create(&tmp)?;

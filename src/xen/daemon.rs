@@ -138,7 +138,9 @@ impl<S: XenStore + 'static, F: Fn() -> io::Result<S>> Supervisor<S, F> {
 
     /// Starts back ends for new vbds, drops those whose node went away.
     pub fn reconcile(&mut self) -> io::Result<()> {
-        let present = self.present().map_err(|e| io::Error::other(e.to_string()))?;
+        let present = self
+            .present()
+            .map_err(|e| io::Error::other(e.to_string()))?;
         self.vbds.retain(|path, h| {
             let keep = present.contains(path) && !h.is_finished();
             if !keep {
@@ -211,7 +213,9 @@ pub fn run(args: XenBackendArgs) -> Result<(), Box<dyn std::error::Error>> {
 #[cfg(not(feature = "xen"))]
 pub fn run(args: XenBackendArgs) -> Result<(), Box<dyn std::error::Error>> {
     let _ = args;
-    Err("this blkshim was built without Xen support: rebuild with `cargo build --features xen` \
+    Err(
+        "this blkshim was built without Xen support: rebuild with `cargo build --features xen` \
          (needs libxen-dev) to run xen-backend"
-        .into())
+            .into(),
+    )
 }

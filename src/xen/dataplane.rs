@@ -34,7 +34,10 @@ pub const MAX_PERSISTENT_GRANTS: usize = 1056;
 #[derive(Clone)]
 pub enum Target {
     /// Through the core: tracked, epoch-stamped, drained or fenced at suspend.
-    Protected { disk: Arc<Disk>, writer: Arc<Writer> },
+    Protected {
+        disk: Arc<Disk>,
+        writer: Arc<Writer>,
+    },
     /// Straight to storage, as Linux blkback does (negative tests only).
     Unprotected { storage: Arc<dyn BlockStorage> },
 }
@@ -157,7 +160,10 @@ impl RingHandle {
 
     /// Persistent grants currently mapped.
     pub fn persistent_grants(&self) -> usize {
-        self.shared.persistent.as_ref().map_or(0, |p| p.lock().len())
+        self.shared
+            .persistent
+            .as_ref()
+            .map_or(0, |p| p.lock().len())
     }
 
     /// Stops the thread and drops cached grant mappings.
@@ -235,7 +241,10 @@ fn consume_all(s: &Arc<Shared>) -> bool {
 
 fn disconnect(s: &Shared, why: &str) {
     if !s.broken.swap(true, Ordering::AcqRel) {
-        log::warn!("ring {}: guest protocol violation, ring disconnected: {why}", s.name);
+        log::warn!(
+            "ring {}: guest protocol violation, ring disconnected: {why}",
+            s.name
+        );
     }
 }
 
@@ -366,10 +375,12 @@ fn gather(s: &Shared, req: &Request) -> Result<AlignedBuf, GrantError> {
 fn scatter(s: &Shared, req: &Request, data: &[u8]) -> Result<(), GrantError> {
     let mut pos = 0;
     for seg in req.segments() {
-        let src = data.get(pos..pos + seg.len()).ok_or(GrantError::OutOfPage {
-            offset: pos,
-            len: seg.len(),
-        })?;
+        let src = data
+            .get(pos..pos + seg.len())
+            .ok_or(GrantError::OutOfPage {
+                offset: pos,
+                len: seg.len(),
+            })?;
         let off = seg.page_offset();
         let mapped = with_mapping(s, seg.gref, true, |m| {
             m.write_from(off, src).map_err(|_| GrantError::OutOfPage {
@@ -399,10 +410,7 @@ fn execute(s: &Arc<Shared>, req: Request) {
                 Box::new(move |o: IoOutcome| {
                     let mut status = status_of(&o.result);
                     if status == Status::Okay {
-                        let ok = o
-                            .buf
-                            .as_ref()
-                            .map(|b| scatter(&s2, &req, b.as_slice()));
+                        let ok = o.buf.as_ref().map(|b| scatter(&s2, &req, b.as_slice()));
                         if !matches!(ok, Some(Ok(()))) {
                             log::warn!("ring {}: read {:#x}: bad data grant", s2.name, req.id);
                             status = Status::Error;
@@ -460,9 +468,7 @@ fn execute(s: &Arc<Shared>, req: Request) {
                                     buf,
                                     fua: true,
                                 },
-                                Box::new(move |o| {
-                                    respond(&s3, req.response(status_of(&o.result)))
-                                }),
+                                Box::new(move |o| respond(&s3, req.response(status_of(&o.result)))),
                             );
                         }
                         (st, _) => respond(&s2, req.response(st)),

@@ -12,8 +12,7 @@
 
 use crate::xen::abi::{BlkifAbi, PROTOCOL_X86_32, PROTOCOL_X86_64};
 use crate::xen::blkif::{
-    encode, Segment, Status, OP_FLUSH_DISKCACHE, OP_READ, OP_WRITE,
-    MAX_SEGMENTS_PER_REQUEST,
+    encode, Segment, Status, MAX_SEGMENTS_PER_REQUEST, OP_FLUSH_DISKCACHE, OP_READ, OP_WRITE,
 };
 use crate::xen::evtchn::{EmulatedEventChannel, EventChannel};
 use crate::xen::grant::{EmulatedGuest, GrantRef};
@@ -130,7 +129,7 @@ struct BioState {
 struct Queue {
     ring: FrontRing,
     evtchn: EmulatedEventChannel,
-    ring_pages: Vec<usize>,
+    ring_pages: Vec<(usize, GrantRef)>,
 }
 
 /// Negotiated with the current back end.
@@ -317,7 +316,13 @@ impl EmulatedFrontend {
         self.persistent_pool.clear();
         let mut old = std::mem::take(&mut self.queues);
         for q in old.drain(..) {
-            self.free_pages.extend(q.ring_pages);
+            // A page the old back end still maps is never reused: on a real
+            // migration it is the source host's memory.
+            for (p, g) in q.ring_pages {
+                if self.guest.revoke(g).is_ok() {
+                    self.free_pages.push(p);
+                }
+            }
         }
         let domid = self.guest.domid();
         let mut published = Vec::new();
@@ -344,11 +349,11 @@ impl EmulatedFrontend {
             let (be_end, fe_end) = EmulatedEventChannel::pair()?;
             let port = fe_end.local_port();
             platform.offer_event_channel(domid, port, be_end);
-            published.push((refs, port));
+            published.push((refs.clone(), port));
             self.queues.push(Queue {
                 ring,
                 evtchn: fe_end,
-                ring_pages: pages,
+                ring_pages: pages.iter().copied().zip(refs.iter().copied()).collect(),
             });
         }
         let protocol = match self.opts.abi {
@@ -395,7 +400,9 @@ impl EmulatedFrontend {
     }
 
     fn alloc_contiguous_fallback(&mut self) -> io::Result<usize> {
-        self.free_pages.pop().ok_or_else(|| err("guest out of pages"))
+        self.free_pages
+            .pop()
+            .ok_or_else(|| err("guest out of pages"))
     }
 
     fn take_run(&mut self, n: usize) -> io::Result<Vec<usize>> {
@@ -567,8 +574,11 @@ impl EmulatedFrontend {
                     let (page, gref) = self.take_data_page()?;
                     if !data.is_empty() {
                         let at = page * PAGE_SIZE + usize::from(first) * SECTOR_SIZE;
-                        let src = &data[done as usize * SECTOR_SIZE..(done + n) as usize * SECTOR_SIZE];
-                        self.mem.write_from(at, src).map_err(|e| err(e.to_string()))?;
+                        let src =
+                            &data[done as usize * SECTOR_SIZE..(done + n) as usize * SECTOR_SIZE];
+                        self.mem
+                            .write_from(at, src)
+                            .map_err(|e| err(e.to_string()))?;
                     }
                     segs.push(Segment {
                         gref,
@@ -797,7 +807,9 @@ impl EmulatedFrontend {
         let max = self.max_sectors();
         // Merge adjacent pieces of the same op, then cut at random sizes.
         for (&(sector, _), &(op, piece)) in &rw {
-            let cut = 1 + rand(&mut self.rng) % max;
+            // Cuts stay on 4 KiB boundaries: the block layer never splits
+            // below the logical block size.
+            let cut = 8 * (1 + rand(&mut self.rng) % (max / 8).max(1));
             let merged = specs.last_mut().is_some_and(|last| {
                 let fits = last.op == op
                     && last.sector + last.nr_sectors() == sector

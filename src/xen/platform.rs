@@ -101,9 +101,8 @@ impl Platform for XenPlatform {
         domid: DomId,
         remote_port: Port,
     ) -> io::Result<Arc<dyn EventChannel>> {
-        Ok(Arc::new(crate::xen::evtchn::XenEventChannel::bind_interdomain(
-            domid,
-            remote_port,
-        )?))
+        Ok(Arc::new(
+            crate::xen::evtchn::XenEventChannel::bind_interdomain(domid, remote_port)?,
+        ))
     }
 }

@@ -64,14 +64,8 @@ impl Host {
         w(&format!("{FE}/backend"), BE);
         w(&format!("{FE}/backend-id"), "0");
         w(&format!("{FE}/state"), "1");
-        let h = backend::spawn(
-            self.xs.connect(),
-            self.platform.clone(),
-            BE,
-            opener,
-            config,
-        )
-        .unwrap();
+        let h =
+            backend::spawn(self.xs.connect(), self.platform.clone(), BE, opener, config).unwrap();
         self.vbd = Some(h);
     }
 
@@ -86,10 +80,18 @@ impl Host {
             .unwrap();
         let end = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(r) = self.xs.read_optional(XBT_NULL, &format!("{BE}/blkshim-handoff")).unwrap() {
+            if let Some(r) = self
+                .xs
+                .read_optional(XBT_NULL, &format!("{BE}/blkshim-handoff"))
+                .unwrap()
+            {
                 return r;
             }
-            assert!(Instant::now() < end, "no hand-off record: {:?}", self.vbd().status());
+            assert!(
+                Instant::now() < end,
+                "no hand-off record: {:?}",
+                self.vbd().status()
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -240,7 +242,11 @@ impl Workload {
             if self.reap(fe) == 0 {
                 fe.wait(Duration::from_millis(5)).unwrap();
             }
-            assert!(Instant::now() < end, "drain stalled: {} left", self.in_flight.len());
+            assert!(
+                Instant::now() < end,
+                "drain stalled: {} left",
+                self.in_flight.len()
+            );
         }
     }
 

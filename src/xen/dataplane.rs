@@ -144,6 +144,11 @@ impl RingHandle {
         drop(self.shared.ring.lock());
     }
 
+    /// Whether [`RingHandle::suspend`] was called.
+    pub fn is_suspended(&self) -> bool {
+        self.shared.suspended.load(Ordering::SeqCst)
+    }
+
     /// Whether the ring was disconnected for a guest protocol violation.
     pub fn broken(&self) -> bool {
         self.shared.broken.load(Ordering::Acquire)

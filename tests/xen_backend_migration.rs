@@ -27,6 +27,8 @@ struct Outcome {
     resent: usize,
     failures: u64,
     completed: u64,
+    read_mismatches: u64,
+    reads: u64,
     /// Requests the hand-off records list as in flight at suspend.
     in_flight_at_suspend: usize,
 }
@@ -114,6 +116,8 @@ fn adversarial_run(protection: bool, rounds: usize, seed: u64, mode: &str) -> Ou
         failures: wl.failures,
         completed: wl.completed,
         in_flight_at_suspend,
+        read_mismatches: wl.read_mismatches,
+        reads: wl.reads,
     }
 }
 
@@ -160,12 +164,14 @@ fn xen_backend_migration_fence_adversarial_no_stale_blocks() {
 fn xen_backend_unprotected_migration_reproduces_seed_003() {
     // Linux blkback behaviour: nothing drained or fenced, straight to storage.
     let mut found = 0;
+    let mut mismatches = 0;
     for seed in [2u64, 5, 8] {
         let o = adversarial_run(false, 6, seed, "drain");
         assert!(o.ignored_writes > 0, "the storage ignored re-sent writes");
         found += o.stale.len();
+        mismatches += o.read_mismatches;
     }
-    eprintln!("unprotected: {found} stale blocks found");
+    eprintln!("unprotected: {found} stale blocks, {mismatches} reads of stale data");
     assert!(
         found > 0,
         "without protection seeds/003 corruption must show"
@@ -226,6 +232,8 @@ fn xen_backend_migration_real_shared_file() {
     wl.drain(&mut fe);
     assert!(resent > 0);
     assert_eq!(wl.failures, 0);
+    assert!(wl.reads > 100);
+    assert_eq!(wl.read_mismatches, 0);
     let data = std::fs::read(&img).unwrap();
     let stale = wl.stale_blocks(|b| data[(b * 4096) as usize..(b * 4096 + 4096) as usize].to_vec());
     assert!(stale.is_empty(), "stale blocks {stale:?}");

@@ -139,6 +139,11 @@ pub struct Workload {
     rng: u64,
     pub failures: u64,
     pub completed: u64,
+    /// Reads (of a block with no write in flight) that did not return the
+    /// last acknowledged version.
+    pub read_mismatches: u64,
+    pub reads: u64,
+    reading: HashMap<u64, (u64, u64)>, // tag -> (block, expected version)
 }
 
 impl Workload {
@@ -153,6 +158,9 @@ impl Workload {
             rng: seed | 1,
             failures: 0,
             completed: 0,
+            read_mismatches: 0,
+            reads: 0,
+            reading: HashMap::new(),
         }
     }
 
@@ -170,8 +178,29 @@ impl Workload {
     /// few are FUA.
     pub fn fill(&mut self, fe: &mut EmulatedFrontend, depth: usize) {
         let mut tries = 0;
-        while self.in_flight.len() < depth && tries < 4 * depth {
+        while self.in_flight.len() + self.reading.len() < depth && tries < 4 * depth {
             tries += 1;
+            if self.rand() % 4 == 0 {
+                // A verifying read of one idle block.
+                let b = self.rand() % self.blocks;
+                if self.busy.contains_key(&b) {
+                    continue;
+                }
+                let tag = self.next_tag;
+                self.next_tag += 1;
+                self.busy.insert(b, tag);
+                let want = self.acked.get(&b).copied().unwrap_or(0);
+                self.reading.insert(tag, (b, want));
+                fe.submit(Bio {
+                    tag,
+                    op: BioOp::Read,
+                    sector: b * BLOCK_SECTORS,
+                    nr_sectors: BLOCK_SECTORS,
+                    data: Vec::new(),
+                })
+                .unwrap();
+                continue;
+            }
             let span = 1 + self.rand() % 3;
             let first = self.rand() % (self.blocks - span + 1);
             if (first..first + span).any(|b| self.busy.contains_key(&b)) {
@@ -203,6 +232,16 @@ impl Workload {
     pub fn reap(&mut self, fe: &mut EmulatedFrontend) -> usize {
         let done = fe.poll().unwrap();
         for c in &done {
+            if let Some((b, want)) = self.reading.remove(&c.tag) {
+                self.busy.remove(&b);
+                self.reads += 1;
+                if c.status != Status::Okay {
+                    self.failures += 1;
+                } else if version_of(b, &c.data) != Some(want) {
+                    self.read_mismatches += 1;
+                }
+                continue;
+            }
             let Some((first, packed)) = self.in_flight.remove(&c.tag) else {
                 continue;
             };
@@ -238,7 +277,7 @@ impl Workload {
     /// Waits for everything in flight.
     pub fn drain(&mut self, fe: &mut EmulatedFrontend) {
         let end = Instant::now() + Duration::from_secs(20);
-        while !self.in_flight.is_empty() {
+        while !self.in_flight.is_empty() || !self.reading.is_empty() {
             if self.reap(fe) == 0 {
                 fe.wait(Duration::from_millis(5)).unwrap();
             }

@@ -141,6 +141,11 @@ fn xen_backend_migration_drain_adversarial_no_stale_blocks() {
             "seed {seed}: stale blocks {:?}",
             o.stale
         );
+        assert!(o.reads > 100);
+        assert_eq!(
+            o.read_mismatches, 0,
+            "every read saw the last acknowledged write"
+        );
     }
 }
 
@@ -156,6 +161,11 @@ fn xen_backend_migration_fence_adversarial_no_stale_blocks() {
             o.stale.is_empty(),
             "seed {seed}: stale blocks {:?}",
             o.stale
+        );
+        assert!(o.reads > 100);
+        assert_eq!(
+            o.read_mismatches, 0,
+            "every read saw the last acknowledged write"
         );
     }
 }

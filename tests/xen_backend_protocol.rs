@@ -18,7 +18,7 @@ use support::*;
 
 const DISK: u64 = 8 << 20;
 
-fn run_one(abi: BlkifAbi, order: u32, queues: u32, persistent: bool, indirect: u32) {
+fn run_one(abi: BlkifAbi, order: u32, queues: u32, persistent: bool, max_indirect: u32) {
     let mem = Arc::new(MemStorage::new(DISK));
     let storage: Arc<dyn BlockStorage> = mem.clone();
     let epochs = Arc::new(MemEpochStore::default());
@@ -36,7 +36,7 @@ fn run_one(abi: BlkifAbi, order: u32, queues: u32, persistent: bool, indirect: u
             ring_page_order: order,
             queues,
             persistent,
-            max_indirect_segments: indirect,
+            max_indirect_segments: max_indirect,
             seed: 3,
         },
     )
@@ -89,6 +89,19 @@ fn run_one(abi: BlkifAbi, order: u32, queues: u32, persistent: bool, indirect: u
             })
             .sum();
         assert!(consumed >= 400);
+        let indirect: u64 = rings
+            .iter()
+            .map(|r| {
+                r.stats()
+                    .indirect
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .sum();
+        assert_eq!(
+            indirect > 0,
+            max_indirect > 0,
+            "indirect used iff offered and asked"
+        );
         if queues > 1 {
             assert!(rings.iter().all(|r| r
                 .stats()

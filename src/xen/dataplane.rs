@@ -77,6 +77,8 @@ pub struct RingStats {
     pub consumed: AtomicU64,
     pub answered: AtomicU64,
     pub refused: AtomicU64,
+    /// INDIRECT requests served.
+    pub indirect: AtomicU64,
     /// Responses dropped because the ring was suspended.
     pub withheld: AtomicU64,
 }
@@ -265,7 +267,10 @@ fn handle(s: &Arc<Shared>, slot: &[u8]) {
                 }
             }
             match ind.resolve(&pages, &s.limits) {
-                Ok(r) => r,
+                Ok(r) => {
+                    s.stats.indirect.fetch_add(1, Ordering::Relaxed);
+                    r
+                }
                 Err(e) => {
                     log::warn!("ring {}: {e}", s.name);
                     s.stats.refused.fetch_add(1, Ordering::Relaxed);

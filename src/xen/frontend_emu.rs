@@ -452,12 +452,15 @@ impl EmulatedFrontend {
     /// at most `cut` sectors (a different split than the first time).
     fn split(&mut self, bio: &Bio, cut: u64) -> Vec<Spec> {
         match bio.op {
-            BioOp::Read | BioOp::Write => {
-                let max = if cut > 0 {
-                    cut.min(self.max_sectors())
+            BioOp::Read | BioOp::Write | BioOp::WriteFua => {
+                // A FUA write goes as FLUSH_DISKCACHE with data, which has no
+                // indirect form: at most a direct request's worth each.
+                let limit = if bio.op == BioOp::WriteFua {
+                    (MAX_SEGMENTS_PER_REQUEST as u64 - 1) * 8
                 } else {
                     self.max_sectors()
                 };
+                let max = if cut > 0 { cut.min(limit) } else { limit };
                 let mut out = Vec::new();
                 let mut off = 0;
                 while off < bio.nr_sectors {

@@ -132,8 +132,8 @@ pub fn version_of(block: u64, data: &[u8]) -> Option<u64> {
 pub struct Workload {
     pub blocks: u64,
     pub acked: HashMap<u64, u64>,
-    in_flight: HashMap<u64, (u64, u64)>, // tag -> (block, version)
-    busy: HashMap<u64, u64>,             // block -> tag
+    in_flight: HashMap<u64, (u64, u64, u64)>, // tag -> (first block, span, version)
+    busy: HashMap<u64, u64>,                  // block -> tag
     next_tag: u64,
     next_version: u64,
     rng: u64,
@@ -201,7 +201,13 @@ impl Workload {
                 .unwrap();
                 continue;
             }
-            let span = 1 + self.rand() % 3;
+            // Mostly small writes; some of 12 blocks (96 sectors: more
+            // segments than a direct request holds, so indirect when offered).
+            let span = if self.rand() % 8 == 0 {
+                12.min(self.blocks)
+            } else {
+                1 + self.rand() % 3
+            };
             let first = self.rand() % (self.blocks - span + 1);
             if (first..first + span).any(|b| self.busy.contains_key(&b)) {
                 continue;
@@ -216,7 +222,7 @@ impl Workload {
                 self.busy.insert(b, tag);
             }
             let fua = self.rand() % 16 == 0;
-            self.in_flight.insert(tag, (first, version * 4 + span));
+            self.in_flight.insert(tag, (first, span, version));
             fe.submit(Bio {
                 tag,
                 op: if fua { BioOp::WriteFua } else { BioOp::Write },
@@ -242,10 +248,9 @@ impl Workload {
                 }
                 continue;
             }
-            let Some((first, packed)) = self.in_flight.remove(&c.tag) else {
+            let Some((first, span, version)) = self.in_flight.remove(&c.tag) else {
                 continue;
             };
-            let (version, span) = (packed / 4, packed % 4);
             for b in first..first + span {
                 self.busy.remove(&b);
                 if c.status == Status::Okay {

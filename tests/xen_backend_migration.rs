@@ -91,14 +91,25 @@ fn adversarial_run(protection: bool, rounds: usize, seed: u64, mode: &str) -> Ou
         let resume = protection.then_some(record.as_str());
         let [a, b] = &mut hosts;
         let (s, d) = if src == 0 { (a, b) } else { (b, a) };
+        // Host 1 offers less (no indirect, no persistent grants, one ring):
+        // the frontend re-cuts its re-sent requests to the new limits.
+        let d_config = if dst == 1 {
+            BackendConfig {
+                max_indirect_segments: 0,
+                persistent: false,
+                max_queues: 1,
+                ..config.clone()
+            }
+        } else {
+            config.clone()
+        };
         d.create_vbd(
             opener("vm1", shared.clone(), epochs.clone()),
-            config.clone(),
+            d_config,
             resume,
         );
         fe.reconnect(&d.xs, &d.platform, FE, BE).unwrap();
         wait_phase(d.vbd(), Phase::Connected);
-        let _ = dst;
         resent += fe.resent_requests;
         indirect += s.vbd().with_rings(|r| {
             r.iter()

@@ -194,3 +194,27 @@ fn xen_backend_supervisor_follows_backend_vbd() {
     assert_eq!(sup.vbds().len(), 1);
     assert!(sup.vbds().contains_key(&format!("{root}/7/51712")));
 }
+
+#[test]
+fn xen_backend_params_like_tapback_and_file_opener() {
+    use blkshim::xen::backend::{disk_name_for, params_path};
+    use std::path::Path;
+    assert_eq!(params_path("aio:/srv/vm1.img"), Path::new("/srv/vm1.img"));
+    assert_eq!(params_path("raw:/srv/vm1.img"), Path::new("/srv/vm1.img"));
+    assert_eq!(params_path(" /dev/vg/vm1 "), Path::new("/dev/vg/vm1"));
+    assert_eq!(disk_name_for(Path::new("/srv/vm 1.img")), "srv_vm_1.img");
+    blkshim::epoch::validate_disk_name(&disk_name_for(Path::new("/../x/.y"))).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("vm1.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let opener = blkshim::xen::daemon::file_opener(
+        dir.path().join("epochs"),
+        blkshim::storage::EngineKind::ThreadPool,
+    )
+    .unwrap();
+    let d = opener(&format!("aio:{}", img.display())).unwrap();
+    assert_eq!(d.storage.size(), 1 << 20);
+    assert_eq!(d.epochs.current(&d.name).unwrap(), 0);
+    assert!(opener("aio:/nonexistent/blkshim/x.img").is_err());
+}

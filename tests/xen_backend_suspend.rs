@@ -218,3 +218,36 @@ fn xen_backend_params_like_tapback_and_file_opener() {
     assert_eq!(d.epochs.current(&d.name).unwrap(), 0);
     assert!(opener("aio:/nonexistent/blkshim/x.img").is_err());
 }
+
+#[test]
+fn xen_backend_unprotected_keeps_consuming_after_suspend_like_blkback() {
+    // The contrast to the test above: Linux blkback's behaviour, which the
+    // negative migration test relies on.
+    let mem: Arc<dyn BlockStorage> = Arc::new(MemStorage::new(1 << 20));
+    let mut host = Host::new();
+    host.create_vbd(
+        opener("vm1", mem, Arc::new(MemEpochStore::default())),
+        BackendConfig {
+            protection: false,
+            ..BackendConfig::default()
+        },
+        None,
+    );
+    let mut fe = EmulatedFrontend::new(
+        EmulatedGuest::new(DOMID, 256).unwrap(),
+        FrontendOptions::default(),
+    )
+    .unwrap();
+    fe.connect(&host.xs, &host.platform, FE, BE).unwrap();
+    host.suspend("drain");
+    wait_phase(host.vbd(), Phase::Suspended);
+    let before = consumed(&host);
+    for t in 0..4 {
+        fe.submit(write_bio(t + 1, t)).unwrap();
+    }
+    let end = Instant::now() + Duration::from_secs(5);
+    while consumed(&host) < before + 4 {
+        assert!(Instant::now() < end, "unprotected ring stopped consuming");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}

@@ -251,3 +251,54 @@ fn xen_backend_unprotected_keeps_consuming_after_suspend_like_blkback() {
         std::thread::sleep(Duration::from_millis(1));
     }
 }
+
+#[test]
+fn xen_backend_removed_while_connected_still_drains_and_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = AdversarialStorage::new(1 << 20, 7, Duration::from_millis(1));
+    let shared: Arc<dyn BlockStorage> = storage.clone();
+    let mut host = Host::new();
+    host.create_vbd(
+        opener("vm1", shared, Arc::new(MemEpochStore::default())),
+        BackendConfig {
+            handoff_dir: Some(dir.path().to_path_buf()),
+            ..BackendConfig::default()
+        },
+        None,
+    );
+    let mut fe = EmulatedFrontend::new(
+        EmulatedGuest::new(DOMID, 512).unwrap(),
+        FrontendOptions::default(),
+    )
+    .unwrap();
+    fe.connect(&host.xs, &host.platform, FE, BE).unwrap();
+    storage.stall(Duration::from_millis(100));
+    for t in 0..6 {
+        fe.submit(write_bio(t + 1, t)).unwrap();
+    }
+    let end = Instant::now() + Duration::from_secs(5);
+    while consumed(&host) < 6 {
+        assert!(Instant::now() < end);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The toolstack destroys the domain's devices with writes in flight.
+    host.xs.rm(XBT_NULL, "/local/domain/0/backend").unwrap();
+    let path = dir.path().join("vm1.handoff.json");
+    let end = Instant::now() + Duration::from_secs(5);
+    while !path.exists() {
+        assert!(Instant::now() < end, "no record after removal");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let rec = blkshim::handoff::HandoffRecord::from_json(&std::fs::read_to_string(&path).unwrap())
+        .unwrap();
+    assert_eq!(rec.requests.len(), 6);
+    // Published only after the writes left the storage.
+    assert_eq!(storage.pending(), 0);
+    for b in 0..6 {
+        assert_eq!(version_of(b, &storage.read_at(b * 4096, 4096)), Some(b + 1));
+    }
+    assert!(
+        host.xs.read_optional(XBT_NULL, BE).unwrap().is_none(),
+        "the removed node was not recreated"
+    );
+}

@@ -240,6 +240,7 @@ pub fn spawn<S: XenStore + 'static>(
         writer: None,
         read_only: false,
         last_record: None,
+        publish_node: true,
     };
     let name = be.rsplit('/').take(2).collect::<Vec<_>>().join("-");
     let thread = thread::Builder::new()
@@ -310,6 +311,8 @@ struct Vbd<S: XenStore> {
     writer: Option<Arc<Writer>>,
     read_only: bool,
     last_record: Option<HandoffRecord>,
+    /// False once the device's node is gone (writing would recreate it).
+    publish_node: bool,
 }
 
 const POLL: Duration = Duration::from_millis(20);
@@ -428,8 +431,17 @@ impl<S: XenStore> Vbd<S> {
                 return Ok(());
             }
             if self.node("state")?.is_none() && self.node("params")?.is_none() {
-                // The toolstack removed the device.
+                // The toolstack removed the device — e.g. it destroyed the
+                // migrated source domain without asking for a suspend. Give
+                // up the disk properly all the same, so the destination's
+                // record exists (in the hand-off directory; the node is gone).
                 log::info!("vbd {}: removed", self.be);
+                if self.status.lock().phase == Phase::Connected {
+                    self.publish_node = false;
+                    if let Err(e) = self.suspend(self.config.suspend_mode) {
+                        log::error!("vbd {}: suspend at removal failed: {e}", self.be);
+                    }
+                }
                 self.teardown();
                 return Ok(());
             }
@@ -737,11 +749,13 @@ impl<S: XenStore> Vbd<S> {
                 write_atomically(&path, record.to_json().as_bytes())?;
             }
         }
-        self.xs.write_str(
-            XBT_NULL,
-            &format!("{}/blkshim-handoff", self.be),
-            &serde_json::to_string(&record).map_err(|e| Fail(e.to_string()))?,
-        )?;
+        if self.publish_node {
+            self.xs.write_str(
+                XBT_NULL,
+                &format!("{}/blkshim-handoff", self.be),
+                &serde_json::to_string(&record).map_err(|e| Fail(e.to_string()))?,
+            )?;
+        }
         {
             let mut st = self.status.lock();
             st.phase = Phase::Suspended;

@@ -20,6 +20,8 @@ enum Command {
     Version,
     /// Run the deterministic simulation (guest, blkfront, backends, adversarial storage).
     Sim(crate::sim::SimArgs),
+    /// Serve Xen blkif vbds (watches backend/vbd like tapback).
+    XenBackend(crate::xen::daemon::XenBackendArgs),
 }
 
 /// Parse the command line and run the subcommand.
@@ -28,6 +30,7 @@ pub fn run() -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Command::Version => println!("blkshim {}", env!("CARGO_PKG_VERSION")),
         Command::Sim(args) => crate::sim::cli_main(args)?,
+        Command::XenBackend(args) => crate::xen::daemon::run(args)?,
     }
     Ok(())
 }

@@ -14,13 +14,19 @@
 //! event channels have emulated implementations next to the real ones.
 
 pub mod abi;
+pub mod backend;
 pub mod blkif;
+pub mod daemon;
+pub mod dataplane;
 pub mod evtchn;
+pub mod frontend_emu;
 pub mod fuzz;
 pub mod grant;
+pub mod platform;
 pub mod ring;
 pub mod shared;
 pub mod sys;
+pub mod testing;
 pub mod xenstore;
 
 /// Xen's page size: grants, ring pages and segments are in these units.

@@ -1,0 +1,221 @@
+//! `blkshim xen-backend`: the daemon a Xen host (or driver domain) runs.
+//! Like tapback for tapdisk, it watches the `backend/vbd` directory and runs
+//! one [`backend`](crate::xen::backend) state machine per vbd the toolstack
+//! creates there, tearing it down when the toolstack removes the node.
+
+use crate::epoch::{EpochStore, FileEpochStore};
+use crate::storage::{open_storage, EngineKind, OpenOptions};
+use crate::xen::backend::{
+    self, disk_name_for, params_path, BackendConfig, DiskOpener, OpenedDisk, VbdHandle,
+};
+use crate::xen::platform::Platform;
+use crate::xen::xenstore::{XenStore, XsError, XBT_NULL};
+use std::collections::BTreeMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `blkshim xen-backend` options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct XenBackendArgs {
+    /// Directory of the epoch store and hand-off records: on the storage
+    /// every host shares.
+    #[arg(long)]
+    pub epoch_dir: PathBuf,
+    /// The back-end directory to watch.
+    #[arg(long, default_value = "/local/domain/0/backend/vbd")]
+    pub backend_root: String,
+    /// Storage engine.
+    #[arg(long, default_value = "auto")]
+    pub engine: EngineKind,
+    /// Drain deadline at suspend, in milliseconds (then the rest is fenced).
+    #[arg(long, default_value_t = 10_000)]
+    pub drain_timeout_ms: u64,
+    /// Most rings per vbd offered (`multi-queue-max-queues`).
+    #[arg(long, default_value_t = 4)]
+    pub max_queues: u32,
+    /// `feature-max-indirect-segments` offered.
+    #[arg(long, default_value_t = 256)]
+    pub max_indirect_segments: u32,
+    /// Do not offer persistent grants.
+    #[arg(long)]
+    pub no_persistent: bool,
+}
+
+impl XenBackendArgs {
+    /// The per-vbd configuration these options give.
+    pub fn config(&self) -> BackendConfig {
+        BackendConfig {
+            suspend_mode: crate::handoff::SuspendMode::Drain {
+                timeout: Duration::from_millis(self.drain_timeout_ms),
+            },
+            max_queues: self.max_queues,
+            max_indirect_segments: self.max_indirect_segments,
+            persistent: !self.no_persistent,
+            handoff_dir: Some(self.epoch_dir.clone()),
+            ..BackendConfig::default()
+        }
+    }
+}
+
+/// Opens `params` images with `engine`, epochs in `epoch_dir`.
+pub fn file_opener(epoch_dir: PathBuf, engine: EngineKind) -> io::Result<DiskOpener> {
+    std::fs::create_dir_all(&epoch_dir)?;
+    let epochs: Arc<dyn EpochStore> = Arc::new(FileEpochStore::open(&epoch_dir)?);
+    Ok(Arc::new(move |params: &str| {
+        let path = params_path(params);
+        let storage = open_storage(
+            &path,
+            &OpenOptions {
+                engine,
+                ..OpenOptions::default()
+            },
+        )?;
+        Ok(OpenedDisk {
+            name: disk_name_for(&path),
+            storage,
+            epochs: Arc::clone(&epochs),
+        })
+    }))
+}
+
+/// The vbd back ends under one root, kept in step with XenStore.
+pub struct Supervisor<S: XenStore, F: Fn() -> io::Result<S>> {
+    connect: F,
+    watcher: S,
+    root: String,
+    platform: Arc<dyn Platform>,
+    opener: DiskOpener,
+    config: BackendConfig,
+    vbds: BTreeMap<String, VbdHandle>,
+}
+
+impl<S: XenStore + 'static, F: Fn() -> io::Result<S>> Supervisor<S, F> {
+    /// `connect` opens a new XenStore connection (one per vbd, for its own
+    /// watches).
+    pub fn new(
+        connect: F,
+        root: &str,
+        platform: Arc<dyn Platform>,
+        opener: DiskOpener,
+        config: BackendConfig,
+    ) -> io::Result<Self> {
+        let watcher = connect()?;
+        watcher
+            .watch(root, "vbds")
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(Supervisor {
+            connect,
+            watcher,
+            root: root.trim_end_matches('/').to_string(),
+            platform,
+            opener,
+            config,
+            vbds: BTreeMap::new(),
+        })
+    }
+
+    /// The vbd directories (`<root>/<domid>/<devid>`) that exist now.
+    fn present(&self) -> Result<Vec<String>, XsError> {
+        let mut out = Vec::new();
+        let domains = match self.watcher.directory(XBT_NULL, &self.root) {
+            Ok(d) => d,
+            Err(XsError::NotFound(_)) => return Ok(out),
+            Err(e) => return Err(e),
+        };
+        for d in domains {
+            let dp = format!("{}/{d}", self.root);
+            match self.watcher.directory(XBT_NULL, &dp) {
+                Ok(devs) => out.extend(devs.into_iter().map(|v| format!("{dp}/{v}"))),
+                Err(XsError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Starts back ends for new vbds, drops those whose node went away.
+    pub fn reconcile(&mut self) -> io::Result<()> {
+        let present = self
+            .present()
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        self.vbds.retain(|path, h| {
+            let keep = present.contains(path) && !h.is_finished();
+            if !keep {
+                log::info!("vbd {path}: back end stopped");
+            }
+            keep
+        });
+        for path in present {
+            if self.vbds.contains_key(&path) {
+                continue;
+            }
+            let xs = (self.connect)()?;
+            log::info!("vbd {path}: starting back end");
+            let h = backend::spawn(
+                xs,
+                Arc::clone(&self.platform),
+                &path,
+                Arc::clone(&self.opener),
+                self.config.clone(),
+            )?;
+            self.vbds.insert(path, h);
+        }
+        Ok(())
+    }
+
+    /// Back ends running, by path.
+    pub fn vbds(&self) -> &BTreeMap<String, VbdHandle> {
+        &self.vbds
+    }
+
+    /// Reconciles on every watch event until `stop`.
+    pub fn run(&mut self, stop: &AtomicBool) -> io::Result<()> {
+        while !stop.load(Ordering::Acquire) {
+            let ev = self
+                .watcher
+                .read_watch(Some(Duration::from_millis(200)))
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            if ev.is_some() {
+                self.reconcile()?;
+            } else {
+                // Reap back ends that finished on their own.
+                self.vbds.retain(|_, h| !h.is_finished());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `blkshim xen-backend`: serve every vbd of this host until killed.
+#[cfg(feature = "xen")]
+pub fn run(args: XenBackendArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use crate::xen::platform::XenPlatform;
+    use crate::xen::xenstore::XenStoreHandle;
+    let opener = file_opener(args.epoch_dir.clone(), args.engine)?;
+    let platform: Arc<dyn Platform> = XenPlatform::open()?;
+    let mut sup = Supervisor::new(
+        XenStoreHandle::open,
+        &args.backend_root,
+        platform,
+        opener,
+        args.config(),
+    )?;
+    log::info!("xen-backend: watching {}", args.backend_root);
+    let stop = AtomicBool::new(false);
+    sup.run(&stop)?;
+    Ok(())
+}
+
+/// `blkshim xen-backend` without feature `xen`: explain how to get it.
+#[cfg(not(feature = "xen"))]
+pub fn run(args: XenBackendArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let _ = args;
+    Err(
+        "this blkshim was built without Xen support: rebuild with `cargo build --features xen` \
+         (needs libxen-dev) to run xen-backend"
+            .into(),
+    )
+}

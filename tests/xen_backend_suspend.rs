@@ -1,0 +1,304 @@
+//! Suspend stops the ring at once (unlike Linux blkback, which keeps
+//! consuming until teardown), a stale destination is refused, and the
+//! `xen-backend` supervisor follows `backend/vbd` like tapback.
+
+mod support;
+
+use blkshim::epoch::{EpochStore, MemEpochStore};
+use blkshim::storage::{BlockStorage, MemStorage};
+use blkshim::xen::backend::{BackendConfig, Phase};
+use blkshim::xen::daemon::Supervisor;
+use blkshim::xen::frontend_emu::{Bio, BioOp, EmulatedFrontend, FrontendOptions};
+use blkshim::xen::grant::EmulatedGuest;
+use blkshim::xen::platform::Platform;
+use blkshim::xen::testing::AdversarialStorage;
+use blkshim::xen::xenstore::{XenStore, XBT_NULL};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::*;
+
+fn write_bio(tag: u64, block: u64) -> Bio {
+    Bio {
+        tag,
+        op: BioOp::Write,
+        sector: block * 8,
+        nr_sectors: 8,
+        data: block_data(block, tag),
+    }
+}
+
+fn consumed(host: &Host) -> u64 {
+    host.vbd().with_rings(|r| {
+        r.iter()
+            .map(|r| r.stats().consumed.load(Ordering::SeqCst))
+            .sum()
+    })
+}
+
+#[test]
+fn xen_backend_suspend_stops_consuming_at_once() {
+    let storage = AdversarialStorage::new(1 << 20, 1, Duration::from_millis(1));
+    let shared: Arc<dyn BlockStorage> = storage.clone();
+    let mut host = Host::new();
+    host.create_vbd(
+        opener("vm1", shared, Arc::new(MemEpochStore::default())),
+        BackendConfig::default(),
+        None,
+    );
+    let mut fe = EmulatedFrontend::new(
+        EmulatedGuest::new(DOMID, 512).unwrap(),
+        FrontendOptions::default(),
+    )
+    .unwrap();
+    fe.connect(&host.xs, &host.platform, FE, BE).unwrap();
+    storage.stall(Duration::from_millis(200));
+    for t in 0..8 {
+        fe.submit(write_bio(t + 1, t)).unwrap();
+    }
+    let end = Instant::now() + Duration::from_secs(5);
+    while consumed(&host) < 8 {
+        assert!(Instant::now() < end);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Suspend while the 8 writes are held at the storage.
+    host.xs
+        .write_str(XBT_NULL, &format!("{BE}/blkshim-suspend"), "drain")
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(5);
+    while !host.vbd().with_rings(|r| r[0].is_suspended()) {
+        assert!(Instant::now() < end, "suspend never began");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        storage.pending() > 0,
+        "the writes are still held at the storage"
+    );
+    let at_suspend = consumed(&host);
+    assert_eq!(at_suspend, 8);
+    for t in 8..16 {
+        fe.submit(write_bio(t + 1, t)).unwrap();
+    }
+    wait_phase(host.vbd(), Phase::Suspended);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        consumed(&host),
+        at_suspend,
+        "no request consumed after suspend"
+    );
+    // The drained writes landed, but no response was published: the
+    // frontend will re-send them to the destination.
+    assert_eq!(fe.poll().unwrap().len(), 0);
+    for b in 0..8 {
+        assert_eq!(version_of(b, &storage.read_at(b * 4096, 4096)), Some(b + 1));
+    }
+    for b in 8..16 {
+        assert_eq!(version_of(b, &storage.read_at(b * 4096, 4096)), Some(0));
+    }
+    let rec = host.vbd().status().record.unwrap();
+    assert_eq!(rec.requests.len(), 8);
+    assert_eq!(rec.source_epoch, 1);
+}
+
+#[test]
+fn xen_backend_destination_with_stale_record_is_refused() {
+    let mem: Arc<dyn BlockStorage> = Arc::new(MemStorage::new(1 << 20));
+    let epochs: Arc<dyn EpochStore> = Arc::new(MemEpochStore::default());
+    let mut x = Host::new();
+    x.create_vbd(
+        opener("vm1", mem.clone(), epochs.clone()),
+        BackendConfig::default(),
+        None,
+    );
+    let mut fe = EmulatedFrontend::new(
+        EmulatedGuest::new(DOMID, 256).unwrap(),
+        FrontendOptions::default(),
+    )
+    .unwrap();
+    fe.connect(&x.xs, &x.platform, FE, BE).unwrap();
+    let record = x.suspend("fence");
+    // A first destination resumes with the record...
+    let mut y = Host::new();
+    y.create_vbd(
+        opener("vm1", mem.clone(), epochs.clone()),
+        BackendConfig::default(),
+        Some(&record),
+    );
+    fe.reconnect(&y.xs, &y.platform, FE, BE).unwrap();
+    wait_phase(y.vbd(), Phase::Connected);
+    assert_eq!(epochs.current("vm1").unwrap(), 2);
+    // ...a second one replaying the same record is refused and never
+    // connects (it would be a second writer).
+    let mut z = Host::new();
+    z.create_vbd(
+        opener("vm1", mem, epochs.clone()),
+        BackendConfig::default(),
+        Some(&record),
+    );
+    wait_phase(z.vbd(), Phase::InitWait);
+    let guest = EmulatedGuest::new(DOMID, 16).unwrap();
+    z.platform.add_guest(Arc::clone(&guest));
+    let w = |k: &str, v: &str| z.xs.write_str(XBT_NULL, &format!("{FE}/{k}"), v).unwrap();
+    w("ring-ref", &guest.grant(0, true).unwrap().to_string());
+    w("event-channel", "1");
+    w("state", "3");
+    wait_phase(z.vbd(), Phase::Failed);
+    assert!(z.vbd().status().error.unwrap().contains("stale"));
+    assert_eq!(epochs.current("vm1").unwrap(), 2);
+    assert_ne!(
+        z.xs.read_string(XBT_NULL, &format!("{BE}/state")).unwrap(),
+        "4"
+    );
+    assert_eq!(guest.live_mappings(), 0);
+}
+
+#[test]
+fn xen_backend_supervisor_follows_backend_vbd() {
+    let store = blkshim::xen::xenstore::EmulatedXenStore::new();
+    let platform = blkshim::xen::platform::EmulatedPlatform::new();
+    let mem: Arc<dyn BlockStorage> = Arc::new(MemStorage::new(1 << 20));
+    let root = "/local/domain/0/backend/vbd";
+    let s2 = store.connect();
+    let mut sup = Supervisor::new(
+        move || Ok(s2.connect()),
+        root,
+        platform.clone() as Arc<dyn Platform>,
+        opener("vm1", mem, Arc::new(MemEpochStore::default())),
+        BackendConfig::default(),
+    )
+    .unwrap();
+    sup.reconcile().unwrap();
+    assert!(sup.vbds().is_empty());
+    for (dom, dev) in [(7, 51712), (8, 51728)] {
+        let be = format!("{root}/{dom}/{dev}");
+        let w = |k: &str, v: &str| store.write_str(XBT_NULL, &format!("{be}/{k}"), v).unwrap();
+        w("params", "aio:/shared/vm1.img");
+        w("mode", "w");
+        w("frontend", &format!("/local/domain/{dom}/device/vbd/{dev}"));
+        w("frontend-id", &dom.to_string());
+        w("state", "1");
+    }
+    sup.reconcile().unwrap();
+    assert_eq!(sup.vbds().len(), 2);
+    for h in sup.vbds().values() {
+        wait_phase(h, Phase::InitWait);
+    }
+    assert_eq!(
+        store
+            .read_string(XBT_NULL, &format!("{root}/8/51728/feature-persistent"))
+            .unwrap(),
+        "1"
+    );
+    store.rm(XBT_NULL, &format!("{root}/8")).unwrap();
+    sup.reconcile().unwrap();
+    assert_eq!(sup.vbds().len(), 1);
+    assert!(sup.vbds().contains_key(&format!("{root}/7/51712")));
+}
+
+#[test]
+fn xen_backend_params_like_tapback_and_file_opener() {
+    use blkshim::xen::backend::{disk_name_for, params_path};
+    use std::path::Path;
+    assert_eq!(params_path("aio:/srv/vm1.img"), Path::new("/srv/vm1.img"));
+    assert_eq!(params_path("raw:/srv/vm1.img"), Path::new("/srv/vm1.img"));
+    assert_eq!(params_path(" /dev/vg/vm1 "), Path::new("/dev/vg/vm1"));
+    assert_eq!(disk_name_for(Path::new("/srv/vm 1.img")), "srv_vm_1.img");
+    blkshim::epoch::validate_disk_name(&disk_name_for(Path::new("/../x/.y"))).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("vm1.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let opener = blkshim::xen::daemon::file_opener(
+        dir.path().join("epochs"),
+        blkshim::storage::EngineKind::ThreadPool,
+    )
+    .unwrap();
+    let d = opener(&format!("aio:{}", img.display())).unwrap();
+    assert_eq!(d.storage.size(), 1 << 20);
+    assert_eq!(d.epochs.current(&d.name).unwrap(), 0);
+    assert!(opener("aio:/nonexistent/blkshim/x.img").is_err());
+}
+
+#[test]
+fn xen_backend_unprotected_keeps_consuming_after_suspend_like_blkback() {
+    // The contrast to the test above: Linux blkback's behaviour, which the
+    // negative migration test relies on.
+    let mem: Arc<dyn BlockStorage> = Arc::new(MemStorage::new(1 << 20));
+    let mut host = Host::new();
+    host.create_vbd(
+        opener("vm1", mem, Arc::new(MemEpochStore::default())),
+        BackendConfig {
+            protection: false,
+            ..BackendConfig::default()
+        },
+        None,
+    );
+    let mut fe = EmulatedFrontend::new(
+        EmulatedGuest::new(DOMID, 256).unwrap(),
+        FrontendOptions::default(),
+    )
+    .unwrap();
+    fe.connect(&host.xs, &host.platform, FE, BE).unwrap();
+    host.suspend("drain");
+    wait_phase(host.vbd(), Phase::Suspended);
+    let before = consumed(&host);
+    for t in 0..4 {
+        fe.submit(write_bio(t + 1, t)).unwrap();
+    }
+    let end = Instant::now() + Duration::from_secs(5);
+    while consumed(&host) < before + 4 {
+        assert!(Instant::now() < end, "unprotected ring stopped consuming");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn xen_backend_removed_while_connected_still_drains_and_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = AdversarialStorage::new(1 << 20, 7, Duration::from_millis(1));
+    let shared: Arc<dyn BlockStorage> = storage.clone();
+    let mut host = Host::new();
+    host.create_vbd(
+        opener("vm1", shared, Arc::new(MemEpochStore::default())),
+        BackendConfig {
+            handoff_dir: Some(dir.path().to_path_buf()),
+            ..BackendConfig::default()
+        },
+        None,
+    );
+    let mut fe = EmulatedFrontend::new(
+        EmulatedGuest::new(DOMID, 512).unwrap(),
+        FrontendOptions::default(),
+    )
+    .unwrap();
+    fe.connect(&host.xs, &host.platform, FE, BE).unwrap();
+    storage.stall(Duration::from_millis(100));
+    for t in 0..6 {
+        fe.submit(write_bio(t + 1, t)).unwrap();
+    }
+    let end = Instant::now() + Duration::from_secs(5);
+    while consumed(&host) < 6 {
+        assert!(Instant::now() < end);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The toolstack destroys the domain's devices with writes in flight.
+    host.xs.rm(XBT_NULL, "/local/domain/0/backend").unwrap();
+    let path = dir.path().join("vm1.handoff.json");
+    let end = Instant::now() + Duration::from_secs(5);
+    while !path.exists() {
+        assert!(Instant::now() < end, "no record after removal");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let rec = blkshim::handoff::HandoffRecord::from_json(&std::fs::read_to_string(&path).unwrap())
+        .unwrap();
+    assert_eq!(rec.requests.len(), 6);
+    // Published only after the writes left the storage.
+    assert_eq!(storage.pending(), 0);
+    for b in 0..6 {
+        assert_eq!(version_of(b, &storage.read_at(b * 4096, 4096)), Some(b + 1));
+    }
+    assert!(
+        host.xs.read_optional(XBT_NULL, BE).unwrap().is_none(),
+        "the removed node was not recreated"
+    );
+}

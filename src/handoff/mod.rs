@@ -265,6 +265,9 @@ pub struct Advance {
     pub to: Epoch,
 }
 
+/// The smallest block the tracker orders writes by, in bytes.
+pub const TRACKING_BLOCK: u64 = 4096;
+
 fn errno(code: i32) -> io::Error {
     io::Error::from_raw_os_error(code)
 }
@@ -278,11 +281,15 @@ impl Disk {
         options: DiskOptions,
     ) -> Result<Arc<Disk>, DiskError> {
         let current = epochs.current(name)?;
+        let grain = storage.capabilities().alignment.max(TRACKING_BLOCK) / SECTOR_SIZE;
         Ok(Arc::new(Disk {
             name: name.to_string(),
             storage,
             epochs,
-            tracker: Tracker::new(current),
+            // Track in storage blocks, never finer than a 4 KiB page: a
+            // storage that works in blocks would otherwise see two writes
+            // to one block in flight together although their sectors differ.
+            tracker: Tracker::with_grain(current, grain),
             options,
             state: Mutex::new(State {
                 current,

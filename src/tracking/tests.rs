@@ -366,3 +366,19 @@ fn many_threads_never_overlap_at_storage() {
     }
     assert!(t.is_empty(), "{} left in flight", t.len());
 }
+
+#[test]
+fn grain_orders_writes_within_one_block() {
+    let t = Tracker::with_grain(0, 8);
+    let a = ready(t.admit(w(0, 1, 0), 0));
+    // Sector 7 shares a 4 KiB block with sector 0: it waits.
+    let b = queued(t.admit(w(7, 1, 0), 1));
+    // Sector 8 starts the next block: free to go.
+    ready(t.admit(w(8, 1, 0), 2));
+    // Reads of the same block still share with reads.
+    let mut woken = Vec::new();
+    t.complete(a, &mut woken).unwrap();
+    assert_eq!(woken.iter().map(|x| x.ticket).collect::<Vec<_>>(), vec![b]);
+    // A range near the end of the sector space rounds without overflow.
+    ready(t.admit(w(u64::MAX - 3, 2, 0), 3));
+}

@@ -86,15 +86,18 @@ impl Request {
         Request { kind, range, epoch }
     }
 
-    /// Half-open span used for conflict checks: a barrier spans everything.
+    /// Half-open span used for conflict checks, rounded out to blocks of
+    /// `2^grain_shift` sectors: a barrier spans everything.
     #[inline]
-    pub(crate) fn span(&self) -> (u64, u64) {
+    pub(crate) fn span(&self, grain_shift: u32) -> (u64, u64) {
         match self.kind {
             OpKind::Barrier => (0, u64::MAX),
-            _ => (
-                self.range.start,
-                self.range.start.saturating_add(self.range.count),
-            ),
+            _ => {
+                let start = (self.range.start >> grain_shift) << grain_shift;
+                let end = self.range.start.saturating_add(self.range.count);
+                let mask = (1u64 << grain_shift) - 1;
+                (start, end.checked_add(mask).map_or(u64::MAX, |e| e & !mask))
+            }
         }
     }
 }

@@ -1,0 +1,482 @@
+//! The transmission phase of one connection: this thread reads and
+//! validates requests and submits them to the disk (so they pipeline); a
+//! writer thread serialises the replies, which arrive from storage
+//! completions in any order.
+
+use super::handshake::Negotiated;
+use super::proto::*;
+use crate::handoff::{Disk, Writer};
+use crate::storage::{AlignedBuf, IoOutcome, StorageIo};
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::{Condvar, Mutex};
+use serde::Serialize;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A client socket, unix or TCP.
+#[derive(Debug)]
+pub enum Sock {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Sock {
+    pub fn try_clone(&self) -> io::Result<Sock> {
+        Ok(match self {
+            Sock::Unix(s) => Sock::Unix(s.try_clone()?),
+            Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
+        })
+    }
+
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            Sock::Unix(s) => s.shutdown(how),
+            Sock::Tcp(s) => s.shutdown(how),
+        }
+    }
+
+    pub fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        match self {
+            Sock::Unix(s) => s.set_read_timeout(d),
+            Sock::Tcp(s) => s.set_read_timeout(d),
+        }
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Sock::Unix(s) => s.read(buf),
+            Sock::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sock::Unix(s) => s.write(buf),
+            Sock::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sock::Unix(s) => s.flush(),
+            Sock::Tcp(s) => s.flush(),
+        }
+    }
+}
+
+/// Live counters of one connection, shown by `blkshim ctl status`.
+#[derive(Debug, Default, Serialize)]
+pub struct ConnStats {
+    pub id: u64,
+    pub peer: String,
+    pub disk: String,
+    pub epoch: u64,
+    pub in_flight: AtomicUsize,
+    pub requests: AtomicU64,
+    pub refused_stale: AtomicU64,
+}
+
+/// Bounds what one connection has in flight, so a client cannot make the
+/// server buffer unbounded write payloads.
+struct Budget {
+    state: Mutex<(usize, u64)>,
+    cv: Condvar,
+}
+
+const MAX_IN_FLIGHT: usize = 256;
+const MAX_IN_FLIGHT_BYTES: u64 = 128 << 20;
+
+impl Budget {
+    fn acquire(&self, bytes: u64) {
+        let mut g = self.state.lock();
+        while g.0 > 0 && (g.0 >= MAX_IN_FLIGHT || g.1 + bytes > MAX_IN_FLIGHT_BYTES) {
+            self.cv.wait(&mut g);
+        }
+        g.0 += 1;
+        g.1 += bytes;
+    }
+
+    fn release(&self, bytes: u64) {
+        let mut g = self.state.lock();
+        g.0 = g.0.saturating_sub(1);
+        g.1 = g.1.saturating_sub(bytes);
+        self.cv.notify_all();
+    }
+
+    fn wait_idle(&self) {
+        let mut g = self.state.lock();
+        while g.0 > 0 {
+            self.cv.wait(&mut g);
+        }
+    }
+}
+
+/// One reply for the writer thread.
+enum Reply {
+    /// A reply without data (or an error).
+    Status {
+        handle: u64,
+        error: u32,
+        msg: &'static str,
+    },
+    /// A successful read.
+    Data {
+        handle: u64,
+        offset: u64,
+        buf: AlignedBuf,
+    },
+}
+
+fn outcome_error(r: &io::Result<()>) -> u32 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => nbd_error(e.raw_os_error().unwrap_or(libc::EIO)),
+    }
+}
+
+/// Everything a completion needs to answer and account.
+#[derive(Clone)]
+struct Ctx {
+    replies: Sender<Reply>,
+    budget: Arc<Budget>,
+    stats: Arc<ConnStats>,
+}
+
+impl Ctx {
+    fn finish(&self, handle: u64, bytes: u64, error: u32) {
+        if error == NBD_EPERM {
+            self.stats.refused_stale.fetch_add(1, Ordering::Relaxed);
+        }
+        let _ = self.replies.send(Reply::Status {
+            handle,
+            error,
+            msg: "",
+        });
+        self.release(bytes);
+    }
+
+    fn release(&self, bytes: u64) {
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.budget.release(bytes);
+    }
+}
+
+/// Serve the transmission phase until the client disconnects, the socket
+/// fails, or the server shuts the read side down. Returns once every
+/// request taken from the client has been answered (or the client is gone).
+pub fn serve(sock: Sock, neg: Negotiated, stats: Arc<ConnStats>) {
+    let label = format!("conn {} ({})", stats.id, stats.peer);
+    let write_half = match sock.try_clone() {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("{label}: cannot clone socket: {e}");
+            return;
+        }
+    };
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let structured = neg.structured;
+    let wlabel = label.clone();
+    let writer_thread = std::thread::Builder::new()
+        .name(format!("nbd-reply-{}", stats.id))
+        .stack_size(256 << 10)
+        .spawn(move || reply_loop(write_half, rx, structured, &wlabel));
+    let writer_thread = match writer_thread {
+        Ok(t) => t,
+        Err(e) => {
+            log::error!("{label}: cannot start reply thread: {e}");
+            return;
+        }
+    };
+    let ctx = Ctx {
+        replies: tx,
+        budget: Arc::new(Budget {
+            state: Mutex::new((0, 0)),
+            cv: Condvar::new(),
+        }),
+        stats,
+    };
+    let Negotiated {
+        disk,
+        writer,
+        limits,
+        ..
+    } = neg;
+    let writer = Arc::new(writer);
+    let mut reader = BufReader::with_capacity(64 << 10, sock);
+    let how = read_loop(&mut reader, &disk, &writer, &limits, &ctx);
+    match &how {
+        Ok(()) => log::debug!("{label}: closed"),
+        Err(e) => log::warn!("{label}: {e}; closing"),
+    }
+    ctx.budget.wait_idle();
+    let Ctx { replies, .. } = ctx;
+    drop(replies);
+    let _ = writer_thread.join();
+    log::info!("{label}: disconnected");
+}
+
+fn read_loop(
+    r: &mut BufReader<Sock>,
+    disk: &Arc<Disk>,
+    writer: &Arc<Writer>,
+    lim: &ExportLimits,
+    ctx: &Ctx,
+) -> Result<(), String> {
+    let fast_zero = disk.capabilities().fast_zero;
+    loop {
+        let mut hdr = [0u8; REQUEST_LEN];
+        if let Err(e) = read_header(r, &mut hdr) {
+            return match e {
+                None => Ok(()),
+                Some(e) => Err(format!("client vanished mid-request: {e}")),
+            };
+        }
+        let h = parse_request_header(&hdr).map_err(|e| format!("protocol error: {e}"))?;
+        ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let cmd = match validate_request(&h, lim) {
+            Ok(c) => c,
+            Err(refusal) => {
+                log::warn!(
+                    "conn {}: request {:?} refused: {} (NBD error {})",
+                    ctx.stats.id,
+                    h,
+                    refusal.why,
+                    refusal.error
+                );
+                if let Some(n) = refusal.drain {
+                    io::copy(&mut r.by_ref().take(n as u64), &mut io::sink())
+                        .map_err(|e| format!("client vanished mid-request: {e}"))?;
+                }
+                let _ = ctx.replies.send(Reply::Status {
+                    handle: h.handle,
+                    error: refusal.error,
+                    msg: refusal.why,
+                });
+                if refusal.drain.is_none() {
+                    return Err(format!("unrecoverable request: {}", refusal.why));
+                }
+                continue;
+            }
+        };
+        let handle = h.handle;
+        match cmd {
+            Command::Disconnect => return Ok(()),
+            Command::Read { offset, len } => {
+                let bytes = len as u64;
+                take(ctx, bytes);
+                let c = ctx.clone();
+                disk.submit(
+                    writer,
+                    handle,
+                    StorageIo::Read {
+                        offset,
+                        buf: AlignedBuf::zeroed(len as usize),
+                    },
+                    Box::new(move |o: IoOutcome| match (o.result, o.buf) {
+                        (Ok(()), Some(buf)) => {
+                            let _ = c.replies.send(Reply::Data {
+                                handle,
+                                offset,
+                                buf,
+                            });
+                            c.release(bytes);
+                        }
+                        (r, _) => {
+                            let err = if r.is_ok() {
+                                NBD_EIO
+                            } else {
+                                outcome_error(&r)
+                            };
+                            c.finish(handle, bytes, err)
+                        }
+                    }),
+                );
+            }
+            Command::Write { offset, len, fua } => {
+                let bytes = len as u64;
+                take(ctx, bytes);
+                let mut buf = AlignedBuf::zeroed(len as usize);
+                if let Err(e) = r.read_exact(buf.as_mut_slice()) {
+                    ctx.release(bytes);
+                    return Err(format!("client vanished mid-write: {e}"));
+                }
+                let c = ctx.clone();
+                disk.submit(
+                    writer,
+                    handle,
+                    StorageIo::Write { offset, buf, fua },
+                    Box::new(move |o: IoOutcome| c.finish(handle, bytes, outcome_error(&o.result))),
+                );
+            }
+            Command::Flush => {
+                take(ctx, 0);
+                let c = ctx.clone();
+                disk.submit(
+                    writer,
+                    handle,
+                    StorageIo::Flush,
+                    Box::new(move |o: IoOutcome| c.finish(handle, 0, outcome_error(&o.result))),
+                );
+            }
+            Command::Trim { offset, len, fua } => {
+                take(ctx, 0);
+                let io = StorageIo::Discard {
+                    offset,
+                    len: len as u64,
+                };
+                submit_then_flush(disk, writer, handle, io, fua, ctx);
+            }
+            Command::WriteZeroes {
+                offset,
+                len,
+                fua,
+                may_unmap,
+                fast_only,
+            } => {
+                if fast_only && !fast_zero {
+                    let _ = ctx.replies.send(Reply::Status {
+                        handle,
+                        error: NBD_ENOTSUP,
+                        msg: "fast zero not supported by this storage",
+                    });
+                    continue;
+                }
+                take(ctx, 0);
+                let io = StorageIo::WriteZeroes {
+                    offset,
+                    len: len as u64,
+                    may_unmap,
+                };
+                submit_then_flush(disk, writer, handle, io, fua, ctx);
+            }
+        }
+    }
+}
+
+fn take(ctx: &Ctx, bytes: u64) {
+    ctx.budget.acquire(bytes);
+    ctx.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Submit `io`; with `fua`, follow a success with a flush before replying
+/// (discard and write-zeroes carry no FUA of their own).
+fn submit_then_flush(
+    disk: &Arc<Disk>,
+    writer: &Arc<Writer>,
+    handle: u64,
+    io: StorageIo,
+    fua: bool,
+    ctx: &Ctx,
+) {
+    let c = ctx.clone();
+    let (d, w) = (Arc::clone(disk), Arc::clone(writer));
+    disk.submit(
+        writer,
+        handle,
+        io,
+        Box::new(move |o: IoOutcome| {
+            if o.result.is_err() || !fua {
+                return c.finish(handle, 0, outcome_error(&o.result));
+            }
+            let c2 = c.clone();
+            d.submit(
+                &w,
+                handle,
+                StorageIo::Flush,
+                Box::new(move |o: IoOutcome| c2.finish(handle, 0, outcome_error(&o.result))),
+            );
+        }),
+    );
+}
+
+/// Read a request header. `Err(None)`: clean end of stream before a header.
+fn read_header(r: &mut impl Read, hdr: &mut [u8]) -> Result<(), Option<io::Error>> {
+    let mut got = 0;
+    while got < hdr.len() {
+        match r.read(&mut hdr[got..]) {
+            Ok(0) if got == 0 => return Err(None),
+            Ok(0) => {
+                return Err(Some(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "truncated request header",
+                )))
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Some(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Serialise replies; batch whatever is queued into one flush.
+fn reply_loop(sock: Sock, rx: Receiver<Reply>, structured: bool, label: &str) {
+    let mut w = BufWriter::with_capacity(256 << 10, sock);
+    let mut broken = false;
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some(reply) = next {
+            if !broken {
+                if let Err(e) = write_reply(&mut w, reply, structured) {
+                    log::warn!("{label}: cannot send reply: {e}");
+                    broken = true;
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        if !broken {
+            if let Err(e) = w.flush() {
+                log::warn!("{label}: cannot send reply: {e}");
+                broken = true;
+            }
+        }
+    }
+    if let Ok(s) = w.into_inner() {
+        let _ = s.shutdown(Shutdown::Write);
+    }
+}
+
+fn write_reply(w: &mut impl Write, reply: Reply, structured: bool) -> io::Result<()> {
+    match reply {
+        Reply::Status { handle, error, msg } => {
+            if structured && error != 0 {
+                w.write_all(&encode_error_chunk(handle, error, msg))
+            } else if structured {
+                w.write_all(&encode_chunk_header(
+                    handle,
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_NONE,
+                    0,
+                ))
+            } else {
+                w.write_all(&encode_simple_reply(handle, error))
+            }
+        }
+        Reply::Data {
+            handle,
+            offset,
+            buf,
+        } => {
+            if structured {
+                let len = buf.len() as u32 + 8;
+                w.write_all(&encode_chunk_header(
+                    handle,
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_OFFSET_DATA,
+                    len,
+                ))?;
+                w.write_all(&offset.to_be_bytes())?;
+            } else {
+                w.write_all(&encode_simple_reply(handle, 0))?;
+            }
+            w.write_all(buf.as_slice())
+        }
+    }
+}

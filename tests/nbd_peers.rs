@@ -124,7 +124,10 @@ fn nbd_qemu_io_patterns_and_aio() {
     assert!(!text.contains("Pattern verification failed"), "{text}");
     assert_eq!(text.matches("read ").count(), 6, "{text}");
     // A mismatching pattern must be detected (the check can fail).
-    let out = Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x99 0 4k", &uri]).output().unwrap();
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read -P 0x99 0 4k", &uri])
+        .output()
+        .unwrap();
     assert!(stdout(&out).contains("Pattern verification failed"));
 }
 

@@ -43,8 +43,15 @@ def REFUSED(f):
     );
     let script = format!("{prelude}\n{body}\nprint('SCRIPT OK')\n");
     // nbdsh runs `python3` from PATH; the system one has the nbd module.
-    let path = format!("/usr/bin:/bin:{}", std::env::var("PATH").unwrap_or_default());
-    let out = run_ok(Command::new("nbdsh").env("PATH", path).args(["-c", &script]));
+    let path = format!(
+        "/usr/bin:/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = run_ok(
+        Command::new("nbdsh")
+            .env("PATH", path)
+            .args(["-c", &script]),
+    );
     let text = stdout(&out);
     assert!(text.contains("SCRIPT OK"), "{text}");
     text

@@ -183,6 +183,7 @@ fn fio(uri: &str, extra: &[&str]) -> String {
         "--ioengine=nbd",
         &format!("--uri={uri}"),
         "--output-format=json",
+        "--verify_state_save=0",
     ])
     .args(extra);
     let out = run_ok(&mut c);

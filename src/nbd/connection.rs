@@ -118,20 +118,33 @@ impl Budget {
     }
 }
 
-/// One reply for the writer thread.
+/// One reply for the writer thread, with the budget its request holds
+/// (`None` for requests refused before taking any); the budget is released
+/// only once the reply is on the wire, so a client that never reads its
+/// replies cannot make the server queue unbounded data.
 enum Reply {
     /// A reply without data (or an error).
     Status {
         handle: u64,
         error: u32,
         msg: &'static str,
+        held: Option<u64>,
     },
     /// A successful read.
     Data {
         handle: u64,
         offset: u64,
         buf: AlignedBuf,
+        held: Option<u64>,
     },
+}
+
+impl Reply {
+    fn held(&self) -> Option<u64> {
+        match self {
+            Reply::Status { held, .. } | Reply::Data { held, .. } => *held,
+        }
+    }
 }
 
 fn outcome_error(r: &io::Result<()>) -> u32 {
@@ -154,18 +167,27 @@ impl Ctx {
         if error == NBD_EPERM {
             self.stats.refused_stale.fetch_add(1, Ordering::Relaxed);
         }
-        let _ = self.replies.send(Reply::Status {
+        self.send(Reply::Status {
             handle,
             error,
             msg: "",
+            held: Some(bytes),
         });
-        self.release(bytes);
     }
 
-    fn release(&self, bytes: u64) {
-        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.budget.release(bytes);
+    /// Queue a reply; if the writer is gone, release its budget here.
+    fn send(&self, r: Reply) {
+        if let Err(e) = self.replies.send(r) {
+            if let Some(bytes) = e.into_inner().held() {
+                release(&self.budget, &self.stats, bytes);
+            }
+        }
     }
+}
+
+fn release(budget: &Budget, stats: &ConnStats, bytes: u64) {
+    stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    budget.release(bytes);
 }
 
 /// Serve the transmission phase until the client disconnects, the socket
@@ -183,10 +205,15 @@ pub fn serve(sock: Sock, neg: Negotiated, stats: Arc<ConnStats>) {
     let (tx, rx) = crossbeam_channel::unbounded();
     let structured = neg.structured;
     let wlabel = label.clone();
+    let budget = Arc::new(Budget {
+        state: Mutex::new((0, 0)),
+        cv: Condvar::new(),
+    });
+    let (wbudget, wstats) = (Arc::clone(&budget), Arc::clone(&stats));
     let writer_thread = std::thread::Builder::new()
         .name(format!("nbd-reply-{}", stats.id))
         .stack_size(256 << 10)
-        .spawn(move || reply_loop(write_half, rx, structured, &wlabel));
+        .spawn(move || reply_loop(write_half, rx, structured, &wlabel, &wbudget, &wstats));
     let writer_thread = match writer_thread {
         Ok(t) => t,
         Err(e) => {
@@ -196,10 +223,7 @@ pub fn serve(sock: Sock, neg: Negotiated, stats: Arc<ConnStats>) {
     };
     let ctx = Ctx {
         replies: tx,
-        budget: Arc::new(Budget {
-            state: Mutex::new((0, 0)),
-            cv: Condvar::new(),
-        }),
+        budget,
         stats,
     };
     let Negotiated {
@@ -254,10 +278,11 @@ fn read_loop(
                     io::copy(&mut r.by_ref().take(n as u64), &mut io::sink())
                         .map_err(|e| format!("client vanished mid-request: {e}"))?;
                 }
-                let _ = ctx.replies.send(Reply::Status {
+                ctx.send(Reply::Status {
                     handle: h.handle,
                     error: refusal.error,
                     msg: refusal.why,
+                    held: None,
                 });
                 if refusal.drain.is_none() {
                     return Err(format!("unrecoverable request: {}", refusal.why));
@@ -281,12 +306,12 @@ fn read_loop(
                     },
                     Box::new(move |o: IoOutcome| match (o.result, o.buf) {
                         (Ok(()), Some(buf)) => {
-                            let _ = c.replies.send(Reply::Data {
+                            c.send(Reply::Data {
                                 handle,
                                 offset,
                                 buf,
+                                held: Some(bytes),
                             });
-                            c.release(bytes);
                         }
                         (r, _) => {
                             let err = if r.is_ok() {
@@ -304,7 +329,7 @@ fn read_loop(
                 take(ctx, bytes);
                 let mut buf = AlignedBuf::zeroed(len as usize);
                 if let Err(e) = r.read_exact(buf.as_mut_slice()) {
-                    ctx.release(bytes);
+                    release(&ctx.budget, &ctx.stats, bytes);
                     return Err(format!("client vanished mid-write: {e}"));
                 }
                 let c = ctx.clone();
@@ -341,10 +366,11 @@ fn read_loop(
                 fast_only,
             } => {
                 if fast_only && !fast_zero {
-                    let _ = ctx.replies.send(Reply::Status {
+                    ctx.send(Reply::Status {
                         handle,
                         error: NBD_ENOTSUP,
                         msg: "fast zero not supported by this storage",
+                        held: None,
                     });
                     continue;
                 }
@@ -417,12 +443,23 @@ fn read_header(r: &mut impl Read, hdr: &mut [u8]) -> Result<(), Option<io::Error
 }
 
 /// Serialise replies; batch whatever is queued into one flush.
-fn reply_loop(sock: Sock, rx: Receiver<Reply>, structured: bool, label: &str) {
+fn reply_loop(
+    sock: Sock,
+    rx: Receiver<Reply>,
+    structured: bool,
+    label: &str,
+    budget: &Budget,
+    stats: &ConnStats,
+) {
     let mut w = BufWriter::with_capacity(256 << 10, sock);
     let mut broken = false;
+    let mut sent: Vec<u64> = Vec::new();
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
         while let Some(reply) = next {
+            if let Some(b) = reply.held() {
+                sent.push(b);
+            }
             if !broken {
                 if let Err(e) = write_reply(&mut w, reply, structured) {
                     log::warn!("{label}: cannot send reply: {e}");
@@ -437,6 +474,9 @@ fn reply_loop(sock: Sock, rx: Receiver<Reply>, structured: bool, label: &str) {
                 broken = true;
             }
         }
+        for b in sent.drain(..) {
+            release(budget, stats, b);
+        }
     }
     if let Ok(s) = w.into_inner() {
         let _ = s.shutdown(Shutdown::Write);
@@ -445,7 +485,9 @@ fn reply_loop(sock: Sock, rx: Receiver<Reply>, structured: bool, label: &str) {
 
 fn write_reply(w: &mut impl Write, reply: Reply, structured: bool) -> io::Result<()> {
     match reply {
-        Reply::Status { handle, error, msg } => {
+        Reply::Status {
+            handle, error, msg, ..
+        } => {
             if structured && error != 0 {
                 w.write_all(&encode_error_chunk(handle, error, msg))
             } else if structured {
@@ -463,6 +505,7 @@ fn write_reply(w: &mut impl Write, reply: Reply, structured: bool) -> io::Result
             handle,
             offset,
             buf,
+            ..
         } => {
             if structured {
                 let len = buf.len() as u32 + 8;

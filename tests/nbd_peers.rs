@@ -275,7 +275,7 @@ fn nbd_parallel_qemu_io_clients_and_tcp() {
     }
     let img = std::fs::read(srv.image("vm1")).unwrap();
     for i in 0..6usize {
-        let at = i * 2 << 20;
+        let at = (i * 2) << 20;
         assert!(
             img[at..at + (1 << 20)].iter().all(|&b| b == 0x10 + i as u8),
             "region {i}"

@@ -343,3 +343,57 @@ fn nbd_config_file_and_direct_io() {
     let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(v["exports"][0]["block_size_minimum"], 4096);
 }
+
+#[test]
+fn nbd_block_status_base_allocation() {
+    require("qemu-io");
+    require("nbdinfo");
+    require("qemu-img");
+    let srv = Server::start(&["vm1"], "64M", &[]);
+    let uri = srv.uri("vm1");
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 1 1M 64k",
+        "-c",
+        "write -P 2 10M 4k",
+        &uri,
+    ]));
+    let out = run_ok(Command::new("nbdinfo").args(["--map", "--json", &uri]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got: Vec<(u64, u64, u64)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["offset"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["type"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (0, 1 << 20, 3),
+            (1 << 20, 65536, 0),
+            ((1 << 20) + 65536, (9 << 20) - 65536, 3),
+            (10 << 20, 4096, 0),
+            ((10 << 20) + 4096, (54 << 20) - 4096, 3),
+        ]
+    );
+    // Trim punches a hole that block status then reports.
+    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "discard 1M 64k", &uri]));
+    let out = run_ok(Command::new("qemu-img").args(["map", "--output=json", "-f", "raw", &uri]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let data: Vec<u64> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| e["start"].as_u64().unwrap())
+        .collect();
+    assert_eq!(data, vec![10 << 20]);
+}

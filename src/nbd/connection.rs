@@ -3,6 +3,7 @@
 //! writer thread serialises the replies, which arrive from storage
 //! completions in any order.
 
+use super::allocation::AllocationMap;
 use super::handshake::Negotiated;
 use super::proto::*;
 use crate::handoff::{Disk, Writer};
@@ -130,6 +131,8 @@ enum Reply {
         msg: &'static str,
         held: Option<u64>,
     },
+    /// A reply already encoded (block status).
+    Raw { bytes: Vec<u8> },
     /// A successful read.
     Data {
         handle: u64,
@@ -143,6 +146,7 @@ impl Reply {
     fn held(&self) -> Option<u64> {
         match self {
             Reply::Status { held, .. } | Reply::Data { held, .. } => *held,
+            Reply::Raw { .. } => None,
         }
     }
 }
@@ -230,11 +234,19 @@ pub fn serve(sock: Sock, neg: Negotiated, stats: Arc<ConnStats>) {
         disk,
         writer,
         limits,
+        allocation,
         ..
     } = neg;
     let writer = Arc::new(writer);
     let mut reader = BufReader::with_capacity(64 << 10, sock);
-    let how = read_loop(&mut reader, &disk, &writer, &limits, &ctx);
+    let how = read_loop(
+        &mut reader,
+        &disk,
+        &writer,
+        &limits,
+        allocation.as_deref(),
+        &ctx,
+    );
     match &how {
         Ok(()) => log::debug!("{label}: closed"),
         Err(e) => log::warn!("{label}: {e}; closing"),
@@ -251,6 +263,7 @@ fn read_loop(
     disk: &Arc<Disk>,
     writer: &Arc<Writer>,
     lim: &ExportLimits,
+    allocation: Option<&AllocationMap>,
     ctx: &Ctx,
 ) -> Result<(), String> {
     let fast_zero = disk.capabilities().fast_zero;
@@ -293,6 +306,29 @@ fn read_loop(
         let handle = h.handle;
         match cmd {
             Command::Disconnect => return Ok(()),
+            Command::BlockStatus {
+                offset,
+                len,
+                req_one,
+            } => {
+                let extents = allocation
+                    .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
+                    .and_then(|a| a.extents(offset, len, lim.min_block as u64, req_one));
+                match extents {
+                    Ok(e) if !e.is_empty() => ctx.send(Reply::Raw {
+                        bytes: encode_block_status(handle, &e),
+                    }),
+                    other => {
+                        let errno = other.err().and_then(|e| e.raw_os_error());
+                        ctx.send(Reply::Status {
+                            handle,
+                            error: nbd_error(errno.unwrap_or(libc::EIO)),
+                            msg: "block status failed",
+                            held: None,
+                        })
+                    }
+                }
+            }
             Command::Read { offset, len } => {
                 let bytes = len as u64;
                 take(ctx, bytes);
@@ -501,6 +537,7 @@ fn write_reply(w: &mut impl Write, reply: Reply, structured: bool) -> io::Result
                 w.write_all(&encode_simple_reply(handle, error))
             }
         }
+        Reply::Raw { bytes } => w.write_all(&bytes),
         Reply::Data {
             handle,
             offset,

@@ -1,6 +1,7 @@
 //! The fixed-newstyle handshake: greeting, option haggling, and the
 //! export (and epoch) the connection will serve.
 
+use super::allocation::AllocationMap;
 use super::proto::*;
 use crate::handoff::{Disk, DiskError, Writer};
 use std::collections::BTreeMap;
@@ -11,6 +12,8 @@ use std::sync::Arc;
 #[derive(Default, Clone)]
 pub struct Exports {
     pub disks: BTreeMap<String, Arc<Disk>>,
+    /// Hole maps of the disks that are image files (for `base:allocation`).
+    pub allocation: BTreeMap<String, Arc<AllocationMap>>,
 }
 
 impl Exports {
@@ -30,6 +33,8 @@ pub struct Negotiated {
     pub structured: bool,
     pub flags: u16,
     pub limits: ExportLimits,
+    /// Set when `base:allocation` was negotiated for this export.
+    pub allocation: Option<Arc<AllocationMap>>,
 }
 
 /// Preferred block size advertised to clients.
@@ -153,6 +158,8 @@ pub fn handshake<S: Read + Write>(
     let fixed = client_flags & CLIENT_FIXED_NEWSTYLE != 0;
     let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
     let mut structured = false;
+    // The export `base:allocation` was set for (SET_META_CONTEXT).
+    let mut meta_export: Option<String> = None;
     loop {
         let mut hdr = [0u8; OPTION_HEADER_LEN];
         match s.read_exact(&mut hdr) {
@@ -188,7 +195,7 @@ pub fn handshake<S: Read + Write>(
                 }
                 s.write_all(&b)?;
                 s.flush()?;
-                return Ok(Some(negotiated(disk, writer, false)));
+                return Ok(Some(negotiated(disk, writer, false, None)));
             }
             OPT_ABORT => {
                 let _ = s.write_all(&encode_option_reply(h.option, REP_ACK, &[]));
@@ -218,9 +225,7 @@ pub fn handshake<S: Read + Write>(
                 }
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                // No metadata contexts are offered (base:allocation would
-                // need SEEK_DATA through the storage engine): an ACK with no
-                // contexts is the honest answer.
+                // Only `base:allocation`, and only for image files.
                 if !structured {
                     send_error(
                         s,
@@ -230,7 +235,9 @@ pub fn handshake<S: Read + Write>(
                     )?;
                 } else {
                     match parse_meta_context_request(&data) {
-                        Ok(_) => s.write_all(&encode_option_reply(h.option, REP_ACK, &[]))?,
+                        Ok((name, queries)) => {
+                            meta_context(s, exports, h.option, &name, &queries, &mut meta_export)?
+                        }
                         Err(e) => send_error(s, h.option, REP_ERR_INVALID, &e.to_string())?,
                     }
                 }
@@ -288,7 +295,13 @@ pub fn handshake<S: Read + Write>(
                 s.write_all(&out)?;
                 if let Some(writer) = writer {
                     s.flush()?;
-                    return Ok(Some(negotiated(disk, writer, structured)));
+                    let allocation = match &meta_export {
+                        Some(m) if structured && *m == req.name => {
+                            exports.allocation.get(disk.name()).cloned()
+                        }
+                        _ => None,
+                    };
+                    return Ok(Some(negotiated(disk, writer, structured, allocation)));
                 }
             }
             other => {
@@ -309,7 +322,12 @@ pub fn handshake<S: Read + Write>(
     }
 }
 
-fn negotiated(disk: &Arc<Disk>, writer: Writer, structured: bool) -> Negotiated {
+fn negotiated(
+    disk: &Arc<Disk>,
+    writer: Writer,
+    structured: bool,
+    allocation: Option<Arc<AllocationMap>>,
+) -> Negotiated {
     let caps = disk.capabilities();
     Negotiated {
         disk: Arc::clone(disk),
@@ -321,6 +339,46 @@ fn negotiated(disk: &Arc<Disk>, writer: Writer, structured: bool) -> Negotiated 
             min_block: min_block(disk),
             trim: caps.discard,
             structured,
+            block_status: allocation.is_some(),
         },
+        allocation,
     }
+}
+
+/// Answer LIST/SET_META_CONTEXT: `base:allocation` is the one context.
+fn meta_context<S: Write>(
+    s: &mut S,
+    exports: &Exports,
+    option: u32,
+    name: &str,
+    queries: &[String],
+    meta_export: &mut Option<String>,
+) -> io::Result<()> {
+    let disk = match parse_export_name(name) {
+        Ok(p) => exports.lookup(&p.disk).map(|d| d.name().to_string()),
+        Err(_) => None,
+    };
+    let Some(disk) = disk else {
+        return send_error(s, option, REP_ERR_UNKNOWN, "no such export");
+    };
+    let offered = exports.allocation.contains_key(&disk);
+    let wanted = if option == OPT_LIST_META_CONTEXT {
+        queries.is_empty() || queries.iter().any(|q| q == "base:" || q == BASE_ALLOCATION)
+    } else {
+        queries.iter().any(|q| q == BASE_ALLOCATION)
+    };
+    if option == OPT_SET_META_CONTEXT {
+        *meta_export = None;
+    }
+    if offered && wanted {
+        s.write_all(&encode_option_reply(
+            option,
+            REP_META_CONTEXT,
+            &encode_meta_context(BASE_ALLOCATION_ID, BASE_ALLOCATION),
+        ))?;
+        if option == OPT_SET_META_CONTEXT {
+            *meta_export = Some(name.to_string());
+        }
+    }
+    s.write_all(&encode_option_reply(option, REP_ACK, &[]))
 }

@@ -9,8 +9,10 @@
 //! - [`connection`]: pipelined transmission, replies out of order;
 //! - [`server`]: listeners, export table, control socket, SIGTERM;
 //! - [`config`]: command line and TOML config;
+//! - [`allocation`]: `base:allocation` block status from the image's holes;
 //! - [`file_storage`]: the interim file engine and [`file_storage::open_disk_storage`].
 
+pub mod allocation;
 pub mod config;
 pub mod connection;
 pub mod file_storage;

@@ -34,6 +34,7 @@ pub const OPT_SET_META_CONTEXT: u32 = 10;
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
@@ -64,11 +65,13 @@ pub const CMD_DISC: u16 = 2;
 pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
 pub const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_BLOCK_STATUS: u16 = 7;
 
 // Command flags.
 pub const CMD_FLAG_FUA: u16 = 1;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const CMD_FLAG_DF: u16 = 1 << 2;
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 
 // Errors on the wire.
@@ -85,7 +88,15 @@ pub const NBD_ESHUTDOWN: u32 = 108;
 pub const REPLY_FLAG_DONE: u16 = 1;
 pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+
+/// The one metadata context offered, and its id.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+pub const BASE_ALLOCATION_ID: u32 = 1;
+/// `base:allocation` status bits.
+pub const STATE_HOLE: u32 = 1;
+pub const STATE_ZERO: u32 = 2;
 
 /// Largest READ or WRITE payload accepted (also the advertised maximum block size).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
@@ -309,6 +320,8 @@ pub struct ExportLimits {
     pub min_block: u32,
     pub trim: bool,
     pub structured: bool,
+    /// `base:allocation` was negotiated: BLOCK_STATUS is allowed.
+    pub block_status: bool,
 }
 
 /// A request that passed validation.
@@ -335,6 +348,11 @@ pub enum Command {
         fua: bool,
         may_unmap: bool,
         fast_only: bool,
+    },
+    BlockStatus {
+        offset: u64,
+        len: u32,
+        req_one: bool,
     },
     Disconnect,
 }
@@ -363,14 +381,21 @@ pub fn validate_request(h: &RequestHeader, lim: &ExportLimits) -> Result<Command
         CMD_READ if lim.structured => CMD_FLAG_DF,
         CMD_WRITE | CMD_TRIM => CMD_FLAG_FUA,
         CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+        CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
         _ => 0,
     };
     if h.flags & !allowed_flags != 0 {
         return Err(refuse(NBD_EINVAL, "unsupported command flags"));
     }
     let fua = h.flags & CMD_FLAG_FUA != 0;
-    let needs_range = matches!(h.kind, CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    let needs_range = matches!(
+        h.kind,
+        CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS
+    );
     if needs_range {
+        if h.kind == CMD_BLOCK_STATUS && !lim.block_status {
+            return Err(refuse(NBD_EINVAL, "block status not negotiated"));
+        }
         if h.kind == CMD_TRIM && !lim.trim {
             return Err(refuse(NBD_EINVAL, "trim not supported"));
         }
@@ -416,6 +441,11 @@ pub fn validate_request(h: &RequestHeader, lim: &ExportLimits) -> Result<Command
             fua,
             may_unmap: h.flags & CMD_FLAG_NO_HOLE == 0,
             fast_only: h.flags & CMD_FLAG_FAST_ZERO != 0,
+        },
+        CMD_BLOCK_STATUS => Command::BlockStatus {
+            offset,
+            len,
+            req_one: h.flags & CMD_FLAG_REQ_ONE != 0,
         },
         CMD_DISC => Command::Disconnect,
         _ => return Err(refuse(NBD_EINVAL, "unknown command")),
@@ -513,6 +543,25 @@ pub fn encode_error_chunk(handle: u64, error: u32, msg: &str) -> Vec<u8> {
     b
 }
 
+/// A final BLOCK_STATUS chunk for `base:allocation`: `(length, flags)` extents.
+pub fn encode_block_status(handle: u64, extents: &[(u32, u32)]) -> Vec<u8> {
+    let len = 4 + 8 * extents.len() as u32;
+    let mut b = encode_chunk_header(handle, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, len).to_vec();
+    b.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
+    for (l, f) in extents {
+        b.extend_from_slice(&l.to_be_bytes());
+        b.extend_from_slice(&f.to_be_bytes());
+    }
+    b
+}
+
+/// `NBD_REP_META_CONTEXT` payload.
+pub fn encode_meta_context(id: u32, name: &str) -> Vec<u8> {
+    let mut b = id.to_be_bytes().to_vec();
+    b.extend_from_slice(name.as_bytes());
+    b
+}
+
 /// Encode a request header (for tests and clients).
 pub fn encode_request(h: &RequestHeader) -> [u8; REQUEST_LEN] {
     let mut b = [0u8; REQUEST_LEN];
@@ -572,6 +621,7 @@ pub fn fuzz_nbd_input(data: &[u8]) {
         },
         trim: rest.get(2).is_some_and(|&b| b & 1 == 1),
         structured: rest.get(2).is_some_and(|&b| b & 2 == 2),
+        block_status: rest.get(2).is_some_and(|&b| b & 4 == 4),
     };
     while rest.len() >= REQUEST_LEN {
         match parse_request_header(rest) {
@@ -602,6 +652,7 @@ mod tests {
             min_block: 512,
             trim: true,
             structured: false,
+            block_status: false,
         }
     }
 

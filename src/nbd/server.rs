@@ -2,6 +2,7 @@
 //! an orderly stop on SIGTERM (stop accepting, finish or fail what is in
 //! flight, flush, exit 0).
 
+use super::allocation::AllocationMap;
 use super::config::ServeConfig;
 use super::connection::{self, ConnStats, Sock};
 use super::file_storage::open_disk_storage;
@@ -124,6 +125,13 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
             options.clone(),
         )
         .map_err(|e| format!("disk {:?}: {e}", d.name))?;
+        match AllocationMap::open(&d.path, disk.size()) {
+            Ok(Some(m)) => {
+                exports.allocation.insert(d.name.clone(), Arc::new(m));
+            }
+            Ok(None) => {}
+            Err(e) => log::warn!("disk {:?}: no block status: {e}", d.name),
+        }
         storages.push((d.name.clone(), storage));
         exports.disks.insert(d.name.clone(), disk);
     }

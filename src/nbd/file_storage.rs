@@ -67,7 +67,7 @@ pub struct FileStorage {
     jobs: Sender<Job>,
 }
 
-const WORKERS: usize = 8;
+const WORKERS: usize = 32;
 
 impl FileStorage {
     pub fn open(path: &Path, cache: CacheMode) -> io::Result<FileStorage> {

@@ -161,6 +161,7 @@ fn outcome_error(r: &io::Result<()>) -> u32 {
 /// Everything a completion needs to answer and account.
 #[derive(Clone)]
 struct Ctx {
+    pool: Arc<BufPool>,
     replies: Sender<Reply>,
     budget: Arc<Budget>,
     stats: Arc<ConnStats>,
@@ -213,11 +214,16 @@ pub fn serve(sock: Sock, neg: Negotiated, stats: Arc<ConnStats>) {
         state: Mutex::new((0, 0)),
         cv: Condvar::new(),
     });
-    let (wbudget, wstats) = (Arc::clone(&budget), Arc::clone(&stats));
+    let pool = Arc::new(BufPool::default());
+    let (wbudget, wstats, wpool) = (Arc::clone(&budget), Arc::clone(&stats), Arc::clone(&pool));
     let writer_thread = std::thread::Builder::new()
         .name(format!("nbd-reply-{}", stats.id))
         .stack_size(256 << 10)
-        .spawn(move || reply_loop(write_half, rx, structured, &wlabel, &wbudget, &wstats));
+        .spawn(move || {
+            reply_loop(
+                write_half, rx, structured, &wlabel, &wbudget, &wstats, &wpool,
+            )
+        });
     let writer_thread = match writer_thread {
         Ok(t) => t,
         Err(e) => {
@@ -226,6 +232,7 @@ pub fn serve(sock: Sock, neg: Negotiated, stats: Arc<ConnStats>) {
         }
     };
     let ctx = Ctx {
+        pool,
         replies: tx,
         budget,
         stats,
@@ -338,7 +345,7 @@ fn read_loop(
                     handle,
                     StorageIo::Read {
                         offset,
-                        buf: AlignedBuf::zeroed(len as usize),
+                        buf: ctx.pool.get(len as usize),
                     },
                     Box::new(move |o: IoOutcome| match (o.result, o.buf) {
                         (Ok(()), Some(buf)) => {
@@ -349,7 +356,10 @@ fn read_loop(
                                 held: Some(bytes),
                             });
                         }
-                        (r, _) => {
+                        (r, buf) => {
+                            if let Some(b) = buf {
+                                c.pool.put(b);
+                            }
                             let err = if r.is_ok() {
                                 NBD_EIO
                             } else {
@@ -363,7 +373,7 @@ fn read_loop(
             Command::Write { offset, len, fua } => {
                 let bytes = len as u64;
                 take(ctx, bytes);
-                let mut buf = AlignedBuf::zeroed(len as usize);
+                let mut buf = ctx.pool.get(len as usize);
                 if let Err(e) = r.read_exact(buf.as_mut_slice()) {
                     release(&ctx.budget, &ctx.stats, bytes);
                     return Err(format!("client vanished mid-write: {e}"));
@@ -373,7 +383,12 @@ fn read_loop(
                     writer,
                     handle,
                     StorageIo::Write { offset, buf, fua },
-                    Box::new(move |o: IoOutcome| c.finish(handle, bytes, outcome_error(&o.result))),
+                    Box::new(move |o: IoOutcome| {
+                        if let Some(b) = o.buf {
+                            c.pool.put(b);
+                        }
+                        c.finish(handle, bytes, outcome_error(&o.result))
+                    }),
                 );
             }
             Command::Flush => {
@@ -486,6 +501,7 @@ fn reply_loop(
     label: &str,
     budget: &Budget,
     stats: &ConnStats,
+    pool: &BufPool,
 ) {
     let mut w = BufWriter::with_capacity(256 << 10, sock);
     let mut broken = false;
@@ -497,7 +513,7 @@ fn reply_loop(
                 sent.push(b);
             }
             if !broken {
-                if let Err(e) = write_reply(&mut w, reply, structured) {
+                if let Err(e) = write_reply(&mut w, reply, structured, pool) {
                     log::warn!("{label}: cannot send reply: {e}");
                     broken = true;
                 }
@@ -519,7 +535,12 @@ fn reply_loop(
     }
 }
 
-fn write_reply(w: &mut impl Write, reply: Reply, structured: bool) -> io::Result<()> {
+fn write_reply(
+    w: &mut impl Write,
+    reply: Reply,
+    structured: bool,
+    pool: &BufPool,
+) -> io::Result<()> {
     match reply {
         Reply::Status {
             handle, error, msg, ..
@@ -556,7 +577,42 @@ fn write_reply(w: &mut impl Write, reply: Reply, structured: bool) -> io::Result
             } else {
                 w.write_all(&encode_simple_reply(handle, 0))?;
             }
-            w.write_all(buf.as_slice())
+            let r = w.write_all(buf.as_slice());
+            pool.put(buf);
+            r
+        }
+    }
+}
+
+/// Reused payload buffers: a fresh 1 MiB buffer costs an mmap and 256
+/// page faults per request.
+#[derive(Default)]
+struct BufPool {
+    free: Mutex<Vec<AlignedBuf>>,
+}
+
+const POOL_MAX_BUFS: usize = 64;
+const POOL_MAX_CAP: usize = 4 << 20;
+
+impl BufPool {
+    fn get(&self, len: usize) -> AlignedBuf {
+        let reused = {
+            let mut f = self.free.lock();
+            f.iter()
+                .rposition(|b| b.capacity() >= len)
+                .map(|i| f.swap_remove(i))
+        };
+        let mut b = reused.unwrap_or_else(|| AlignedBuf::zeroed(len.next_power_of_two().max(4096)));
+        b.set_len(len);
+        b
+    }
+
+    fn put(&self, b: AlignedBuf) {
+        if b.capacity() <= POOL_MAX_CAP {
+            let mut f = self.free.lock();
+            if f.len() < POOL_MAX_BUFS {
+                f.push(b);
+            }
         }
     }
 }

@@ -155,10 +155,11 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
     unix.set_nonblocking(true).map_err(|e| e.to_string())?;
     let tcp = match &cfg.listen {
         Some(addr) => {
-            let addr = if addr.contains(':') {
-                addr.clone()
-            } else {
-                format!("127.0.0.1:{addr}")
+            // A bare port (or ":PORT") binds the loopback address only.
+            let addr = match addr.strip_prefix(':') {
+                Some(port) => format!("127.0.0.1:{port}"),
+                None if !addr.contains(':') => format!("127.0.0.1:{addr}"),
+                None => addr.clone(),
             };
             let l = TcpListener::bind(&addr).map_err(|e| format!("listen {addr}: {e}"))?;
             l.set_nonblocking(true).map_err(|e| e.to_string())?;
@@ -276,8 +277,9 @@ fn print_banner(server: &Server, cfg: &ServeConfig, socket: &Path, tcp: Option<&
             disk.size(),
             e + 1
         );
+        let next = e + 1;
         println!(
-            "  qemu:    -drive driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={sock},file.export={name},cache.direct=on,if=virtio"
+            "  qemu:    -drive driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={sock},file.export={name}@{next},if=virtio"
         );
         println!("  qemu-img/qemu-io: nbd+unix:///{name}?socket={sock}");
         println!(

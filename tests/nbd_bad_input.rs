@@ -289,3 +289,42 @@ fn nbd_fenced_raw_writer_gets_eperm() {
     old.send_request(NBD_CMD_DISC, 0, 7, 0, 0, &[]);
     assert!(old.closed_by_server());
 }
+
+#[test]
+fn nbd_sigterm_answers_pipelined_requests_then_exits_zero() {
+    let mut srv = Server::start(&["vm1"], "8M", &[]);
+    let (mut c, _) = RawClient::go(&srv.socket, "vm1");
+    for h in 0..64u64 {
+        c.send_request(NBD_CMD_WRITE, 0, h, h * 65536, 65536, &[h as u8 + 1; 65536]);
+    }
+    // SIGTERM while those are in flight: no new connections, every request
+    // already read is answered, the disk is flushed, exit 0.
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(srv.child.as_ref().unwrap().id() as i32, libc::SIGTERM) };
+    let mut answered = 0;
+    while answered < 64 {
+        let mut h = [0u8; 16];
+        if std::io::Read::read_exact(&mut c.s, &mut h).is_err() {
+            break;
+        }
+        assert_eq!(
+            u32::from_be_bytes(h[4..8].try_into().unwrap()),
+            0,
+            "request failed"
+        );
+        answered += 1;
+    }
+    assert_eq!(srv.stop(), Some(0));
+    assert!(UnixStream::connect(&srv.socket).is_err(), "still accepting");
+    // Whatever was acknowledged is on disk.
+    let img = std::fs::read(srv.image("vm1")).unwrap();
+    for h in 0..answered as usize {
+        let at = h * 65536;
+        assert!(
+            img[at..at + 65536].iter().all(|&b| b == h as u8 + 1),
+            "acknowledged write {h} lost"
+        );
+    }
+    eprintln!("{answered} of 64 pipelined writes answered before the server stopped");
+    assert!(answered > 0, "nothing answered");
+}

@@ -26,6 +26,14 @@ pub enum Sock {
 }
 
 impl Sock {
+    fn raw_fd(&self) -> std::os::unix::io::RawFd {
+        use std::os::unix::io::AsRawFd;
+        match self {
+            Sock::Unix(s) => s.as_raw_fd(),
+            Sock::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+
     pub fn try_clone(&self) -> io::Result<Sock> {
         Ok(match self {
             Sock::Unix(s) => Sock::Unix(s.try_clone()?),
@@ -133,6 +141,9 @@ enum Reply {
     },
     /// A reply already encoded (block status).
     Raw { bytes: Vec<u8> },
+    /// Nothing to send: wakes the writer to push out bytes a direct send
+    /// left behind.
+    Kick,
     /// A successful read.
     Data {
         handle: u64,
@@ -146,7 +157,7 @@ impl Reply {
     fn held(&self) -> Option<u64> {
         match self {
             Reply::Status { held, .. } | Reply::Data { held, .. } => *held,
-            Reply::Raw { .. } => None,
+            Reply::Raw { .. } | Reply::Kick => None,
         }
     }
 }
@@ -161,6 +172,7 @@ fn outcome_error(r: &io::Result<()>) -> u32 {
 /// Everything a completion needs to answer and account.
 #[derive(Clone)]
 struct Ctx {
+    sink: Arc<Sink>,
     pool: Arc<BufPool>,
     replies: Sender<Reply>,
     budget: Arc<Budget>,
@@ -180,13 +192,106 @@ impl Ctx {
         });
     }
 
-    /// Queue a reply; if the writer is gone, release its budget here.
+    /// Send a reply: straight from this thread when the socket is free and
+    /// takes it without blocking (saves a thread hop), else through the
+    /// writer thread. If the writer is gone, release its budget here.
     fn send(&self, r: Reply) {
+        let Some(r) = self.try_direct(r) else {
+            return;
+        };
         if let Err(e) = self.replies.send(r) {
             if let Some(bytes) = e.into_inner().held() {
                 release(&self.budget, &self.stats, bytes);
             }
         }
+    }
+}
+
+impl Ctx {
+    /// `None`: sent (or queued as pending bytes); `Some(r)`: use the writer.
+    fn try_direct(&self, r: Reply) -> Option<Reply> {
+        if matches!(r, Reply::Kick | Reply::Raw { .. }) {
+            return Some(r);
+        }
+        let Some(mut st) = self.sink.state.try_lock() else {
+            return Some(r);
+        };
+        if st.broken || !st.pending.is_empty() || !st.w.buffer().is_empty() {
+            return Some(r);
+        }
+        let (head, payload) = reply_parts(&r, self.sink.structured);
+        let parts: [&[u8]; 2] = [&head, payload.unwrap_or(&[])];
+        let total = head.len() + parts[1].len();
+        let sent = match send_nowait(self.sink.fd, &parts) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(_) => {
+                // Let the writer thread meet (and log) the error.
+                return Some(r);
+            }
+        };
+        if sent < total {
+            // Keep the rest, in order, for the writer; nothing else may be
+            // sent directly until it is out.
+            let mut skip = sent;
+            for p in parts {
+                let k = skip.min(p.len());
+                st.pending.extend_from_slice(&p[k..]);
+                skip -= k;
+            }
+            drop(st);
+            let _ = self.replies.send(Reply::Kick);
+        } else {
+            drop(st);
+        }
+        let held = r.held();
+        if let Reply::Data { buf, .. } = r {
+            self.pool.put(buf);
+        }
+        if let Some(b) = held {
+            release(&self.budget, &self.stats, b);
+        }
+        None
+    }
+}
+
+/// The reply side of a connection, shared by the writer thread and direct
+/// senders; whoever holds the lock owns the byte stream.
+struct Sink {
+    state: Mutex<SinkState>,
+    fd: std::os::unix::io::RawFd,
+    structured: bool,
+}
+
+struct SinkState {
+    w: BufWriter<Sock>,
+    /// Tail of a reply a direct send could not finish: goes out first.
+    pending: Vec<u8>,
+    broken: bool,
+}
+
+/// One non-blocking `sendmsg` of `parts`; returns the bytes sent.
+fn send_nowait(fd: std::os::unix::io::RawFd, parts: &[&[u8]]) -> io::Result<usize> {
+    let iov: Vec<libc::iovec> = parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| libc::iovec {
+            iov_base: p.as_ptr() as *mut libc::c_void,
+            iov_len: p.len(),
+        })
+        .collect();
+    // SAFETY: a zeroed msghdr is valid; iov outlives the call and each
+    // entry points into a live slice that sendmsg only reads.
+    let n = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = iov.len() as _;
+        libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
 }
 
@@ -215,15 +320,21 @@ pub fn serve(sock: Sock, neg: Negotiated, stats: Arc<ConnStats>) {
         cv: Condvar::new(),
     });
     let pool = Arc::new(BufPool::default());
+    let sink = Arc::new(Sink {
+        fd: write_half.raw_fd(),
+        structured,
+        state: Mutex::new(SinkState {
+            w: BufWriter::with_capacity(256 << 10, write_half),
+            pending: Vec::new(),
+            broken: false,
+        }),
+    });
     let (wbudget, wstats, wpool) = (Arc::clone(&budget), Arc::clone(&stats), Arc::clone(&pool));
+    let wsink = Arc::clone(&sink);
     let writer_thread = std::thread::Builder::new()
         .name(format!("nbd-reply-{}", stats.id))
         .stack_size(256 << 10)
-        .spawn(move || {
-            reply_loop(
-                write_half, rx, structured, &wlabel, &wbudget, &wstats, &wpool,
-            )
-        });
+        .spawn(move || reply_loop(&wsink, rx, &wlabel, &wbudget, &wstats, &wpool));
     let writer_thread = match writer_thread {
         Ok(t) => t,
         Err(e) => {
@@ -232,6 +343,7 @@ pub fn serve(sock: Sock, neg: Negotiated, stats: Arc<ConnStats>) {
         }
     };
     let ctx = Ctx {
+        sink,
         pool,
         replies: tx,
         budget,
@@ -493,45 +605,89 @@ fn read_header(r: &mut impl Read, hdr: &mut [u8]) -> Result<(), Option<io::Error
     Ok(())
 }
 
-/// Serialise replies; batch whatever is queued into one flush.
+/// Serialise the replies the direct path could not send; batch whatever
+/// is queued into one flush.
 fn reply_loop(
-    sock: Sock,
+    sink: &Sink,
     rx: Receiver<Reply>,
-    structured: bool,
     label: &str,
     budget: &Budget,
     stats: &ConnStats,
     pool: &BufPool,
 ) {
-    let mut w = BufWriter::with_capacity(256 << 10, sock);
-    let mut broken = false;
     let mut sent: Vec<u64> = Vec::new();
     while let Ok(first) = rx.recv() {
+        let mut guard = sink.state.lock();
+        let st = &mut *guard;
+        if !st.broken && !st.pending.is_empty() {
+            let p = std::mem::take(&mut st.pending);
+            if let Err(e) = st.w.write_all(&p) {
+                log::warn!("{label}: cannot send reply: {e}");
+                st.broken = true;
+            }
+        }
         let mut next = Some(first);
         while let Some(reply) = next {
             if let Some(b) = reply.held() {
                 sent.push(b);
             }
-            if !broken {
-                if let Err(e) = write_reply(&mut w, reply, structured, pool) {
+            if !st.broken {
+                if let Err(e) = write_reply(&mut st.w, reply, sink.structured, pool) {
                     log::warn!("{label}: cannot send reply: {e}");
-                    broken = true;
+                    st.broken = true;
                 }
             }
             next = rx.try_recv().ok();
         }
-        if !broken {
-            if let Err(e) = w.flush() {
+        if !st.broken {
+            if let Err(e) = st.w.flush() {
                 log::warn!("{label}: cannot send reply: {e}");
-                broken = true;
+                st.broken = true;
             }
         }
+        drop(guard);
         for b in sent.drain(..) {
             release(budget, stats, b);
         }
     }
-    if let Ok(s) = w.into_inner() {
-        let _ = s.shutdown(Shutdown::Write);
+    let _ = sink.state.lock().w.get_ref().shutdown(Shutdown::Write);
+}
+
+/// A reply's header bytes and its payload (a read's data).
+fn reply_parts(reply: &Reply, structured: bool) -> (Vec<u8>, Option<&[u8]>) {
+    match reply {
+        Reply::Status {
+            handle, error, msg, ..
+        } => {
+            let head = if structured && *error != 0 {
+                encode_error_chunk(*handle, *error, msg)
+            } else if structured {
+                encode_chunk_header(*handle, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0).to_vec()
+            } else {
+                encode_simple_reply(*handle, *error).to_vec()
+            };
+            (head, None)
+        }
+        Reply::Raw { bytes } => (bytes.clone(), None),
+        Reply::Kick => (Vec::new(), None),
+        Reply::Data {
+            handle,
+            offset,
+            buf,
+            ..
+        } => {
+            let head = if structured {
+                let len = buf.len() as u32 + 8;
+                let mut h =
+                    encode_chunk_header(*handle, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, len)
+                        .to_vec();
+                h.extend_from_slice(&offset.to_be_bytes());
+                h
+            } else {
+                encode_simple_reply(*handle, 0).to_vec()
+            };
+            (head, Some(buf.as_slice()))
+        }
     }
 }
 
@@ -541,47 +697,15 @@ fn write_reply(
     structured: bool,
     pool: &BufPool,
 ) -> io::Result<()> {
-    match reply {
-        Reply::Status {
-            handle, error, msg, ..
-        } => {
-            if structured && error != 0 {
-                w.write_all(&encode_error_chunk(handle, error, msg))
-            } else if structured {
-                w.write_all(&encode_chunk_header(
-                    handle,
-                    REPLY_FLAG_DONE,
-                    REPLY_TYPE_NONE,
-                    0,
-                ))
-            } else {
-                w.write_all(&encode_simple_reply(handle, error))
-            }
-        }
-        Reply::Raw { bytes } => w.write_all(&bytes),
-        Reply::Data {
-            handle,
-            offset,
-            buf,
-            ..
-        } => {
-            if structured {
-                let len = buf.len() as u32 + 8;
-                w.write_all(&encode_chunk_header(
-                    handle,
-                    REPLY_FLAG_DONE,
-                    REPLY_TYPE_OFFSET_DATA,
-                    len,
-                ))?;
-                w.write_all(&offset.to_be_bytes())?;
-            } else {
-                w.write_all(&encode_simple_reply(handle, 0))?;
-            }
-            let r = w.write_all(buf.as_slice());
-            pool.put(buf);
-            r
-        }
+    let r = {
+        let (head, payload) = reply_parts(&reply, structured);
+        w.write_all(&head)
+            .and_then(|()| w.write_all(payload.unwrap_or(&[])))
+    };
+    if let Reply::Data { buf, .. } = reply {
+        pool.put(buf);
     }
+    r
 }
 
 /// Reused payload buffers: a fresh 1 MiB buffer costs an mmap and 256

@@ -1,3 +1,4 @@
-//! The control plane: the command line and (later) the control socket.
+//! The control plane: the command line and the control socket.
 
 pub mod cli;
+pub mod ctl;

@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# The same fio jobs against blkshim serve, qemu-nbd --aio=io_uring,
+# nbdkit's file plugin, and fio's own io_uring engine on the raw file (the
+# limit). Prints IOPS and MB/s per job and each peer's ratio to blkshim.
+#
+#   benches/nbd_fio.sh [--cache=none|writeback|both] [--size=1G] [--runtime=10] [--dir=/var/tmp]
+#
+# Like is compared with like: --cache=none runs blkshim with O_DIRECT
+# against qemu-nbd --cache=none and fio --direct=1 (nbdkit's closest is
+# cache=none, which only drops pages with fadvise); --cache=writeback runs
+# every server through the page cache.
+# Needs: fio, qemu-nbd, nbdkit, python3 (apt-get install fio qemu-utils nbdkit).
+set -euo pipefail
+
+CACHE=both SIZE=1G RUNTIME=10 DIR=/var/tmp
+for a in "$@"; do
+  case $a in
+    --cache=*) CACHE=${a#*=} ;;
+    --size=*) SIZE=${a#*=} ;;
+    --runtime=*) RUNTIME=${a#*=} ;;
+    --dir=*) DIR=${a#*=} ;;
+    -h|--help) sed -n 2,13p "$0"; exit 0 ;;
+    *) echo "unknown argument $a" >&2; exit 2 ;;
+  esac
+done
+for t in fio qemu-nbd nbdkit python3; do
+  command -v $t >/dev/null || { echo "missing $t" >&2; exit 1; }
+done
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+(cd "$ROOT" && cargo build --release --quiet)
+BLKSHIM=$ROOT/target/release/blkshim
+WORK=$(mktemp -d "$DIR/blkshim-bench.XXXXXX")
+IMG=$WORK/disk.img
+SOCK=$WORK/nbd.sock
+SERVER_PID=
+cleanup() {
+  [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# A fully allocated file, so reads hit real blocks for every server.
+fio --name=fill --filename="$IMG" --size="$SIZE" --rw=write --bs=1M --ioengine=psync \
+    --direct=1 --output=/dev/null
+
+JOBS=(
+  "randwrite-4k-qd32-j1|--rw=randwrite --bs=4k --iodepth=32 --numjobs=1"
+  "randwrite-4k-qd32-j4|--rw=randwrite --bs=4k --iodepth=32 --numjobs=4"
+  "randread-4k-qd32-j1|--rw=randread --bs=4k --iodepth=32 --numjobs=1"
+  "randread-4k-qd32-j4|--rw=randread --bs=4k --iodepth=32 --numjobs=4"
+  "seqwrite-1M-qd8-j1|--rw=write --bs=1M --iodepth=8 --numjobs=1"
+)
+
+stop_server() {
+  if [ -n "$SERVER_PID" ]; then
+    kill "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=
+  fi
+  rm -f "$SOCK"
+}
+
+wait_socket() {
+  for _ in $(seq 200); do [ -S "$SOCK" ] && return 0; sleep 0.05; done
+  echo "server did not start" >&2; exit 1
+}
+
+start_server() { # name mode
+  stop_server
+  case $1 in
+    blkshim)
+      "$BLKSHIM" serve --cache="$2" --socket="$SOCK" --control="$WORK/ctl.sock" \
+        --state-dir="$WORK/epochs" vm="$IMG" >/dev/null 2>"$WORK/blkshim.log" &
+      SERVER_PID=$! ;;
+    qemu-nbd)
+      local c=writeback; [ "$2" = none ] && c=none
+      qemu-nbd --aio=io_uring --cache=$c -f raw -x vm --shared=16 --persistent \
+        --socket="$SOCK" "$IMG" 2>"$WORK/qemu-nbd.log" &
+      SERVER_PID=$! ;;
+    nbdkit)
+      local c=default; [ "$2" = none ] && c=none
+      nbdkit --foreground --exit-with-parent -U "$SOCK" -e vm file "$IMG" cache=$c \
+        2>"$WORK/nbdkit.log" &
+      SERVER_PID=$! ;;
+  esac
+  wait_socket
+}
+
+# run_fio name mode jobargs -> "iops mbps"
+run_fio() {
+  local name=$1 mode=$2 args=$3 common
+  common="--name=bench --size=$SIZE --runtime=$RUNTIME --time_based --group_reporting \
+          --output-format=json --verify_state_save=0 --offset_increment=0"
+  if [ "$name" = fio-io_uring ]; then
+    local d=0; [ "$mode" = none ] && d=1
+    # shellcheck disable=SC2086
+    fio $common $args --ioengine=io_uring --direct=$d --filename="$IMG"
+  else
+    # shellcheck disable=SC2086
+    fio $common $args --ioengine=nbd --uri="nbd+unix:///vm?socket=$SOCK"
+  fi | python3 -c '
+import json, sys
+t = sys.stdin.read()
+j = json.loads(t[t.index("{"):])["jobs"][0]
+iops = j["read"]["iops"] + j["write"]["iops"]
+bw = (j["read"]["bw_bytes"] + j["write"]["bw_bytes"]) / 1e6
+print("%.0f %.1f" % (iops, bw))'
+}
+
+MODES=$CACHE; [ "$CACHE" = both ] && MODES="none writeback"
+SERVERS="blkshim qemu-nbd nbdkit fio-io_uring"
+declare -A R
+for mode in $MODES; do
+  for srv in $SERVERS; do
+    [ "$srv" != fio-io_uring ] && start_server "$srv" "$mode"
+    for job in "${JOBS[@]}"; do
+      R["$mode|$srv|${job%%|*}"]=$(run_fio "$srv" "$mode" "${job#*|}")
+    done
+    stop_server
+  done
+done
+
+printf '\nfio %s, %s file, %ss per job, %s\n' "$(fio --version)" "$SIZE" "$RUNTIME" "$(uname -r)"
+printf '%-10s %-22s' mode job
+for srv in $SERVERS; do printf ' %24s' "$srv IOPS MB/s (x)"; done
+printf '\n'
+for mode in $MODES; do
+  for job in "${JOBS[@]}"; do
+    j=${job%%|*}
+    read -r biops _ <<<"${R[$mode|blkshim|$j]}"
+    printf '%-10s %-22s' "$mode" "$j"
+    for srv in $SERVERS; do
+      read -r iops mb <<<"${R[$mode|$srv|$j]}"
+      ratio=$(python3 -c "print('%.2f' % ($iops / max($biops, 1)))")
+      printf ' %9s %7s (%5s)' "$iops" "$mb" "$ratio"
+    done
+    printf '\n'
+  done
+done
+printf '(x) = peer / blkshim; above 1.00 the peer is faster.\n'

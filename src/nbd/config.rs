@@ -1,0 +1,274 @@
+//! What `blkshim serve` serves: from the command line, or a TOML file.
+//!
+//! ```toml
+//! socket = "/run/blkshim.sock"     # optional, default ./blkshim.sock
+//! listen = "127.0.0.1:10809"       # optional TCP listener
+//! control = "/run/blkshim.ctl"     # optional, default ./blkshim.ctl
+//! state_dir = "/var/lib/blkshim"   # optional epoch store
+//! fence_timeout = "5s"
+//! cache = "writeback"              # or "none" (O_DIRECT)
+//!
+//! [[disk]]
+//! name = "vm1"
+//! path = "/images/vm1.raw"
+//! size = "10G"                     # created sparse when missing
+//! ```
+
+use super::file_storage::CacheMode;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// One disk to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub name: String,
+    pub path: PathBuf,
+    /// Size of the sparse image created when the file does not exist.
+    pub size: Option<u64>,
+}
+
+/// Everything the server needs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub socket: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub control: PathBuf,
+    /// Where epochs persist; `None`: `.blkshim-epochs` next to the first disk.
+    pub state_dir: Option<PathBuf>,
+    pub fence_timeout: Duration,
+    pub cache: CacheMode,
+    pub disks: Vec<DiskSpec>,
+}
+
+impl ServeConfig {
+    /// The epoch store directory actually used.
+    pub fn epoch_dir(&self) -> PathBuf {
+        if let Some(d) = &self.state_dir {
+            return d.clone();
+        }
+        let parent = self
+            .disks
+            .first()
+            .and_then(|d| d.path.parent())
+            .filter(|p| !p.as_os_str().is_empty() && !p.starts_with("/dev"))
+            .unwrap_or(Path::new("."));
+        parent.join(".blkshim-epochs")
+    }
+}
+
+/// `NAME=PATH` or a bare path (name = the file's stem).
+pub fn parse_disk_arg(arg: &str, size: Option<u64>) -> Result<DiskSpec, String> {
+    let (name, path) = match arg.split_once('=') {
+        Some((n, p)) if !n.contains('/') => (n.to_string(), PathBuf::from(p)),
+        _ => {
+            let p = PathBuf::from(arg);
+            let stem = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .ok_or_else(|| format!("cannot name disk {arg:?}: give NAME=PATH"))?;
+            (stem, p)
+        }
+    };
+    crate::epoch::validate_disk_name(&name).map_err(|e| e.to_string())?;
+    if name.contains('@') {
+        return Err(format!("disk name {name:?} must not contain '@'"));
+    }
+    Ok(DiskSpec { name, path, size })
+}
+
+/// `4096`, `512K`, `10M`, `1G`, `2T` (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("bad size suffix in {s:?}")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("bad size {s:?}"))
+}
+
+/// `500ms`, `5s`, `2m`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let bad = || format!("bad duration {s:?} (e.g. 500ms, 5s, 2m)");
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num.trim().parse().map_err(|_| bad())?;
+    if !n.is_finite() || n < 0.0 {
+        return Err(bad());
+    }
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" | "min" => n * 60.0,
+        _ => return Err(bad()),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| bad())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDisk {
+    name: Option<String>,
+    path: PathBuf,
+    size: Option<SizeValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+impl SizeValue {
+    fn bytes(&self) -> Result<u64, String> {
+        match self {
+            SizeValue::Bytes(n) => Ok(*n),
+            SizeValue::Text(s) => parse_size(s),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    socket: Option<PathBuf>,
+    listen: Option<String>,
+    control: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    fence_timeout: Option<String>,
+    cache: Option<CacheMode>,
+    size: Option<SizeValue>,
+    #[serde(default)]
+    disk: Vec<FileDisk>,
+}
+
+/// Read a TOML config file into `base` (command-line values already set
+/// there win over the file's).
+pub fn load_file(path: &Path, base: &mut ServeConfig, cli_set: &CliSet) -> Result<(), String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let f: FileConfig =
+        toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))?;
+    if !cli_set.socket {
+        if let Some(s) = f.socket {
+            base.socket = Some(s);
+        }
+    }
+    if base.listen.is_none() {
+        base.listen = f.listen;
+    }
+    if !cli_set.control {
+        if let Some(c) = f.control {
+            base.control = c;
+        }
+    }
+    if base.state_dir.is_none() {
+        base.state_dir = f.state_dir;
+    }
+    if !cli_set.fence_timeout {
+        if let Some(t) = f.fence_timeout {
+            base.fence_timeout = parse_duration(&t)?;
+        }
+    }
+    if !cli_set.cache {
+        if let Some(c) = f.cache {
+            base.cache = c;
+        }
+    }
+    let default_size = f.size.as_ref().map(SizeValue::bytes).transpose()?;
+    for d in f.disk {
+        let size = d
+            .size
+            .as_ref()
+            .map(SizeValue::bytes)
+            .transpose()?
+            .or(default_size);
+        let spec = match d.name {
+            Some(n) => parse_disk_arg(&format!("{n}={}", d.path.display()), size)?,
+            None => parse_disk_arg(&d.path.to_string_lossy(), size)?,
+        };
+        base.disks.push(spec);
+    }
+    Ok(())
+}
+
+/// Which options the command line set explicitly.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CliSet {
+    pub socket: bool,
+    pub control: bool,
+    pub fence_timeout: bool,
+    pub cache: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_args() {
+        let d = parse_disk_arg("vm1=/tmp/x.img", None).unwrap();
+        assert_eq!(
+            (d.name.as_str(), d.path.to_str()),
+            ("vm1", Some("/tmp/x.img"))
+        );
+        let d = parse_disk_arg("/tmp/images/vm2.raw", Some(5)).unwrap();
+        assert_eq!((d.name.as_str(), d.size), ("vm2", Some(5)));
+        assert!(parse_disk_arg("bad@name=/x", None).is_err());
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("12Q").is_err());
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn toml_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "fence_timeout = \"1s\"\ncache = \"none\"\n[[disk]]\nname = \"a\"\npath = \"/tmp/a.img\"\nsize = \"1M\"\n[[disk]]\npath = \"/tmp/b.img\"\nsize = 4096\n",
+        )
+        .unwrap();
+        let mut c = ServeConfig {
+            socket: None,
+            listen: None,
+            control: "x.ctl".into(),
+            state_dir: None,
+            fence_timeout: Duration::from_secs(5),
+            cache: CacheMode::Writeback,
+            disks: vec![],
+        };
+        load_file(&p, &mut c, &CliSet::default()).unwrap();
+        assert_eq!(c.fence_timeout, Duration::from_secs(1));
+        assert_eq!(c.cache, CacheMode::None);
+        assert_eq!(c.disks.len(), 2);
+        assert_eq!(c.disks[0].size, Some(1 << 20));
+        assert_eq!(c.disks[1].name, "b");
+        std::fs::write(&p, "bogus = 1\n").unwrap();
+        assert!(load_file(&p, &mut c, &CliSet::default()).is_err());
+    }
+}

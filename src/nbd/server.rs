@@ -1,0 +1,426 @@
+//! The NBD gateway: listeners, the export table, the control socket, and
+//! an orderly stop on SIGTERM (stop accepting, finish or fail what is in
+//! flight, flush, exit 0).
+
+use super::allocation::AllocationMap;
+use super::config::ServeConfig;
+use super::connection::{self, ConnStats, Sock};
+use super::file_storage::open_disk_storage;
+use super::handshake::{handshake, Exports};
+use crate::control::ctl::{self, CtlRequest};
+use crate::epoch::{EpochStore, FileEpochStore};
+use crate::handoff::{Disk, DiskOptions};
+use crate::storage::{BlockStorage, StorageIo};
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
+use std::net::{Shutdown, TcpListener};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a client may take over the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+struct ConnEntry {
+    sock: Sock,
+    stats: Option<Arc<ConnStats>>,
+}
+
+struct Server {
+    exports: Exports,
+    storages: Vec<(String, Arc<dyn BlockStorage>)>,
+    conns: Mutex<BTreeMap<u64, ConnEntry>>,
+    next_id: AtomicU64,
+}
+
+/// Write end of the self-pipe the signal handler pokes.
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(_sig: libc::c_int) {
+    let fd = SIGNAL_PIPE.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let b = 1u8;
+        // SAFETY: write(2) is async-signal-safe; fd is our pipe.
+        unsafe { libc::write(fd, &b as *const u8 as *const libc::c_void, 1) };
+    }
+}
+
+/// Install SIGTERM/SIGINT handlers that write to a pipe; returns its read end.
+fn install_signal_pipe() -> std::io::Result<i32> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills two fds.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    SIGNAL_PIPE.store(fds[1], Ordering::Relaxed);
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: a zeroed sigaction with a plain handler is valid.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    // A client vanishing must not kill the process.
+    // SAFETY: ignoring SIGPIPE is always valid.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    Ok(fds[0])
+}
+
+/// Let the process hold as many descriptors as the hard limit allows
+/// (thousands of idle clients).
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut rl: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 && rl.rlim_cur < rl.rlim_max {
+            rl.rlim_cur = rl.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
+                log::warn!("cannot raise RLIMIT_NOFILE");
+            }
+        }
+    }
+}
+
+fn abs(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Serve until SIGTERM/SIGINT.
+pub fn run(cfg: ServeConfig) -> Result<(), String> {
+    if cfg.disks.is_empty() {
+        return Err("no disk to serve (give DISK arguments or a config file)".into());
+    }
+    raise_fd_limit();
+    let epoch_dir = cfg.epoch_dir();
+    std::fs::create_dir_all(&epoch_dir)
+        .map_err(|e| format!("epoch store {}: {e}", epoch_dir.display()))?;
+    let epochs: Arc<dyn EpochStore> = Arc::new(
+        FileEpochStore::open(&epoch_dir)
+            .map_err(|e| format!("epoch store {}: {e}", epoch_dir.display()))?,
+    );
+    let options = DiskOptions {
+        auto_advance: true,
+        fence_timeout: Some(cfg.fence_timeout),
+    };
+    let mut exports = Exports::default();
+    let mut storages = Vec::new();
+    for d in &cfg.disks {
+        if exports.disks.contains_key(&d.name) {
+            return Err(format!("disk name {:?} given twice", d.name));
+        }
+        let storage = open_disk_storage(&d.path, d.size, cfg.cache)
+            .map_err(|e| format!("disk {:?}: {e}", d.name))?;
+        let disk = Disk::open(
+            &d.name,
+            Arc::clone(&storage),
+            Arc::clone(&epochs),
+            options.clone(),
+        )
+        .map_err(|e| format!("disk {:?}: {e}", d.name))?;
+        match AllocationMap::open(&d.path, disk.size()) {
+            Ok(Some(m)) => {
+                exports.allocation.insert(d.name.clone(), Arc::new(m));
+            }
+            Ok(None) => {}
+            Err(e) => log::warn!("disk {:?}: no block status: {e}", d.name),
+        }
+        storages.push((d.name.clone(), storage));
+        exports.disks.insert(d.name.clone(), disk);
+    }
+    let server = Arc::new(Server {
+        exports,
+        storages,
+        conns: Mutex::new(BTreeMap::new()),
+        next_id: AtomicU64::new(1),
+    });
+
+    let srv = Arc::clone(&server);
+    ctl::serve(&cfg.control, Arc::new(move |req| control(&srv, req)))
+        .map_err(|e| format!("control socket {}: {e}", cfg.control.display()))?;
+
+    let socket = cfg
+        .socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("blkshim.sock"));
+    ctl::remove_stale_socket(&socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+    let unix = UnixListener::bind(&socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+    unix.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let tcp = match &cfg.listen {
+        Some(addr) => {
+            // A bare port (or ":PORT") binds the loopback address only.
+            let addr = match addr.strip_prefix(':') {
+                Some(port) => format!("127.0.0.1:{port}"),
+                None if !addr.contains(':') => format!("127.0.0.1:{addr}"),
+                None => addr.clone(),
+            };
+            let l = TcpListener::bind(&addr).map_err(|e| format!("listen {addr}: {e}"))?;
+            l.set_nonblocking(true).map_err(|e| e.to_string())?;
+            Some(l)
+        }
+        None => None,
+    };
+    let sig = install_signal_pipe().map_err(|e| format!("signal handler: {e}"))?;
+    print_banner(&server, &cfg, &abs(&socket), tcp.as_ref());
+
+    // Accept until a signal arrives.
+    loop {
+        let mut fds = vec![
+            libc::pollfd {
+                fd: sig,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: unix.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        if let Some(t) = &tcp {
+            fds.push(libc::pollfd {
+                fd: t.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // SAFETY: fds is a valid array of pollfd.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(format!("poll: {e}"));
+        }
+        if fds[0].revents != 0 {
+            break;
+        }
+        while let Ok((s, _)) = unix.accept() {
+            let peer = "unix".to_string();
+            if s.set_nonblocking(false).is_ok() {
+                spawn_connection(&server, Sock::Unix(s), peer);
+            }
+        }
+        if let Some(t) = &tcp {
+            while let Ok((s, addr)) = t.accept() {
+                let _ = s.set_nodelay(true);
+                if s.set_nonblocking(false).is_ok() {
+                    spawn_connection(&server, Sock::Tcp(s), addr.to_string());
+                }
+            }
+        }
+    }
+
+    // Stop: no new connections; no new requests; let what is in flight finish.
+    log::info!("signal received: stopping");
+    drop(unix);
+    drop(tcp);
+    let _ = std::fs::remove_file(&socket);
+    for e in server.conns.lock().values() {
+        let _ = e.sock.shutdown(Shutdown::Read);
+    }
+    let deadline = Instant::now() + cfg.fence_timeout + Duration::from_secs(5);
+    while !server.conns.lock().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !server.conns.lock().is_empty() {
+        log::warn!("requests still in flight at the deadline: failing them");
+        for disk in server.exports.disks.values() {
+            disk.fence_below(disk.current_epoch().saturating_add(1));
+        }
+        for e in server.conns.lock().values() {
+            let _ = e.sock.shutdown(Shutdown::Both);
+        }
+    }
+    for (name, storage) in &server.storages {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        storage.submit(
+            StorageIo::Flush,
+            Box::new(move |o| {
+                let _ = tx.send(o.result);
+            }),
+        );
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(())) => log::info!("disk {name:?}: flushed"),
+            Ok(Err(e)) => log::error!("disk {name:?}: flush failed: {e}"),
+            Err(_) => log::error!("disk {name:?}: flush timed out"),
+        }
+    }
+    let _ = std::fs::remove_file(&cfg.control);
+    log::info!("stopped");
+    Ok(())
+}
+
+fn print_banner(server: &Server, cfg: &ServeConfig, socket: &Path, tcp: Option<&TcpListener>) {
+    let sock = socket.display();
+    println!(
+        "blkshim: serving NBD on {sock}{} (control: {}, epochs: {}, cache: {:?})",
+        tcp.and_then(|t| t.local_addr().ok())
+            .map(|a| format!(" and {a}"))
+            .unwrap_or_default(),
+        abs(&cfg.control).display(),
+        abs(&cfg.epoch_dir()).display(),
+        cfg.cache
+    );
+    for (name, disk) in &server.exports.disks {
+        let e = disk.current_epoch();
+        println!(
+            "disk {name}: {} bytes, epoch {e} (connect as {name}@{} to take over)",
+            disk.size(),
+            e + 1
+        );
+        let next = e + 1;
+        println!(
+            "  qemu:    -drive driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={sock},file.export={name}@{next},if=virtio"
+        );
+        println!("  qemu-img/qemu-io: nbd+unix:///{name}?socket={sock}");
+        println!(
+            "  fio:     fio --name={name} --ioengine=nbd --uri='nbd+unix:///{name}?socket={sock}' --rw=randwrite --bs=4k --iodepth=32"
+        );
+        if let Some(a) = tcp.and_then(|t| t.local_addr().ok()) {
+            println!("  tcp:     nbd://{a}/{name}");
+        }
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+}
+
+fn spawn_connection(server: &Arc<Server>, sock: Sock, peer: String) {
+    let id = server.next_id.fetch_add(1, Ordering::Relaxed);
+    let Ok(clone) = sock.try_clone() else {
+        return;
+    };
+    server.conns.lock().insert(
+        id,
+        ConnEntry {
+            sock: clone,
+            stats: None,
+        },
+    );
+    let srv = Arc::clone(server);
+    let spawned = std::thread::Builder::new()
+        .name(format!("nbd-conn-{id}"))
+        .stack_size(512 << 10)
+        .spawn(move || {
+            run_connection(&srv, id, sock, peer);
+            srv.conns.lock().remove(&id);
+        });
+    if let Err(e) = spawned {
+        log::error!("cannot start a connection thread: {e}");
+        server.conns.lock().remove(&id);
+    }
+}
+
+fn run_connection(server: &Arc<Server>, id: u64, mut sock: Sock, peer: String) {
+    let label = format!("conn {id} ({peer})");
+    let _ = sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    let neg = match handshake(&mut sock, &server.exports, &label) {
+        Ok(Some(n)) => n,
+        Ok(None) => {
+            log::debug!("{label}: left during the handshake");
+            return;
+        }
+        Err(e) => {
+            log::warn!("{label}: handshake failed: {e}");
+            return;
+        }
+    };
+    let _ = sock.set_read_timeout(None);
+    let stats = Arc::new(ConnStats {
+        id,
+        peer: peer.clone(),
+        disk: neg.disk.name().to_string(),
+        epoch: neg.writer.epoch(),
+        ..Default::default()
+    });
+    if let Some(e) = server.conns.lock().get_mut(&id) {
+        e.stats = Some(Arc::clone(&stats));
+    }
+    log::info!(
+        "{label}: serving {:?} at epoch {} (disk at {}, structured replies: {})",
+        stats.disk,
+        stats.epoch,
+        neg.disk.current_epoch(),
+        neg.structured
+    );
+    connection::serve(sock, neg, stats);
+}
+
+/// Answer a control request.
+fn control(server: &Server, req: CtlRequest) -> Result<serde_json::Value, String> {
+    let disk_named = |name: &str| -> Result<&Arc<Disk>, String> {
+        server
+            .exports
+            .disks
+            .get(name)
+            .ok_or_else(|| format!("no disk named {name:?}"))
+    };
+    match req {
+        CtlRequest::Status => {
+            let conns: Vec<Arc<ConnStats>> = server
+                .conns
+                .lock()
+                .values()
+                .filter_map(|e| e.stats.clone())
+                .collect();
+            let disks: Vec<serde_json::Value> = server
+                .exports
+                .disks
+                .values()
+                .map(|d| {
+                    let st = d.status();
+                    let mut v = serde_json::to_value(&st).unwrap_or_default();
+                    let cs: Vec<serde_json::Value> = conns
+                        .iter()
+                        .filter(|c| c.disk == st.name)
+                        .map(|c| {
+                            serde_json::json!({
+                                "id": c.id,
+                                "peer": c.peer,
+                                "epoch": c.epoch,
+                                "fenced": c.epoch < st.current_epoch,
+                                "in_flight": c.in_flight.load(Ordering::Relaxed),
+                                "requests": c.requests.load(Ordering::Relaxed),
+                                "refused_stale": c.refused_stale.load(Ordering::Relaxed),
+                            })
+                        })
+                        .collect();
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("connections".into(), cs.into());
+                    }
+                    v
+                })
+                .collect();
+            Ok(serde_json::json!({ "disks": disks }))
+        }
+        CtlRequest::Fence { disk } => {
+            let d = disk_named(&disk)?;
+            let floor = d.current_epoch();
+            let (cancelled, fenced) = d.fence_below(floor);
+            Ok(serde_json::json!({
+                "disk": disk, "epoch": floor, "cancelled": cancelled, "fenced": fenced
+            }))
+        }
+        CtlRequest::Handoff { disk, to } => {
+            let d = disk_named(&disk)?;
+            let current = d.current_epoch();
+            let target = to.unwrap_or_else(|| {
+                let highest = d.status().writers.iter().map(|w| w.epoch).max();
+                match highest {
+                    Some(h) if h > current => h,
+                    _ => current + 1,
+                }
+            });
+            let adv = d.advance_to(target).map_err(|e| e.to_string())?;
+            Ok(serde_json::json!({ "disk": disk, "from": adv.from, "to": adv.to }))
+        }
+    }
+}

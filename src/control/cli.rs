@@ -2,8 +2,8 @@
 //! own entry point, so the library stays usable without the binary.
 
 use crate::control::ctl::{self, CtlRequest};
+use crate::nbd::config::CacheMode;
 use crate::nbd::config::{self, CliSet, ServeConfig};
-use crate::nbd::file_storage::CacheMode;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -48,6 +48,9 @@ struct ServeArgs {
     /// none: O_DIRECT (like qemu cache=none); writeback: page cache.
     #[arg(long)]
     cache: Option<CacheMode>,
+    /// Storage engine: io_uring when the kernel allows it, else a thread pool.
+    #[arg(long, value_enum, default_value_t = crate::storage::EngineKind::Auto)]
+    engine: crate::storage::EngineKind,
     /// Control socket [default: ./blkshim.ctl].
     #[arg(long)]
     control: Option<PathBuf>,
@@ -101,6 +104,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         state_dir: a.state_dir,
         fence_timeout: a.fence_timeout.unwrap_or(std::time::Duration::from_secs(5)),
         cache: a.cache.unwrap_or(CacheMode::Writeback),
+        engine: a.engine,
         disks: Vec::new(),
     };
     if let Some(p) = &a.config {

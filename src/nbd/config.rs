@@ -14,7 +14,6 @@
 //! size = "10G"                     # created sparse when missing
 //! ```
 
-use super::file_storage::CacheMode;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -38,6 +37,8 @@ pub struct ServeConfig {
     pub state_dir: Option<PathBuf>,
     pub fence_timeout: Duration,
     pub cache: CacheMode,
+    /// Storage engine (auto: io_uring when the kernel allows it).
+    pub engine: crate::storage::EngineKind,
     pub disks: Vec<DiskSpec>,
 }
 
@@ -218,6 +219,52 @@ pub struct CliSet {
     pub cache: bool,
 }
 
+/// Page cache or not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// O_DIRECT: data bypasses the page cache (like qemu's cache=none).
+    None,
+    /// Buffered I/O through the page cache.
+    Writeback,
+}
+
+impl std::str::FromStr for CacheMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" | "direct" => Ok(CacheMode::None),
+            "writeback" | "buffered" => Ok(CacheMode::Writeback),
+            _ => Err(format!("unknown cache mode {s:?} (none or writeback)")),
+        }
+    }
+}
+
+/// Open (creating a sparse file of `create_size` bytes when missing) the
+/// storage a served disk uses: the one place that picks the engine.
+pub fn open_disk_storage(
+    path: &std::path::Path,
+    create_size: Option<u64>,
+    cache: CacheMode,
+    engine: crate::storage::EngineKind,
+) -> std::io::Result<std::sync::Arc<dyn crate::storage::BlockStorage>> {
+    if !path.exists() && create_size.is_none() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{} does not exist and no --size was given", path.display()),
+        ));
+    }
+    crate::storage::open_storage(
+        path,
+        &crate::storage::OpenOptions {
+            engine,
+            direct: cache == CacheMode::None,
+            create_size,
+            read_only: false,
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,6 +307,7 @@ mod tests {
             state_dir: None,
             fence_timeout: Duration::from_secs(5),
             cache: CacheMode::Writeback,
+            engine: crate::storage::EngineKind::Auto,
             disks: vec![],
         };
         load_file(&p, &mut c, &CliSet::default()).unwrap();

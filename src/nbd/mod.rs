@@ -8,14 +8,12 @@
 //! - [`handshake`]: fixed-newstyle option negotiation;
 //! - [`connection`]: pipelined transmission, replies out of order;
 //! - [`server`]: listeners, export table, control socket, SIGTERM;
-//! - [`config`]: command line and TOML config;
+//! - [`config`]: command line and TOML config, and the storage opener;
 //! - [`allocation`]: `base:allocation` block status from the image's holes;
-//! - [`file_storage`]: the interim file engine and [`file_storage::open_disk_storage`].
 
 pub mod allocation;
 pub mod config;
 pub mod connection;
-pub mod file_storage;
 pub mod handshake;
 pub mod proto;
 pub mod server;

@@ -417,7 +417,7 @@ pub fn validate_request(h: &RequestHeader, lim: &ExportLimits) -> Result<Command
         let past_end = h
             .offset
             .checked_add(h.len as u64)
-            .map_or(true, |end| end > lim.size);
+            .is_none_or(|end| end > lim.size);
         if past_end {
             let error = if matches!(h.kind, CMD_WRITE | CMD_WRITE_ZEROES) {
                 NBD_ENOSPC

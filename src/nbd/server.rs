@@ -3,9 +3,9 @@
 //! flight, flush, exit 0).
 
 use super::allocation::AllocationMap;
+use super::config::open_disk_storage;
 use super::config::ServeConfig;
 use super::connection::{self, ConnStats, Sock};
-use super::file_storage::open_disk_storage;
 use super::handshake::{handshake, Exports};
 use crate::control::ctl::{self, CtlRequest};
 use crate::epoch::{EpochStore, FileEpochStore};
@@ -116,7 +116,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
         if exports.disks.contains_key(&d.name) {
             return Err(format!("disk name {:?} given twice", d.name));
         }
-        let storage = open_disk_storage(&d.path, d.size, cfg.cache)
+        let storage = open_disk_storage(&d.path, d.size, cfg.cache, cfg.engine)
             .map_err(|e| format!("disk {:?}: {e}", d.name))?;
         let disk = Disk::open(
             &d.name,

@@ -12,7 +12,7 @@ use std::thread::{self, JoinHandle, ThreadId};
 
 /// Workers used by [`super::open_storage`]: enough to keep a queue depth of
 /// 32 busy on a disk while blocking syscalls wait.
-pub const DEFAULT_THREADS: usize = 8;
+pub const DEFAULT_THREADS: usize = 32;
 
 type Job = (StorageIo, IoDone);
 
@@ -70,6 +70,15 @@ impl BlockStorage for ThreadPoolStorage {
             });
             return;
         }
+        let io = match self.image.try_cached_read(io) {
+            Ok(buf) => {
+                return done(IoOutcome {
+                    result: Ok(()),
+                    buf: Some(buf),
+                })
+            }
+            Err(io) => io,
+        };
         let Some(jobs) = &self.jobs else {
             return refuse_shut_down(io, done);
         };

@@ -189,6 +189,15 @@ impl BlockStorage for UringStorage {
                 buf,
             });
         }
+        let io = match image.try_cached_read(io) {
+            Ok(buf) => {
+                return done(IoOutcome {
+                    result: Ok(()),
+                    buf: Some(buf),
+                })
+            }
+            Err(io) => io,
+        };
         let (offset, len) = io.byte_range().unwrap_or((0, 0));
         if len == 0 && !matches!(io, StorageIo::Flush) {
             // Nothing to do, and a zero-length SQE would read as end-of-file.

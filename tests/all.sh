@@ -17,6 +17,8 @@ command -v qemu-system-x86_64 >/dev/null || pkgs+=(qemu-system-x86 qemu-utils/bo
 command -v qemu-io >/dev/null || pkgs+=(qemu-utils/bookworm)
 command -v fio >/dev/null || pkgs+=(fio)
 command -v nbdinfo >/dev/null || pkgs+=(libnbd-bin)
+# nbdsh is python: the Debian interpreter needs the nbd module.
+/usr/bin/python3 -c 'import nbd' 2>/dev/null || pkgs+=(python3-libnbd)
 command -v nbdkit >/dev/null || pkgs+=(nbdkit)
 [ -x /bin/busybox ] || pkgs+=(busybox-static)
 command -v cpio >/dev/null || pkgs+=(cpio)
@@ -50,3 +52,6 @@ if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then fuzz=(cargo +nig
 for target in $(cargo fuzz list --fuzz-dir fuzz 2>/dev/null || ls fuzz/fuzz_targets | sed 's/\.rs$//'); do
   "${fuzz[@]}" run --fuzz-dir fuzz "$target" -- -max_total_time="${FUZZ_SECONDS:-30}" -rss_limit_mb=2048
 done
+
+section "qemu harness: a real guest live-migrated under fio, and the fault scenarios"
+bash qemu-harness/run.sh

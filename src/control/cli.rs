@@ -30,6 +30,10 @@ enum Command {
     XenBackend(crate::xen::daemon::XenBackendArgs),
 }
 
+/// What `blkshim serve` serves when given no disk and no config file.
+const DEFAULT_DISK: &str = "vm1=vm1.img";
+const DEFAULT_DISK_SIZE: u64 = 1 << 30;
+
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
     /// Unix socket to serve NBD on [default: ./blkshim.sock].
@@ -60,7 +64,8 @@ struct ServeArgs {
     /// TOML config file naming several disks.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// NAME=PATH or PATH (the name is then the file's stem).
+    /// NAME=PATH or PATH (the name is then the file's stem)
+    /// [default, with no config file: vm1=./vm1.img, 1 GiB unless --size].
     disks: Vec<String>,
 }
 
@@ -112,6 +117,15 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     }
     for d in &a.disks {
         cfg.disks.push(config::parse_disk_arg(d, a.size)?);
+    }
+    if cfg.disks.is_empty() && a.config.is_none() {
+        // The embedded default: one disk next to the socket, made on first use.
+        let size = a.size.unwrap_or(DEFAULT_DISK_SIZE);
+        log::info!(
+            "no DISK given: serving {DEFAULT_DISK} ({size} bytes, created sparse when missing)"
+        );
+        cfg.disks
+            .push(config::parse_disk_arg(DEFAULT_DISK, Some(size))?);
     }
     crate::nbd::server::run(cfg)
 }

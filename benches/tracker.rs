@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const IN_FLIGHT: u64 = 256;
+/// Sectors per tracked block, as `Disk` uses (4 KiB).
+const GRAIN: u64 = 8;
 
 fn write(start: u64, epoch: u64) -> Request {
     Request::new(OpKind::Write, SectorRange::new(start, 8), epoch)
@@ -75,7 +77,7 @@ fn run_overlapping(t: &Tracker<u64>, region: u64, iters: u64) -> Duration {
 }
 
 fn threaded(threads: u64, iters: u64, f: fn(&Tracker<u64>, u64, u64) -> Duration) -> Duration {
-    let t = Arc::new(Tracker::new(1));
+    let t = Arc::new(Tracker::with_grain(1, GRAIN));
     let hs: Vec<_> = (0..threads)
         .map(|k| {
             let t = t.clone();
@@ -115,7 +117,7 @@ fn fence_and_drain(c: &mut Criterion) {
             let mut total = Duration::ZERO;
             let mut woken = Vec::new();
             for _ in 0..iters {
-                let t: Tracker<u64> = Tracker::new(1);
+                let t: Tracker<u64> = Tracker::with_grain(1, GRAIN);
                 for i in 0..IN_FLIGHT / 2 {
                     t.admit(write(i * 8, 1), i).unwrap();
                     t.admit(write(i * 8, 1), i).unwrap();
@@ -133,7 +135,7 @@ fn fence_and_drain(c: &mut Criterion) {
             let mut total = Duration::ZERO;
             let mut woken = Vec::new();
             for _ in 0..iters {
-                let t: Tracker<u64> = Tracker::new(1);
+                let t: Tracker<u64> = Tracker::with_grain(1, GRAIN);
                 let tickets: Vec<_> = (0..IN_FLIGHT)
                     .map(|i| t.admit(write(i * 8, 1), i).unwrap().ticket())
                     .collect();

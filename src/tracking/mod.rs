@@ -17,12 +17,16 @@
 //!    writer's overlapping request is ordered after them.
 //!
 //! Memory is proportional to what is in flight: a slab of request slots, a
-//! sorted index of the active ranges (binary search, then a walk back only
-//! as far as the longest active range reaches) and a queue of the waiting
-//! ones. Once these reached their high-water mark the fast path (no
-//! conflict, nothing waiting) does not allocate.
+//! hash index of the tracked blocks active requests hold (one probe per
+//! block for a small request; requests spanning many blocks sit in a short
+//! list) and a queue of the waiting ones. Once these reached their
+//! high-water mark the fast path (no conflict, nothing waiting) does not
+//! allocate.
 
+mod blocks;
 mod types;
+
+use blocks::BlockIndex;
 
 pub use types::{Epoch, OpKind, Request, SectorRange};
 
@@ -168,11 +172,8 @@ struct Slot<T> {
 struct Inner<T> {
     slots: Vec<Slot<T>>,
     free: Vec<u32>,
-    /// Active requests that hold a range, sorted by (start, slot).
-    active: Vec<ActiveRange>,
-    /// Active requests of each length class (bit length of the span), so
-    /// an overlap search knows how far back a long request could reach.
-    len_classes: [u32; 65],
+    /// Which tracked blocks active requests hold.
+    index: BlockIndex,
     /// All active requests, flushes included.
     active_count: usize,
     /// Waiting requests, in arrival order.
@@ -227,8 +228,7 @@ impl<T> Tracker<T> {
             inner: Mutex::new(Inner {
                 slots: Vec::with_capacity(INITIAL_CAPACITY),
                 free: Vec::with_capacity(INITIAL_CAPACITY),
-                active: Vec::with_capacity(INITIAL_CAPACITY),
-                len_classes: [0; 65],
+                index: BlockIndex::with_capacity(INITIAL_CAPACITY),
                 active_count: 0,
                 queue: VecDeque::with_capacity(16),
                 floor,
@@ -364,10 +364,9 @@ impl<T> Tracker<T> {
             }
         }
         inner.queue = kept;
-        for a in &inner.active {
-            let s = a.slot;
-            let slot = &mut inner.slots[s as usize];
-            if stale(&slot.req) {
+        for (s, slot) in inner.slots.iter_mut().enumerate() {
+            let s = s as u32;
+            if slot.state == SlotState::Active && stale(&slot.req) {
                 slot.fenced = true;
                 report.fenced.push((
                     Ticket {
@@ -472,19 +471,10 @@ impl<T> Tracker<T> {
     }
 }
 
-/// An active request's range, as kept in the sorted index.
-#[derive(Clone, Copy)]
-struct ActiveRange {
-    start: u64,
-    end: u64,
-    slot: u32,
-    is_mod: bool,
-}
-
-/// Bit length of a span: spans of class `c` are shorter than `2^c`.
+/// The tracked blocks `[first, end)` of a grain-aligned sector span.
 #[inline]
-fn len_class(len: u64) -> usize {
-    (64 - len.leading_zeros()) as usize
+fn blocks(start: u64, end: u64, grain_shift: u32) -> (u64, u64) {
+    (start >> grain_shift, ((end - 1) >> grain_shift) + 1)
 }
 
 #[inline]
@@ -497,32 +487,11 @@ fn conflicts(other: &Request, grain_shift: u32, start: u64, end: u64, is_mod: bo
 }
 
 impl<T> Inner<T> {
-    /// Does any active request conflict with `[start, end)`? Binary search
-    /// for the first active range starting at or after `end`, then walk
-    /// back only as far as the longest active range could reach.
+    /// Does any active request conflict with sectors `[start, end)`?
     #[inline]
     fn active_conflict(&self, start: u64, end: u64, is_mod: bool) -> bool {
-        let idx = self.active.partition_point(|a| a.start < end);
-        let reach = self.max_len();
-        for a in self.active[..idx].iter().rev() {
-            if a.start.saturating_add(reach) <= start {
-                break;
-            }
-            if a.end > start && (is_mod || a.is_mod) {
-                return true;
-            }
-        }
-        false
-    }
-
-    /// An upper bound on the span of every active range.
-    #[inline]
-    fn max_len(&self) -> u64 {
-        match self.len_classes.iter().rposition(|&n| n != 0) {
-            None => 0,
-            Some(64) => u64::MAX,
-            Some(c) => 1u64 << c,
-        }
+        let (first, last) = blocks(start, end, self.grain_shift);
+        self.index.conflicts(first, last, is_mod)
     }
 
     fn alloc(&mut self, req: Request, token: T) -> u32 {
@@ -552,19 +521,8 @@ impl<T> Inner<T> {
         if req.kind.has_range() {
             // A flush holds no range and takes no place in the index.
             let (start, end) = req.span(self.grain_shift);
-            let at = self
-                .active
-                .partition_point(|a| (a.start, a.slot) < (start, slot));
-            self.active.insert(
-                at,
-                ActiveRange {
-                    start,
-                    end,
-                    slot,
-                    is_mod: req.kind.modifies(),
-                },
-            );
-            self.len_classes[len_class(end - start)] += 1;
+            let (first, last) = blocks(start, end, self.grain_shift);
+            self.index.insert(first, last, req.kind.modifies(), slot);
         }
     }
 
@@ -573,12 +531,8 @@ impl<T> Inner<T> {
         self.active_count -= 1;
         if req.kind.has_range() {
             let (start, end) = req.span(self.grain_shift);
-            let at = self
-                .active
-                .partition_point(|a| (a.start, a.slot) < (start, slot));
-            debug_assert!(self.active.get(at).is_some_and(|a| a.slot == slot));
-            self.active.remove(at);
-            self.len_classes[len_class(end - start)] -= 1;
+            let (first, last) = blocks(start, end, self.grain_shift);
+            self.index.remove(first, last, req.kind.modifies(), slot);
         }
     }
 

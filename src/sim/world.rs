@@ -1523,6 +1523,15 @@ fn wire_io(w: &Wire) -> StorageIo {
 }
 
 /// Run one seed of one scenario.
+///
+/// ```
+/// use blkshim::sim::{run_one, Deployment, Kind, Protection, Scenario};
+/// let s = Scenario { kind: Kind::PingPong, deployment: Deployment::Gateway };
+/// let on = run_one(7, s, Protection::On);
+/// assert!(on.violations.is_empty() && on.migrations > 0);
+/// // Deterministic: the same seed gives the same run.
+/// assert_eq!(run_one(7, s, Protection::On).requests, on.requests);
+/// ```
 pub fn run_one(seed: u64, scenario: Scenario, protection: Protection) -> RunReport {
     World::new(seed, scenario, protection).run()
 }

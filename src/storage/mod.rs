@@ -148,6 +148,21 @@ impl Default for OpenOptions {
 
 /// Open `path` with the engine `opts` asks for (`Auto`: io_uring when it
 /// works here, the thread pool otherwise).
+///
+/// ```
+/// use blkshim::storage::{open_storage, AlignedBuf, EngineKind, OpenOptions, StorageIo};
+/// let dir = tempfile::tempdir().unwrap();
+/// for engine in [EngineKind::IoUring, EngineKind::ThreadPool] {
+///     let path = dir.path().join(format!("{engine:?}.img"));
+///     let opts = OpenOptions { engine, direct: false, create_size: Some(1 << 20), read_only: false };
+///     let disk = open_storage(&path, &opts).unwrap();
+///     let (tx, rx) = std::sync::mpsc::channel();
+///     let buf = AlignedBuf::from_slice(&[0xab; 4096]);
+///     disk.submit(StorageIo::Write { offset: 8192, buf, fua: true }, Box::new(move |o| tx.send(o).unwrap()));
+///     assert!(rx.recv().unwrap().result.is_ok());
+///     assert_eq!(std::fs::read(&path).unwrap()[8192], 0xab);
+/// }
+/// ```
 pub fn open_storage(path: &Path, opts: &OpenOptions) -> io::Result<Arc<dyn BlockStorage>> {
     let use_uring = match opts.engine {
         EngineKind::IoUring => true,

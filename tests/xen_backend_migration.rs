@@ -31,8 +31,6 @@ struct Outcome {
     reads: u64,
     /// Requests the hand-off records list as in flight at suspend.
     in_flight_at_suspend: usize,
-    /// INDIRECT requests the back ends served.
-    indirect: u64,
 }
 
 fn frontend(seed: u64) -> EmulatedFrontend {
@@ -74,7 +72,6 @@ fn adversarial_run(protection: bool, rounds: usize, seed: u64, mode: &str) -> Ou
     let mut resent = 0;
     let mut stale = Vec::new();
     let mut in_flight_at_suspend = 0;
-    let mut indirect = 0;
     for round in 0..rounds {
         let (src, dst) = if round % 2 == 0 { (0, 1) } else { (1, 0) };
         // The guest's writes reach the storage and stay in flight there.
@@ -111,11 +108,6 @@ fn adversarial_run(protection: bool, rounds: usize, seed: u64, mode: &str) -> Ou
         fe.reconnect(&d.xs, &d.platform, FE, BE).unwrap();
         wait_phase(d.vbd(), Phase::Connected);
         resent += fe.resent_requests;
-        indirect += s.vbd().with_rings(|r| {
-            r.iter()
-                .map(|r| r.stats().indirect.load(Ordering::Relaxed))
-                .sum::<u64>()
-        });
         s.destroy_vbd();
         wl.run(&mut fe, 12, 40);
         // Check: once everything is done, every block holds what the guest
@@ -135,7 +127,6 @@ fn adversarial_run(protection: bool, rounds: usize, seed: u64, mode: &str) -> Ou
         failures: wl.failures,
         completed: wl.completed,
         in_flight_at_suspend,
-        indirect,
         read_mismatches: wl.read_mismatches,
         reads: wl.reads,
     }
@@ -152,7 +143,9 @@ fn xen_backend_migration_drain_adversarial_no_stale_blocks() {
         );
         assert_eq!(o.failures, 0);
         assert!(o.completed > 600);
-        assert!(o.indirect > 0, "large writes went as indirect requests");
+        // Whether a 12-block write finds 12 idle blocks depends on thread
+        // timing, so indirect use is not asserted here; the
+        // xen_backend_protocol tests assert it deterministically.
         assert_eq!(
             o.ignored_writes, 0,
             "two writes to one block were never in flight together"

@@ -39,40 +39,45 @@ impl BlockStorage for MemStorage {
     }
 
     fn submit(&self, io: StorageIo, done: IoDone) {
-        let mut data = self.data.lock();
-        let size = data.len() as u64;
-        let in_range = io
-            .byte_range()
-            .is_none_or(|(o, l)| o.checked_add(l).is_some_and(|end| end <= size));
-        if !in_range {
-            drop(data);
-            return done(IoOutcome {
-                result: Err(io::Error::from_raw_os_error(libc::EINVAL)),
-                buf: None,
-            });
-        }
-        let buf: Option<AlignedBuf> = match io {
-            StorageIo::Read { offset, mut buf } => {
-                let o = offset as usize;
-                let n = buf.len();
-                buf.as_mut_slice().copy_from_slice(&data[o..o + n]);
-                Some(buf)
-            }
-            StorageIo::Write { offset, buf, .. } => {
-                let o = offset as usize;
-                data[o..o + buf.len()].copy_from_slice(buf.as_slice());
-                Some(buf)
-            }
-            StorageIo::Flush => None,
-            StorageIo::Discard { offset, len } | StorageIo::WriteZeroes { offset, len, .. } => {
-                data[offset as usize..(offset + len) as usize].fill(0);
-                None
-            }
+        let outcome = apply_io(&mut self.data.lock(), io);
+        done(outcome)
+    }
+}
+
+/// Carry out `io` on a disk image held in memory: the one implementation
+/// behind [`MemStorage`] and the test storages built on plain byte arrays.
+/// An I/O outside the image fails with `EINVAL` and touches nothing.
+pub fn apply_io(data: &mut [u8], io: StorageIo) -> IoOutcome {
+    let size = data.len() as u64;
+    let in_range = io
+        .byte_range()
+        .is_none_or(|(o, l)| o.checked_add(l).is_some_and(|end| end <= size));
+    if !in_range {
+        return IoOutcome {
+            result: Err(io::Error::from_raw_os_error(libc::EINVAL)),
+            buf: None,
         };
-        drop(data);
-        done(IoOutcome {
-            result: Ok(()),
-            buf,
-        })
+    }
+    let buf: Option<AlignedBuf> = match io {
+        StorageIo::Read { offset, mut buf } => {
+            let o = offset as usize;
+            let n = buf.len();
+            buf.as_mut_slice().copy_from_slice(&data[o..o + n]);
+            Some(buf)
+        }
+        StorageIo::Write { offset, buf, .. } => {
+            let o = offset as usize;
+            data[o..o + buf.len()].copy_from_slice(buf.as_slice());
+            Some(buf)
+        }
+        StorageIo::Flush => None,
+        StorageIo::Discard { offset, len } | StorageIo::WriteZeroes { offset, len, .. } => {
+            data[offset as usize..(offset + len) as usize].fill(0);
+            None
+        }
+    };
+    IoOutcome {
+        result: Ok(()),
+        buf,
     }
 }

@@ -14,7 +14,7 @@ pub mod threadpool;
 pub mod uring;
 
 pub use buffer::AlignedBuf;
-pub use mem::MemStorage;
+pub use mem::{apply_io, MemStorage};
 pub use threadpool::ThreadPoolStorage;
 pub use uring::{UringStats, UringStorage};
 

@@ -8,7 +8,7 @@
 //! (The deterministic simulation elsewhere has a richer model; this one is
 //! small and thread-based so the real back-end threads can run against it.)
 
-use crate::storage::{AlignedBuf, BlockStorage, Capabilities, IoDone, IoOutcome, StorageIo};
+use crate::storage::{BlockStorage, Capabilities, IoDone, IoOutcome, StorageIo};
 use parking_lot::{Condvar, Mutex};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -146,41 +146,6 @@ fn blocks_of(offset: u64, len: u64) -> (u64, u64) {
     (first, last)
 }
 
-fn apply(data: &mut [u8], io: StorageIo) -> IoOutcome {
-    let size = data.len() as u64;
-    let in_range = io
-        .byte_range()
-        .is_none_or(|(o, l)| o.checked_add(l).is_some_and(|end| end <= size));
-    if !in_range {
-        return IoOutcome {
-            result: Err(io::Error::from_raw_os_error(libc::EINVAL)),
-            buf: None,
-        };
-    }
-    let buf: Option<AlignedBuf> = match io {
-        StorageIo::Read { offset, mut buf } => {
-            let o = offset as usize;
-            let n = buf.len();
-            buf.as_mut_slice().copy_from_slice(&data[o..o + n]);
-            Some(buf)
-        }
-        StorageIo::Write { offset, buf, .. } => {
-            let o = offset as usize;
-            data[o..o + buf.len()].copy_from_slice(buf.as_slice());
-            Some(buf)
-        }
-        StorageIo::Flush => None,
-        StorageIo::Discard { offset, len } | StorageIo::WriteZeroes { offset, len, .. } => {
-            data[offset as usize..(offset + len) as usize].fill(0);
-            None
-        }
-    };
-    IoOutcome {
-        result: Ok(()),
-        buf,
-    }
-}
-
 fn pump(model: Arc<(Mutex<Model>, Condvar)>, stop: Arc<AtomicBool>, stats: Arc<AdversarialStats>) {
     let (m, cv) = &*model;
     loop {
@@ -233,7 +198,7 @@ fn pump(model: Arc<(Mutex<Model>, Condvar)>, stop: Arc<AtomicBool>, stats: Arc<A
                 }
             }
         }
-        let outcome = apply(&mut g.data, p.io);
+        let outcome = crate::storage::apply_io(&mut g.data, p.io);
         drop(g);
         stats.completed.fetch_add(1, Ordering::Relaxed);
         (p.done)(outcome);

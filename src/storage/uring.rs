@@ -327,9 +327,27 @@ impl Shared {
                 overflow.is_empty() && unsafe { self.ring.submission_shared().push(&sqe) }.is_ok();
             if !pushed {
                 overflow.push_back(sqe);
+                drop(overflow);
+                // Only the reaper moves overflowed entries into the ring.
+                return self.wake_reaper();
             }
         }
-        self.wake_reaper();
+        self.submit_if_reaper_idle();
+    }
+
+    /// A reaper asleep in its enter has already taken what was queued
+    /// before it slept: submit ours ourselves (its completion then wakes
+    /// the reaper), saving the eventfd round trip through the reaper. Same
+    /// SeqCst pairing as [`Self::wake_reaper`].
+    fn submit_if_reaper_idle(&self) {
+        fence(SeqCst);
+        if self.reaper_idle.load(SeqCst) {
+            self.stats.enters.fetch_add(1, Relaxed);
+            if let Err(e) = self.ring.submitter().submit() {
+                log_enter_error(&e);
+                self.wake_reaper();
+            }
+        }
     }
 
     /// Move overflowed SQEs into the submission queue while there is room.

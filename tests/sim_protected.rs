@@ -36,17 +36,7 @@ fn run_parallel(n: u64, p: Protection) -> Summary {
     let mut total = Summary::default();
     for part in parts {
         for (sc, r) in part.rows {
-            let t = total.rows.entry(sc).or_default();
-            t.seeds += r.seeds;
-            t.failing_seeds += r.failing_seeds;
-            t.migrations += r.migrations;
-            t.requests += r.requests;
-            t.replays += r.replays;
-            t.stale_refused += r.stale_refused;
-            t.takeovers_refused += r.takeovers_refused;
-            t.drains_timed_out += r.drains_timed_out;
-            t.storage_ignored += r.storage_ignored;
-            t.violations += r.violations;
+            total.rows.entry(sc).or_default().merge(&r);
         }
         total.failures.extend(part.failures);
     }

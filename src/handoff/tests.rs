@@ -26,25 +26,8 @@ impl HeldStorage {
     /// Complete the `i`-th held I/O (applying it to memory).
     fn release(&self, i: usize) {
         let (io, done) = self.inner.lock().remove(i);
-        let mut mem = self.mem.lock();
-        let buf = match io {
-            StorageIo::Write { offset, buf, .. } => {
-                mem[offset as usize..offset as usize + buf.len()].copy_from_slice(buf.as_slice());
-                Some(buf)
-            }
-            StorageIo::Read { offset, mut buf } => {
-                let n = buf.len();
-                buf.as_mut_slice()
-                    .copy_from_slice(&mem[offset as usize..offset as usize + n]);
-                Some(buf)
-            }
-            _ => None,
-        };
-        drop(mem);
-        done(IoOutcome {
-            result: Ok(()),
-            buf,
-        });
+        let outcome = crate::storage::apply_io(&mut self.mem.lock(), io);
+        done(outcome);
     }
 
     fn byte(&self, offset: usize) -> u8 {

@@ -109,6 +109,20 @@ pub struct Row {
 }
 
 impl Row {
+    /// Add another row's counts to this one (summing tables or threads).
+    pub fn merge(&mut self, r: &Row) {
+        self.seeds += r.seeds;
+        self.failing_seeds += r.failing_seeds;
+        self.migrations += r.migrations;
+        self.requests += r.requests;
+        self.replays += r.replays;
+        self.stale_refused += r.stale_refused;
+        self.takeovers_refused += r.takeovers_refused;
+        self.drains_timed_out += r.drains_timed_out;
+        self.storage_ignored += r.storage_ignored;
+        self.violations += r.violations;
+    }
+
     fn add(&mut self, r: &RunReport) {
         self.seeds += 1;
         self.failing_seeds += u64::from(!r.violations.is_empty());
@@ -142,16 +156,7 @@ impl Summary {
     pub fn total(&self) -> Row {
         let mut t = Row::default();
         for r in self.rows.values() {
-            t.seeds += r.seeds;
-            t.failing_seeds += r.failing_seeds;
-            t.migrations += r.migrations;
-            t.requests += r.requests;
-            t.replays += r.replays;
-            t.stale_refused += r.stale_refused;
-            t.takeovers_refused += r.takeovers_refused;
-            t.drains_timed_out += r.drains_timed_out;
-            t.storage_ignored += r.storage_ignored;
-            t.violations += r.violations;
+            t.merge(r);
         }
         t
     }

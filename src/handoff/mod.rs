@@ -24,7 +24,9 @@ mod record;
 pub use record::{HandoffEntry, HandoffMethod, HandoffRecord, RequestFate};
 
 use crate::epoch::{EpochError, EpochStore};
-use crate::storage::{BlockStorage, Capabilities, IoDone, IoOutcome, StorageIo, SECTOR_SIZE};
+use crate::storage::{
+    BlockStorage, Capabilities, IoDone, IoOutcome, LocalQueue, StorageIo, SECTOR_SIZE,
+};
 use crate::tracking::{
     Admission, Epoch, OpKind, Outcome, Refused, Request, SectorRange, Ticket, Tracker,
 };
@@ -315,6 +317,13 @@ impl Disk {
 
     pub fn capabilities(&self) -> Capabilities {
         self.storage.capabilities()
+    }
+
+    /// A queue the calling thread drives itself, when the storage offers
+    /// one (see [`LocalQueue`]): this thread's submissions then complete
+    /// on this thread.
+    pub fn local_queue(&self) -> io::Result<Option<Box<dyn LocalQueue>>> {
+        self.storage.local_queue()
     }
 
     /// The epoch the disk is at: writers below it are fenced.

@@ -9,7 +9,7 @@ use super::{AlignedBuf, Capabilities, OpenOptions, StorageIo, SECTOR_SIZE};
 use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
 /// `BLKGETSIZE64`: `_IOR(0x12, 114, u64)`; not exported by libc on every target.
@@ -17,6 +17,9 @@ const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
 /// Largest chunk one read/write syscall or SQE carries (the SQE length is u32).
 pub(crate) const MAX_CHUNK: u64 = 1 << 30;
+
+/// Largest buffered write done inline (see `ImageFile::try_inline_write`).
+const INLINE_WRITE_MAX: usize = 64 << 10;
 
 /// Size of the zero buffer used when a file system cannot zero a range itself.
 pub(crate) const ZERO_CHUNK: u64 = 1 << 20;
@@ -103,8 +106,6 @@ impl ImageFile {
         self.file.as_raw_fd()
     }
 
-    /// Reject a request that must not reach the file: out of range,
-    /// misaligned, or a modification of a read-only image.
     /// A buffered read the page cache can serve without blocking, done
     /// right here with `preadv2(RWF_NOWAIT)`: it saves the hand-off to the
     /// engine's thread and back. Anything else (O_DIRECT, a cache miss, a
@@ -134,6 +135,31 @@ impl ImageFile {
             Ok(buf)
         } else {
             Err(StorageIo::Read { offset, buf })
+        }
+    }
+
+    /// Reject a request that must not reach the file: out of range,
+    /// misaligned, or a modification of a read-only image.
+    /// A buffered write without FUA, done right here with `pwrite`: it only
+    /// copies into the page cache. io_uring cannot do it without blocking
+    /// (ext4 refuses RWF_NOWAIT buffered writes), so it would punt it to a
+    /// kernel worker and back, which costs more than the copy (measured:
+    /// 4 KiB QD32 randwrite 67k -> 107k IOPS over NBD). Large writes still
+    /// go to the ring: there the kernel worker's copy overlaps the caller
+    /// receiving the next payload (inline, 1 MiB sequential writes fell
+    /// from 1.8k to 1.1k IOPS). Anything else is handed back untouched.
+    pub(crate) fn try_inline_write(
+        &self,
+        io: StorageIo,
+    ) -> Result<(io::Result<()>, AlignedBuf), StorageIo> {
+        match io {
+            StorageIo::Write { offset, buf, fua }
+                if !self.caps.direct && !fua && buf.len() <= INLINE_WRITE_MAX =>
+            {
+                let r = self.file.write_all_at(buf.as_slice(), offset);
+                Ok((r, buf))
+            }
+            other => Err(other),
         }
     }
 

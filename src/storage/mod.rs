@@ -96,6 +96,32 @@ pub trait BlockStorage: Send + Sync {
     /// Start `io`; `done` runs exactly once when it finishes (possibly before
     /// `submit` returns).
     fn submit(&self, io: StorageIo, done: IoDone);
+    /// A queue the calling thread drives itself (see [`LocalQueue`]), for
+    /// engines that have one.
+    fn local_queue(&self) -> io::Result<Option<Box<dyn LocalQueue>>> {
+        Ok(None)
+    }
+}
+
+/// A completion queue owned by one thread: while it lives, that thread's
+/// submissions to the engine that made it go here, and their callbacks run
+/// on that thread when it calls [`LocalQueue::reap`] or
+/// [`LocalQueue::wait`]. A server thread that reads requests, submits them
+/// and answers them then needs no other thread per request: no wakeups,
+/// and one syscall covers many requests (the model of qemu's event loop).
+///
+/// The owner must not block on anything else while [`LocalQueue::in_flight`]
+/// is above zero: callbacks running here may have put other clients'
+/// requests in the queue. Dropping the queue waits for what is in it.
+pub trait LocalQueue {
+    /// Requests submitted through this queue and not finished yet.
+    fn in_flight(&self) -> usize;
+    /// Submit what is queued and run the callbacks of what has finished,
+    /// without waiting.
+    fn reap(&self) -> io::Result<()>;
+    /// Submit what is queued, then sleep until something finishes or
+    /// `readable` (a socket, say) has data, and run the callbacks.
+    fn wait(&self, readable: Option<std::os::fd::RawFd>) -> io::Result<()>;
 }
 
 /// Which engine [`open_storage`] uses.

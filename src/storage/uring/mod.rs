@@ -10,14 +10,24 @@
 //! reaper yields once, so the requests those callbacks provoke usually join
 //! its next enter and need no wakeup at all.
 //!
+//! A thread may instead own a ring of its own ([`LocalRing`], through
+//! `BlockStorage::local_queue`): its submissions then complete on it and
+//! the reaper never sees them.
+//!
 //! Each request is a boxed [`Op`] whose address is the SQE's user_data. The
 //! reaper finishes short reads/writes by resubmitting the rest, retries
 //! EINTR/EAGAIN, walks the write-zeroes fallbacks, and calls the completion
 //! callback — on the reaper thread, so callbacks must be quick and must not
 //! block (they may submit more I/O).
 
+mod local;
+
+pub use local::LocalRing;
+
 use super::file::{take_buf, ImageFile, MAX_CHUNK, PUNCH, ZERO_CHUNK, ZERO_RANGE};
-use super::{AlignedBuf, BlockStorage, Capabilities, IoDone, IoOutcome, OpenOptions, StorageIo};
+use super::{
+    AlignedBuf, BlockStorage, Capabilities, IoDone, IoOutcome, LocalQueue, OpenOptions, StorageIo,
+};
 use io_uring::{opcode, squeue, types, IoUring};
 use parking_lot::Mutex;
 use std::collections::VecDeque;
@@ -198,6 +208,15 @@ impl BlockStorage for UringStorage {
             }
             Err(io) => io,
         };
+        let io = match image.try_inline_write(io) {
+            Ok((result, buf)) => {
+                return done(IoOutcome {
+                    result,
+                    buf: Some(buf),
+                })
+            }
+            Err(io) => io,
+        };
         let (offset, len) = io.byte_range().unwrap_or((0, 0));
         if len == 0 && !matches!(io, StorageIo::Flush) {
             // Nothing to do, and a zero-length SQE would read as end-of-file.
@@ -226,9 +245,17 @@ impl BlockStorage for UringStorage {
             progress: 0,
             done,
         });
+        let Err(op) = LocalRing::try_push(&self.shared, op) else {
+            return;
+        };
         self.shared.in_flight.fetch_add(1, SeqCst);
         self.shared.stats.requests.fetch_add(1, Relaxed);
         self.shared.push_op(op);
+    }
+
+    /// A ring for the calling thread alone: see [`LocalRing`].
+    fn local_queue(&self) -> io::Result<Option<Box<dyn LocalQueue>>> {
+        Ok(Some(LocalRing::new(Arc::clone(&self.shared))?))
     }
 }
 
@@ -464,9 +491,19 @@ impl Shared {
     }
 
     /// One SQE of `op` finished with `res` (bytes, or -errno).
-    fn on_complete(&self, mut op: Box<Op>, res: i32) {
+    fn on_complete(&self, op: Box<Op>, res: i32) {
+        if self.advance(op, res, |op| self.push_op(op)) {
+            self.in_flight.fetch_sub(1, SeqCst);
+        }
+    }
+
+    /// Take `op` one step on from its SQE's result `res`: either hand it
+    /// to `requeue` for its next SQE (short transfer, retry, fallback) or
+    /// finish it (true). Shared by the reaper and the per-thread rings.
+    fn advance(&self, mut op: Box<Op>, res: i32, requeue: impl FnOnce(Box<Op>)) -> bool {
         if res == -libc::EINTR || res == -libc::EAGAIN {
-            return self.push_op(op);
+            requeue(op);
+            return false;
         }
         let unsupported = res == -libc::EOPNOTSUPP || res == -libc::ENOSYS;
         let result = match &op.step {
@@ -481,7 +518,8 @@ impl Shared {
                 } else {
                     op.progress += res as u64;
                     if op.progress < op.len {
-                        return self.push_op(op); // short transfer: do the rest
+                        requeue(op); // short transfer: do the rest
+                        return false;
                     }
                     Ok(())
                 }
@@ -492,11 +530,13 @@ impl Shared {
                 } else {
                     zero_fill(op.len)
                 };
-                return self.push_op(op);
+                requeue(op);
+                return false;
             }
             Step::Punch if unsupported => {
                 op.step = zero_fill(op.len);
-                return self.push_op(op);
+                requeue(op);
+                return false;
             }
             Step::Flush | Step::Punch | Step::ZeroRange { .. } if res < 0 => {
                 Err(io::Error::from_raw_os_error(-res))
@@ -504,7 +544,7 @@ impl Shared {
             Step::Flush | Step::Punch | Step::ZeroRange { .. } => Ok(()),
         };
         finish(*op, result);
-        self.in_flight.fetch_sub(1, SeqCst);
+        true
     }
 }
 

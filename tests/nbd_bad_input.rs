@@ -227,6 +227,47 @@ fn nbd_client_vanishing_mid_write_loses_nothing_acknowledged() {
     );
 }
 
+/// A client that stops reading its replies while its writes overlap
+/// another client's: its connection stalls, the other client's write (which
+/// waits behind those writes in the tracker) still completes.
+#[test]
+fn nbd_client_not_reading_replies_does_not_stall_overlapping_writers() {
+    let mut srv = Server::start(&["vm1"], "8M", &[]);
+    let (mut a, _) = RawClient::go(&srv.socket, "vm1");
+    let a_sock = a.s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        // 64 MiB of read replies fill the socket; then writes to block 0.
+        for h in 0..64u64 {
+            a.send_request(NBD_CMD_READ, 0, h, 0, 1 << 20, &[]);
+        }
+        for h in 64..400u64 {
+            let r =
+                a.s.write_all(&request_bytes(NBD_CMD_WRITE, 0, h, 0, 4096, &[0xaa; 4096]));
+            if r.is_err() {
+                break; // shut down by the test
+            }
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (mut b, _) = RawClient::go(&srv.socket, "vm1");
+    let t0 = std::time::Instant::now();
+    assert_eq!(b.write(1, 0, &[0xbb; 4096]), 0);
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(10),
+        "the write waited {:?}",
+        t0.elapsed()
+    );
+    let got = b.read(2, 0, 4096).unwrap();
+    assert!(
+        got == [0xaa; 4096] || got == [0xbb; 4096],
+        "block 0 is torn"
+    );
+    still_serving(&srv, 5);
+    a_sock.shutdown(std::net::Shutdown::Both).unwrap();
+    sender.join().unwrap();
+    assert_eq!(srv.stop(), Some(0));
+}
+
 #[test]
 fn nbd_thousands_of_idle_connections_while_another_client_works() {
     // Enough descriptors for 2000 clients in this process too.

@@ -1,13 +1,19 @@
-//! The transmission phase of one connection: this thread reads and
-//! validates requests and submits them to the disk (so they pipeline); a
-//! writer thread serialises the replies, which arrive from storage
-//! completions in any order.
+//! The transmission phase of one connection. This thread reads and
+//! validates requests and submits them to the disk, so they pipeline. With
+//! the io_uring engine it owns a per-connection ring: it sleeps in that
+//! ring (woken by a completion or by socket data), runs the completions
+//! itself and sends all their replies with one `sendmsg` — no other thread
+//! touches a request, as in qemu's event loop. Replies the socket does not
+//! take at once, and those of requests completed elsewhere (another
+//! connection's completion started them, or an engine without a local
+//! queue), go out directly when the socket is free or through a writer
+//! thread that may block.
 
 use super::allocation::AllocationMap;
 use super::handshake::Negotiated;
 use super::proto::*;
 use crate::handoff::{Disk, Writer};
-use crate::storage::{AlignedBuf, IoOutcome, StorageIo};
+use crate::storage::{AlignedBuf, IoOutcome, LocalQueue, StorageIo};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
@@ -103,13 +109,27 @@ const MAX_IN_FLIGHT: usize = 256;
 const MAX_IN_FLIGHT_BYTES: u64 = 128 << 20;
 
 impl Budget {
+    fn full(g: &(usize, u64), bytes: u64) -> bool {
+        g.0 > 0 && (g.0 >= MAX_IN_FLIGHT || g.1 + bytes > MAX_IN_FLIGHT_BYTES)
+    }
+
     fn acquire(&self, bytes: u64) {
         let mut g = self.state.lock();
-        while g.0 > 0 && (g.0 >= MAX_IN_FLIGHT || g.1 + bytes > MAX_IN_FLIGHT_BYTES) {
+        while Self::full(&g, bytes) {
             self.cv.wait(&mut g);
         }
         g.0 += 1;
         g.1 += bytes;
+    }
+
+    fn try_acquire(&self, bytes: u64) -> bool {
+        let mut g = self.state.lock();
+        if Self::full(&g, bytes) {
+            return false;
+        }
+        g.0 += 1;
+        g.1 += bytes;
+        true
     }
 
     fn release(&self, bytes: u64) {
@@ -196,6 +216,10 @@ impl Ctx {
     /// takes it without blocking (saves a thread hop), else through the
     /// writer thread. If the writer is gone, release its budget here.
     fn send(&self, r: Reply) {
+        if BATCHING.with(|b| b.get()) == Arc::as_ptr(&self.sink) {
+            // On the connection's own thread: gather, sent by flush_batch.
+            return self.sink.batch.lock().push(r);
+        }
         let Some(r) = self.try_direct(r) else {
             return;
         };
@@ -206,6 +230,98 @@ impl Ctx {
         }
     }
 }
+
+thread_local! {
+    /// The sink whose replies this thread gathers into one send (set by a
+    /// connection thread that completes its own requests).
+    static BATCHING: std::cell::Cell<*const Sink> = const { std::cell::Cell::new(std::ptr::null()) };
+}
+
+impl Ctx {
+    /// Send every gathered reply with one `sendmsg` when the socket takes
+    /// it; what it does not take goes to the writer thread, in order.
+    fn flush_batch(&self) {
+        let replies = std::mem::take(&mut *self.sink.batch.lock());
+        if replies.is_empty() {
+            return;
+        }
+        let Some(mut st) = self.sink.state.try_lock() else {
+            return self.to_writer(replies);
+        };
+        if st.broken || !st.pending.is_empty() || !st.w.buffer().is_empty() {
+            drop(st);
+            return self.to_writer(replies);
+        }
+        let mut heads = Vec::with_capacity(replies.len() * 32);
+        let mut spans = Vec::with_capacity(replies.len());
+        for r in &replies {
+            let start = heads.len();
+            let (head, _) = reply_parts(r, self.sink.structured);
+            heads.extend_from_slice(&head);
+            spans.push(start..heads.len());
+        }
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(replies.len() * 2);
+        for (r, span) in replies.iter().zip(&spans) {
+            parts.push(&heads[span.clone()]);
+            if let Reply::Data { buf, .. } = r {
+                parts.push(buf.as_slice());
+            }
+        }
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let mut sent = 0;
+        for chunk in parts.chunks(IOV_CHUNK) {
+            let want: usize = chunk.iter().map(|p| p.len()).sum();
+            match send_nowait(self.sink.fd, chunk) {
+                Ok(n) => {
+                    sent += n;
+                    if n < want {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    // Let the writer thread meet (and log) the error.
+                    break;
+                }
+            }
+        }
+        if sent < total {
+            let mut skip = sent;
+            for p in &parts {
+                let k = skip.min(p.len());
+                st.pending.extend_from_slice(&p[k..]);
+                skip -= k;
+            }
+            drop(st);
+            let _ = self.replies.send(Reply::Kick);
+        } else {
+            drop(st);
+        }
+        drop(parts);
+        for r in replies {
+            let held = r.held();
+            if let Reply::Data { buf, .. } = r {
+                self.pool.put(buf);
+            }
+            if let Some(b) = held {
+                release(&self.budget, &self.stats, b);
+            }
+        }
+    }
+
+    fn to_writer(&self, replies: Vec<Reply>) {
+        for r in replies {
+            if let Err(e) = self.replies.send(r) {
+                if let Some(bytes) = e.into_inner().held() {
+                    release(&self.budget, &self.stats, bytes);
+                }
+            }
+        }
+    }
+}
+
+/// iovecs per `sendmsg` (below IOV_MAX, 1024).
+const IOV_CHUNK: usize = 512;
 
 impl Ctx {
     /// `None`: sent (or queued as pending bytes); `Some(r)`: use the writer.
@@ -259,6 +375,8 @@ impl Ctx {
 /// senders; whoever holds the lock owns the byte stream.
 struct Sink {
     state: Mutex<SinkState>,
+    /// Replies gathered on the connection thread (see [`BATCHING`]).
+    batch: Mutex<Vec<Reply>>,
     fd: std::os::unix::io::RawFd,
     structured: bool,
 }
@@ -321,6 +439,7 @@ pub fn serve(sock: Sock, neg: Negotiated, stats: Arc<ConnStats>) {
     });
     let pool = Arc::new(BufPool::default());
     let sink = Arc::new(Sink {
+        batch: Mutex::new(Vec::new()),
         fd: write_half.raw_fd(),
         structured,
         state: Mutex::new(SinkState {
@@ -357,7 +476,24 @@ pub fn serve(sock: Sock, neg: Negotiated, stats: Arc<ConnStats>) {
         ..
     } = neg;
     let writer = Arc::new(writer);
-    let mut reader = BufReader::with_capacity(64 << 10, sock);
+    let queue = match disk.local_queue() {
+        Ok(q) => q,
+        Err(e) => {
+            log::warn!("{label}: no per-connection I/O queue ({e}); using the shared one");
+            None
+        }
+    };
+    if queue.is_some() {
+        BATCHING.with(|b| b.set(Arc::as_ptr(&ctx.sink)));
+    }
+    let mut reader = BufReader::with_capacity(
+        64 << 10,
+        ConnReader {
+            sock,
+            queue,
+            ctx: ctx.clone(),
+        },
+    );
     let how = read_loop(
         &mut reader,
         &disk,
@@ -370,6 +506,20 @@ pub fn serve(sock: Sock, neg: Negotiated, stats: Arc<ConnStats>) {
         Ok(()) => log::debug!("{label}: closed"),
         Err(e) => log::warn!("{label}: {e}; closing"),
     }
+    let ConnReader { queue, .. } = reader.into_inner();
+    if let Some(q) = &queue {
+        while q.in_flight() > 0 {
+            ctx.flush_batch();
+            if let Err(e) = q.wait(None) {
+                log::error!("{label}: waiting for I/O in flight: {e}");
+                break;
+            }
+        }
+    }
+    ctx.flush_batch();
+    BATCHING.with(|b| b.set(std::ptr::null()));
+    drop(queue);
+    ctx.flush_batch();
     ctx.budget.wait_idle();
     let Ctx { replies, .. } = ctx;
     drop(replies);
@@ -377,8 +527,91 @@ pub fn serve(sock: Sock, neg: Negotiated, stats: Arc<ConnStats>) {
     log::info!("{label}: disconnected");
 }
 
+/// The socket's read side. With a per-connection I/O queue it never
+/// sleeps in `recv` while requests are in flight: it sleeps in the queue,
+/// which wakes for a completion or for socket data, runs the completions
+/// and sends their gathered replies first.
+struct ConnReader {
+    sock: Sock,
+    queue: Option<Box<dyn LocalQueue>>,
+    ctx: Ctx,
+}
+
+impl ConnReader {
+    /// Complete and answer what has finished, without sleeping.
+    fn progress(&self) -> io::Result<()> {
+        if let Some(q) = &self.queue {
+            q.reap()?;
+            self.ctx.flush_batch();
+        }
+        Ok(())
+    }
+
+    /// Take `bytes` of the connection's budget, completing requests while
+    /// it is exhausted.
+    fn take(&self, bytes: u64) -> io::Result<()> {
+        let ctx = &self.ctx;
+        match &self.queue {
+            None => ctx.budget.acquire(bytes),
+            Some(q) => {
+                while !ctx.budget.try_acquire(bytes) {
+                    ctx.flush_batch();
+                    if ctx.budget.try_acquire(bytes) {
+                        break;
+                    }
+                    if q.in_flight() > 0 {
+                        q.wait(None)?;
+                    } else {
+                        // Only replies in the writer thread hold it now.
+                        ctx.budget.acquire(bytes);
+                        break;
+                    }
+                }
+            }
+        }
+        ctx.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl Read for ConnReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(q) = &self.queue else {
+            return self.sock.read(buf);
+        };
+        let fd = self.sock.raw_fd();
+        loop {
+            self.progress()?;
+            // SAFETY: reads at most buf.len() bytes into buf.
+            let n =
+                unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock => {}
+                io::ErrorKind::Interrupted => continue,
+                _ => return Err(e),
+            }
+            if q.in_flight() == 0 {
+                // Nothing can complete here until more requests come.
+                return self.sock.read(buf);
+            }
+            q.wait(Some(fd))?;
+        }
+    }
+}
+
+/// Take budget for one request (see [`ConnReader::take`]).
+fn take(r: &BufReader<ConnReader>, bytes: u64) -> Result<(), String> {
+    r.get_ref()
+        .take(bytes)
+        .map_err(|e| format!("I/O queue failed: {e}"))
+}
+
 fn read_loop(
-    r: &mut BufReader<Sock>,
+    r: &mut BufReader<ConnReader>,
     disk: &Arc<Disk>,
     writer: &Arc<Writer>,
     lim: &ExportLimits,
@@ -450,7 +683,7 @@ fn read_loop(
             }
             Command::Read { offset, len } => {
                 let bytes = len as u64;
-                take(ctx, bytes);
+                take(r, bytes)?;
                 let c = ctx.clone();
                 disk.submit(
                     writer,
@@ -484,7 +717,7 @@ fn read_loop(
             }
             Command::Write { offset, len, fua } => {
                 let bytes = len as u64;
-                take(ctx, bytes);
+                take(r, bytes)?;
                 let mut buf = ctx.pool.get(len as usize);
                 if let Err(e) = r.read_exact(buf.as_mut_slice()) {
                     release(&ctx.budget, &ctx.stats, bytes);
@@ -504,7 +737,7 @@ fn read_loop(
                 );
             }
             Command::Flush => {
-                take(ctx, 0);
+                take(r, 0)?;
                 let c = ctx.clone();
                 disk.submit(
                     writer,
@@ -514,7 +747,7 @@ fn read_loop(
                 );
             }
             Command::Trim { offset, len, fua } => {
-                take(ctx, 0);
+                take(r, 0)?;
                 let io = StorageIo::Discard {
                     offset,
                     len: len as u64,
@@ -537,7 +770,7 @@ fn read_loop(
                     });
                     continue;
                 }
-                take(ctx, 0);
+                take(r, 0)?;
                 let io = StorageIo::WriteZeroes {
                     offset,
                     len: len as u64,
@@ -547,11 +780,6 @@ fn read_loop(
             }
         }
     }
-}
-
-fn take(ctx: &Ctx, bytes: u64) {
-    ctx.budget.acquire(bytes);
-    ctx.stats.in_flight.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Submit `io`; with `fua`, follow a success with a flush before replying

@@ -206,6 +206,26 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// One request's bytes: header, then payload.
+pub fn request_bytes(
+    kind: u16,
+    flags: u16,
+    handle: u64,
+    offset: u64,
+    len: u32,
+    data: &[u8],
+) -> Vec<u8> {
+    let mut b = Vec::with_capacity(28 + data.len());
+    b.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    b.extend_from_slice(&flags.to_be_bytes());
+    b.extend_from_slice(&kind.to_be_bytes());
+    b.extend_from_slice(&handle.to_be_bytes());
+    b.extend_from_slice(&offset.to_be_bytes());
+    b.extend_from_slice(&len.to_be_bytes());
+    b.extend_from_slice(data);
+    b
+}
+
 /// A bare-bones NBD client over a unix socket, for protocol tests.
 pub struct RawClient {
     pub s: UnixStream,
@@ -288,14 +308,7 @@ impl RawClient {
         len: u32,
         data: &[u8],
     ) {
-        let mut b = Vec::with_capacity(28 + data.len());
-        b.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-        b.extend_from_slice(&flags.to_be_bytes());
-        b.extend_from_slice(&kind.to_be_bytes());
-        b.extend_from_slice(&handle.to_be_bytes());
-        b.extend_from_slice(&offset.to_be_bytes());
-        b.extend_from_slice(&len.to_be_bytes());
-        b.extend_from_slice(data);
+        let b = request_bytes(kind, flags, handle, offset, len, data);
         self.s.write_all(&b).unwrap();
     }
 

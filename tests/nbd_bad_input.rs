@@ -232,7 +232,12 @@ fn nbd_client_vanishing_mid_write_loses_nothing_acknowledged() {
 /// waits behind those writes in the tracker) still completes.
 #[test]
 fn nbd_client_not_reading_replies_does_not_stall_overlapping_writers() {
-    let mut srv = Server::start(&["vm1"], "8M", &[]);
+    not_reading_replies(&[]); // writes done inline
+    not_reading_replies(&["--cache", "none"]); // writes on the rings
+}
+
+fn not_reading_replies(serve_args: &[&str]) {
+    let mut srv = Server::start(&["vm1"], "8M", serve_args);
     let (mut a, _) = RawClient::go(&srv.socket, "vm1");
     let a_sock = a.s.try_clone().unwrap();
     let sender = std::thread::spawn(move || {

@@ -198,10 +198,38 @@ fn fio(uri: &str, extra: &[&str]) -> String {
     text
 }
 
+/// The default set-up: io_uring through the page cache; small writes and
+/// cached reads are done inline, the rest on the connection's own ring.
 #[test]
 fn nbd_fio_verify_crc32c_several_connections() {
+    let log = fio_verify_several_connections(&[]).log();
+    assert!(
+        log.contains("io_uring engine") && log.contains("direct=false"),
+        "{log}"
+    );
+}
+
+/// O_DIRECT: every request on the connection's own ring.
+#[test]
+fn nbd_fio_verify_crc32c_o_direct() {
+    let log = fio_verify_several_connections(&["--cache", "none"]).log();
+    assert!(
+        log.contains("io_uring engine") && log.contains("direct=true"),
+        "{log}"
+    );
+}
+
+/// The thread-pool engine has no per-connection queue: completions come
+/// from its threads and replies go out directly or via the writer thread.
+#[test]
+fn nbd_fio_verify_crc32c_thread_pool() {
+    let log = fio_verify_several_connections(&["--engine", "thread-pool"]).log();
+    assert!(log.contains("thread-pool engine"), "{log}");
+}
+
+fn fio_verify_several_connections(serve_args: &[&str]) -> Server {
     require("fio");
-    let srv = Server::start(&["vm1"], "64M", &[]);
+    let srv = Server::start(&["vm1"], "64M", serve_args);
     let uri = srv.uri("vm1");
     // One connection, deep queue, verified.
     fio(
@@ -235,6 +263,7 @@ fn nbd_fio_verify_crc32c_several_connections() {
     let st = srv.disk_status("vm1");
     assert!(st["completed"].as_u64().unwrap() > 4000, "{st}");
     assert_eq!(st["refused_stale"], 0);
+    srv
 }
 
 #[test]

@@ -212,45 +212,47 @@ impl Ctx {
         });
     }
 
-    /// Send a reply: straight from this thread when the socket is free and
+    /// Send a reply. On the connection's own thread it is gathered and
+    /// goes out with the others at the next [`Ctx::flush_batch`];
+    /// elsewhere straight from this thread when the socket is free and
     /// takes it without blocking (saves a thread hop), else through the
-    /// writer thread. If the writer is gone, release its budget here.
+    /// writer thread.
     fn send(&self, r: Reply) {
         if BATCHING.with(|b| b.get()) == Arc::as_ptr(&self.sink) {
-            // On the connection's own thread: gather, sent by flush_batch.
             return self.sink.batch.lock().push(r);
         }
-        let Some(r) = self.try_direct(r) else {
-            return;
-        };
-        if let Err(e) = self.replies.send(r) {
-            if let Some(bytes) = e.into_inner().held() {
-                release(&self.budget, &self.stats, bytes);
-            }
+        if matches!(r, Reply::Kick | Reply::Raw { .. }) {
+            return self.to_writer(vec![r]);
+        }
+        if let Err(rs) = self.send_direct(vec![r]) {
+            self.to_writer(rs);
         }
     }
-}
 
-thread_local! {
-    /// The sink whose replies this thread gathers into one send (set by a
-    /// connection thread that completes its own requests).
-    static BATCHING: std::cell::Cell<*const Sink> = const { std::cell::Cell::new(std::ptr::null()) };
-}
-
-impl Ctx {
-    /// Send every gathered reply with one `sendmsg` when the socket takes
-    /// it; what it does not take goes to the writer thread, in order.
+    /// Send every gathered reply, with one `sendmsg` when the socket takes
+    /// them all.
     fn flush_batch(&self) {
         let replies = std::mem::take(&mut *self.sink.batch.lock());
         if replies.is_empty() {
             return;
         }
+        if let Err(rs) = self.send_direct(replies) {
+            self.to_writer(rs);
+        }
+    }
+
+    /// Send `replies` from this thread, without blocking: `Err` hands them
+    /// back when the writer thread owns the stream (it holds the lock or
+    /// has bytes queued) or the socket failed (the writer then meets and
+    /// logs the error). What the socket does not take is kept, in order,
+    /// as pending bytes for the writer; nothing else may be sent directly
+    /// until they are out.
+    fn send_direct(&self, replies: Vec<Reply>) -> Result<(), Vec<Reply>> {
         let Some(mut st) = self.sink.state.try_lock() else {
-            return self.to_writer(replies);
+            return Err(replies);
         };
         if st.broken || !st.pending.is_empty() || !st.w.buffer().is_empty() {
-            drop(st);
-            return self.to_writer(replies);
+            return Err(replies);
         }
         let mut heads = Vec::with_capacity(replies.len() * 32);
         let mut spans = Vec::with_capacity(replies.len());
@@ -279,10 +281,11 @@ impl Ctx {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => {
-                    // Let the writer thread meet (and log) the error.
-                    break;
+                Err(_) if sent == 0 => {
+                    drop(parts);
+                    return Err(replies);
                 }
+                Err(_) => break, // the writer meets it with the rest
             }
         }
         if sent < total {
@@ -307,8 +310,11 @@ impl Ctx {
                 release(&self.budget, &self.stats, b);
             }
         }
+        Ok(())
     }
 
+    /// Queue replies for the writer thread; if it is gone, release their
+    /// budget here.
     fn to_writer(&self, replies: Vec<Reply>) {
         for r in replies {
             if let Err(e) = self.replies.send(r) {
@@ -320,56 +326,14 @@ impl Ctx {
     }
 }
 
+thread_local! {
+    /// The sink whose replies this thread gathers into one send (set by a
+    /// connection thread that completes its own requests).
+    static BATCHING: std::cell::Cell<*const Sink> = const { std::cell::Cell::new(std::ptr::null()) };
+}
+
 /// iovecs per `sendmsg` (below IOV_MAX, 1024).
 const IOV_CHUNK: usize = 512;
-
-impl Ctx {
-    /// `None`: sent (or queued as pending bytes); `Some(r)`: use the writer.
-    fn try_direct(&self, r: Reply) -> Option<Reply> {
-        if matches!(r, Reply::Kick | Reply::Raw { .. }) {
-            return Some(r);
-        }
-        let Some(mut st) = self.sink.state.try_lock() else {
-            return Some(r);
-        };
-        if st.broken || !st.pending.is_empty() || !st.w.buffer().is_empty() {
-            return Some(r);
-        }
-        let (head, payload) = reply_parts(&r, self.sink.structured);
-        let parts: [&[u8]; 2] = [&head, payload.unwrap_or(&[])];
-        let total = head.len() + parts[1].len();
-        let sent = match send_nowait(self.sink.fd, &parts) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(_) => {
-                // Let the writer thread meet (and log) the error.
-                return Some(r);
-            }
-        };
-        if sent < total {
-            // Keep the rest, in order, for the writer; nothing else may be
-            // sent directly until it is out.
-            let mut skip = sent;
-            for p in parts {
-                let k = skip.min(p.len());
-                st.pending.extend_from_slice(&p[k..]);
-                skip -= k;
-            }
-            drop(st);
-            let _ = self.replies.send(Reply::Kick);
-        } else {
-            drop(st);
-        }
-        let held = r.held();
-        if let Reply::Data { buf, .. } = r {
-            self.pool.put(buf);
-        }
-        if let Some(b) = held {
-            release(&self.budget, &self.stats, b);
-        }
-        None
-    }
-}
 
 /// The reply side of a connection, shared by the writer thread and direct
 /// senders; whoever holds the lock owns the byte stream.

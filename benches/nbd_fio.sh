@@ -3,7 +3,12 @@
 # nbdkit's file plugin, and fio's own io_uring engine on the raw file (the
 # limit). Prints IOPS and MB/s per job and each peer's ratio to blkshim.
 #
-#   benches/nbd_fio.sh [--cache=none|writeback|both] [--size=1G] [--runtime=10] [--dir=/var/tmp]
+#   benches/nbd_fio.sh [--cache=none|writeback|both] [--size=1G] [--runtime=10]
+#                      [--repeat=1] [--dir=/var/tmp]
+#
+# With --repeat=N every server runs every job N times, the rounds
+# interleaved (so drift hits all servers alike), and each cell is the
+# median of its N runs.
 #
 # Like is compared with like: --cache=none runs blkshim with O_DIRECT
 # against qemu-nbd --cache=none and fio --direct=1 (nbdkit's closest is
@@ -12,14 +17,15 @@
 # Needs: fio, qemu-nbd, nbdkit, python3 (apt-get install fio qemu-utils nbdkit).
 set -euo pipefail
 
-CACHE=both SIZE=1G RUNTIME=10 DIR=/var/tmp
+CACHE=both SIZE=1G RUNTIME=10 DIR=/var/tmp REPEAT=1
 for a in "$@"; do
   case $a in
     --cache=*) CACHE=${a#*=} ;;
     --size=*) SIZE=${a#*=} ;;
     --runtime=*) RUNTIME=${a#*=} ;;
     --dir=*) DIR=${a#*=} ;;
-    -h|--help) sed -n 2,13p "$0"; exit 0 ;;
+    --repeat=*) REPEAT=${a#*=} ;;
+    -h|--help) sed -n 2,18p "$0"; exit 0 ;;
     *) echo "unknown argument $a" >&2; exit 2 ;;
   esac
 done
@@ -110,18 +116,29 @@ print("%.0f %.1f" % (iops, bw))'
 
 MODES=$CACHE; [ "$CACHE" = both ] && MODES="none writeback"
 SERVERS="blkshim qemu-nbd nbdkit fio-io_uring"
-declare -A R
-for mode in $MODES; do
-  for srv in $SERVERS; do
-    [ "$srv" != fio-io_uring ] && start_server "$srv" "$mode"
-    for job in "${JOBS[@]}"; do
-      R["$mode|$srv|${job%%|*}"]=$(run_fio "$srv" "$mode" "${job#*|}")
+declare -A RUNS
+for round in $(seq "$REPEAT"); do
+  for mode in $MODES; do
+    for srv in $SERVERS; do
+      [ "$srv" != fio-io_uring ] && start_server "$srv" "$mode"
+      for job in "${JOBS[@]}"; do
+        k="$mode|$srv|${job%%|*}"
+        RUNS[$k]="${RUNS[$k]:-}$(run_fio "$srv" "$mode" "${job#*|}");"
+      done
+      stop_server
     done
-    stop_server
   done
 done
+# The median run (by IOPS) of each cell.
+declare -A R
+for k in "${!RUNS[@]}"; do
+  R[$k]=$(python3 -c '
+import sys
+runs = sorted((r.split() for r in sys.argv[1].split(";") if r), key=lambda r: float(r[0]))
+print(" ".join(runs[len(runs) // 2]))' "${RUNS[$k]}")
+done
 
-printf '\nfio %s, %s file, %ss per job, %s\n' "$(fio --version)" "$SIZE" "$RUNTIME" "$(uname -r)"
+printf '\nfio %s, %s file, %ss per job, median of %s, %s\n' "$(fio --version)" "$SIZE" "$RUNTIME" "$REPEAT" "$(uname -r)"
 printf '%-10s %-22s' mode job
 for srv in $SERVERS; do printf ' %24s' "$srv IOPS MB/s (x)"; done
 printf '\n'

@@ -122,6 +122,9 @@ for round in $(seq "$REPEAT"); do
     for srv in $SERVERS; do
       [ "$srv" != fio-io_uring ] && start_server "$srv" "$mode"
       for job in "${JOBS[@]}"; do
+        # Start each job with no dirty pages left by the one before, so
+        # no server pays for another's write-back.
+        sync
         k="$mode|$srv|${job%%|*}"
         RUNS[$k]="${RUNS[$k]:-}$(run_fio "$srv" "$mode" "${job#*|}");"
       done

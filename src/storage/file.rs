@@ -9,7 +9,7 @@ use super::{AlignedBuf, Capabilities, OpenOptions, StorageIo, SECTOR_SIZE};
 use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
 /// `BLKGETSIZE64`: `_IOR(0x12, 114, u64)`; not exported by libc on every target.
@@ -156,7 +156,7 @@ impl ImageFile {
             StorageIo::Write { offset, buf, fua }
                 if !self.caps.direct && !fua && buf.len() <= INLINE_WRITE_MAX =>
             {
-                let r = self.file.write_all_at(buf.as_slice(), offset);
+                let r = pwrite_full(self.fd(), buf.as_slice(), offset, false);
                 Ok((r, buf))
             }
             other => Err(other),
@@ -396,48 +396,47 @@ pub(crate) fn fdatasync(fd: RawFd) -> io::Result<()> {
 
 /// Read all of `buf` at `offset`, resuming after short reads.
 pub(crate) fn pread_full(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
-    let mut done = 0usize;
-    while done < buf.len() {
-        let chunk = (buf.len() - done).min(MAX_CHUNK as usize);
-        // SAFETY: the pointer and length stay inside `buf`.
-        let r = unsafe {
+    let base = buf.as_mut_ptr();
+    transfer_full(buf.len(), io::ErrorKind::UnexpectedEof, |done, chunk| {
+        // SAFETY: done + chunk <= buf.len(), so the range stays inside `buf`.
+        unsafe {
             libc::pread(
                 fd,
-                buf[done..].as_mut_ptr().cast(),
+                base.add(done).cast(),
                 chunk,
                 (offset + done as u64) as libc::off_t,
             )
-        };
-        match r {
-            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-            n if n > 0 => done += n as usize,
-            _ => {
-                let e = io::Error::last_os_error();
-                if !is_transient(&e) {
-                    return Err(e);
-                }
-            }
         }
-    }
-    Ok(())
+    })
 }
 
 /// Write all of `buf` at `offset`, resuming after short writes. With `fua`
 /// each write carries RWF_DSYNC, so the data is durable when this returns.
 pub(crate) fn pwrite_full(fd: RawFd, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
     let flags = if fua { libc::RWF_DSYNC } else { 0 };
-    let mut done = 0usize;
-    while done < buf.len() {
-        let chunk = (buf.len() - done).min(MAX_CHUNK as usize);
+    transfer_full(buf.len(), io::ErrorKind::WriteZero, |done, chunk| {
         let iov = libc::iovec {
             iov_base: buf[done..].as_ptr() as *mut libc::c_void,
             iov_len: chunk,
         };
         // SAFETY: the iovec points inside `buf`, which outlives the call.
-        let r =
-            unsafe { libc::pwritev2(fd, &iov, 1, (offset + done as u64) as libc::off_t, flags) };
-        match r {
-            0 => return Err(io::ErrorKind::WriteZero.into()),
+        unsafe { libc::pwritev2(fd, &iov, 1, (offset + done as u64) as libc::off_t, flags) }
+    })
+}
+
+/// Move `len` bytes with `io(done, chunk)` (one pread or pwrite of `chunk`
+/// bytes, `done` bytes in), resuming after short transfers and retrying
+/// transient errors; a transfer of nothing is `at_zero`.
+fn transfer_full(
+    len: usize,
+    at_zero: io::ErrorKind,
+    mut io: impl FnMut(usize, usize) -> isize,
+) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < len {
+        let chunk = (len - done).min(MAX_CHUNK as usize);
+        match io(done, chunk) {
+            0 => return Err(at_zero.into()),
             n if n > 0 => done += n as usize,
             _ => {
                 let e = io::Error::last_os_error();

@@ -536,13 +536,16 @@ impl Disk {
         mode: SuspendMode,
     ) -> Result<HandoffRecord, DiskError> {
         let mut s = self.begin_suspend(epoch, mode);
-        let deadline = match mode {
-            SuspendMode::Drain { timeout } => Some(Instant::now() + timeout),
-            SuspendMode::Fence => None,
+        let drained = match mode {
+            SuspendMode::Drain { timeout } => self.tracker.wait_until_none(
+                |r| r.epoch <= epoch && r.kind.modifies(),
+                Some(Instant::now() + timeout),
+            ),
+            // Fenced already: what is still at the storage can never be
+            // acknowledged, so there is nothing to wait for (a hung storage
+            // is the reason to fence).
+            SuspendMode::Fence => true,
         };
-        let drained = self
-            .tracker
-            .wait_until_none(|r| r.epoch <= epoch && r.kind.modifies(), deadline);
         Ok(s.finish(!drained))
     }
 

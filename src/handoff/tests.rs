@@ -307,6 +307,25 @@ fn suspend_fence_record() {
     assert_eq!(storage.byte(0), 3);
 }
 
+/// `suspend` in fence mode returns at once even though a write hangs at the
+/// storage (it used to wait for it forever: a hung storage is exactly when
+/// one fences).
+#[test]
+fn blocking_fence_suspend_does_not_wait_for_hung_storage() {
+    let (storage, disk, tx, rx) = gateway(DiskOptions {
+        auto_advance: true,
+        fence_timeout: None,
+    });
+    let x = disk.register(Some(1), "X").unwrap();
+    writer_io(&disk, &x, 1, 0, 1, &tx); // hangs at the storage
+    let rec = disk.suspend(1, SuspendMode::Fence).unwrap();
+    assert_eq!(rec.method, HandoffMethod::Fenced);
+    assert_eq!(rec.requests[0].fate, RequestFate::Fenced);
+    assert_eq!(storage.held(), 1);
+    storage.release(0);
+    assert_eq!(errno_of(&rx.recv().unwrap().1), Some(libc::EPERM));
+}
+
 #[test]
 fn drain_deadline_falls_back_to_fence() {
     let (storage, disk, tx, _rx) = gateway(DiskOptions {

@@ -867,7 +867,15 @@ impl Suspension {
             .entries
             .lock()
             .values()
-            .map(|(e, _)| e.clone())
+            .map(|(e, settled)| {
+                let mut e = e.clone();
+                // Every write, trim and write-zeroes has settled by now
+                // (drained or fenced); what has not is a read or a flush.
+                if !settled && !e.kind.modifies() {
+                    e.fate = RequestFate::StillInFlight;
+                }
+                e
+            })
             .collect();
         requests.sort_by_key(|e| (e.range.start, e.epoch, e.tag));
         // Only if no newer suspend replaced this one meanwhile (an orphaned

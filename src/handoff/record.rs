@@ -29,6 +29,10 @@ pub enum RequestFate {
     /// Reached the storage but was fenced: it can never be acknowledged,
     /// and every newer write to its sectors is ordered after it.
     Fenced,
+    /// A read or flush still in flight when the record was made: it changes
+    /// nothing on the disk, so a hand-off need not wait for it. The source
+    /// may still answer it; a frontend that gets no answer re-sends it.
+    StillInFlight,
 }
 
 /// One request in flight at suspend.

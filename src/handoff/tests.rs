@@ -326,6 +326,54 @@ fn blocking_fence_suspend_does_not_wait_for_hung_storage() {
     assert_eq!(errno_of(&rx.recv().unwrap().1), Some(libc::EPERM));
 }
 
+/// Reads are never fenced or cancelled: one still at the storage when the
+/// record is made says so, and still completes (it cannot harm the disk).
+#[test]
+fn read_in_flight_at_suspend_is_recorded_as_still_in_flight() {
+    let (storage, disk, tx, rx) = gateway(DiskOptions {
+        auto_advance: true,
+        fence_timeout: None,
+    });
+    let x = disk.register(Some(1), "X").unwrap();
+    writer_io(&disk, &x, 1, 0, 1, &tx);
+    storage.release(0);
+    assert!(rx.recv().unwrap().1.is_ok());
+    let tx2 = tx.clone();
+    disk.submit(
+        &x,
+        7,
+        StorageIo::Read {
+            offset: 0,
+            buf: AlignedBuf::zeroed(512),
+        },
+        Box::new(move |o| {
+            let _ = tx2.send((7, o.result));
+        }),
+    );
+    writer_io(&disk, &x, 8, 64, 2, &tx); // a write, at storage too
+    for mode in [
+        SuspendMode::Fence,
+        SuspendMode::Drain {
+            timeout: Duration::from_millis(20),
+        },
+    ] {
+        let rec = disk.suspend(1, mode).unwrap();
+        let fate = |tag| rec.requests.iter().find(|e| e.tag == tag).unwrap().fate;
+        assert_eq!(fate(7), RequestFate::StillInFlight, "{mode:?}");
+        assert_eq!(fate(8), RequestFate::Fenced, "{mode:?}");
+    }
+    storage.release(0);
+    storage.release(0);
+    let mut got: Vec<_> = (0..2).map(|_| rx.recv().unwrap()).collect();
+    got.sort_by_key(|(tag, _)| *tag);
+    assert!(got[0].1.is_ok(), "the read completes");
+    assert_eq!(
+        errno_of(&got[1].1),
+        Some(libc::EPERM),
+        "the fenced write is refused"
+    );
+}
+
 #[test]
 fn drain_deadline_falls_back_to_fence() {
     let (storage, disk, tx, _rx) = gateway(DiskOptions {

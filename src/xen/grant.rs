@@ -133,6 +133,22 @@ struct GrantTable {
     next_ref: GrantRef,
 }
 
+impl GrantTable {
+    /// The page `gref` grants, if granted (and writable when `write`): the
+    /// one access check, for copies and for maps (which hold the lock over
+    /// all their refs).
+    fn page_for(&self, domid: DomId, gref: GrantRef, write: bool) -> Result<usize, GrantError> {
+        let e = self
+            .entries
+            .get(&gref)
+            .ok_or(GrantError::InvalidRef { domid, gref })?;
+        if write && !e.writable {
+            return Err(GrantError::ReadOnly { domid, gref });
+        }
+        Ok(e.page)
+    }
+}
+
 impl fmt::Debug for EmulatedGuest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EmulatedGuest")
@@ -290,18 +306,7 @@ impl EmulatedGuest {
 
     /// Looks `gref` up for an access; the page index.
     fn lookup(&self, gref: GrantRef, write: bool) -> Result<usize, GrantError> {
-        let t = self.table.lock();
-        let e = t.entries.get(&gref).ok_or(GrantError::InvalidRef {
-            domid: self.domid,
-            gref,
-        })?;
-        if write && !e.writable {
-            return Err(GrantError::ReadOnly {
-                domid: self.domid,
-                gref,
-            });
-        }
-        Ok(e.page)
+        self.table.lock().page_for(self.domid, gref, write)
     }
 
     fn map_refs(
@@ -317,17 +322,7 @@ impl EmulatedGuest {
             let mut t = self.table.lock();
             let mut pages = Vec::with_capacity(refs.len());
             for &gref in refs {
-                let e = t.entries.get(&gref).ok_or(GrantError::InvalidRef {
-                    domid: self.domid,
-                    gref,
-                })?;
-                if writable && !e.writable {
-                    return Err(GrantError::ReadOnly {
-                        domid: self.domid,
-                        gref,
-                    });
-                }
-                pages.push(e.page);
+                pages.push(t.page_for(self.domid, gref, writable)?);
             }
             for gref in refs {
                 if let Some(e) = t.entries.get_mut(gref) {

@@ -455,18 +455,49 @@ impl EmulatedXenStore {
             .ok_or_else(|| XsError::Invalid(format!("no transaction {tx}")))?;
         f(t, gen)
     }
+
+    /// Reads `path` with `get` from the live tree, or from `tx`'s snapshot,
+    /// noting the path so a later change to it fails the commit.
+    fn query<T>(
+        &self,
+        tx: TxId,
+        path: &str,
+        get: impl Fn(&Tree, &str) -> Result<T, XsError>,
+    ) -> Result<T, XsError> {
+        check_path(path)?;
+        if tx == XBT_NULL {
+            return get(&self.state.lock().tree, path);
+        }
+        self.in_tx(tx, |t, _| {
+            t.accessed.insert(path.to_string());
+            get(&t.view, path)
+        })
+    }
+
+    /// Applies `op` to the live tree and fires watches, or (in `tx`) to
+    /// the snapshot only, recording it for replay at commit.
+    fn change(&self, tx: TxId, op: TxOp) -> Result<(), XsError> {
+        if tx == XBT_NULL {
+            let mut st = self.state.lock();
+            let changes = st.apply(&op)?;
+            st.fire(&changes);
+            return Ok(());
+        }
+        self.in_tx(tx, |t, gen| {
+            let touched = match &op {
+                TxOp::Write(path, value) => t.view.write(path, value, gen),
+                TxOp::Rm(path) => t.view.rm(path, gen)?,
+            };
+            t.accessed.extend(touched);
+            t.ops.push(op);
+            Ok(())
+        })
+    }
 }
 
 impl XenStore for EmulatedXenStore {
     fn read(&self, tx: TxId, path: &str) -> Result<Vec<u8>, XsError> {
-        check_path(path)?;
-        if tx == XBT_NULL {
-            return self.state.lock().tree.read(path);
-        }
-        self.in_tx(tx, |t, _| {
-            t.accessed.insert(path.to_string());
-            t.view.read(path)
-        })
+        self.query(tx, path, Tree::read)
     }
 
     fn write(&self, tx: TxId, path: &str, value: &[u8]) -> Result<(), XsError> {
@@ -474,47 +505,16 @@ impl XenStore for EmulatedXenStore {
         if path == "/" {
             return Err(XsError::Invalid("cannot write /".to_string()));
         }
-        let op = TxOp::Write(path.to_string(), value.to_vec());
-        if tx == XBT_NULL {
-            let mut st = self.state.lock();
-            let changes = st.apply(&op)?;
-            st.fire(&changes);
-            return Ok(());
-        }
-        self.in_tx(tx, |t, gen| {
-            let touched = t.view.write(path, value, gen);
-            t.accessed.extend(touched);
-            t.ops.push(op);
-            Ok(())
-        })
+        self.change(tx, TxOp::Write(path.to_string(), value.to_vec()))
     }
 
     fn rm(&self, tx: TxId, path: &str) -> Result<(), XsError> {
         check_path(path)?;
-        let op = TxOp::Rm(path.to_string());
-        if tx == XBT_NULL {
-            let mut st = self.state.lock();
-            let changes = st.apply(&op)?;
-            st.fire(&changes);
-            return Ok(());
-        }
-        self.in_tx(tx, |t, gen| {
-            let touched = t.view.rm(path, gen)?;
-            t.accessed.extend(touched);
-            t.ops.push(op);
-            Ok(())
-        })
+        self.change(tx, TxOp::Rm(path.to_string()))
     }
 
     fn directory(&self, tx: TxId, path: &str) -> Result<Vec<String>, XsError> {
-        check_path(path)?;
-        if tx == XBT_NULL {
-            return self.state.lock().tree.children(path);
-        }
-        self.in_tx(tx, |t, _| {
-            t.accessed.insert(path.to_string());
-            t.view.children(path)
-        })
+        self.query(tx, path, Tree::children)
     }
 
     fn watch(&self, path: &str, token: &str) -> Result<(), XsError> {

@@ -36,31 +36,52 @@ fn consumed(host: &Host) -> u64 {
     })
 }
 
-#[test]
-fn xen_backend_suspend_stops_consuming_at_once() {
-    let storage = AdversarialStorage::new(1 << 20, 1, Duration::from_millis(1));
-    let shared: Arc<dyn BlockStorage> = storage.clone();
+/// A host serving `storage` as vm1 with fresh epochs and no resume record.
+fn vm1_host(storage: Arc<dyn BlockStorage>, config: BackendConfig) -> Host {
     let mut host = Host::new();
     host.create_vbd(
-        opener("vm1", shared, Arc::new(MemEpochStore::default())),
-        BackendConfig::default(),
+        opener("vm1", storage, Arc::new(MemEpochStore::default())),
+        config,
         None,
     );
+    host
+}
+
+/// A default frontend with `guest_pages` of RAM, connected to `host`.
+fn connect_frontend(host: &Host, guest_pages: usize) -> EmulatedFrontend {
     let mut fe = EmulatedFrontend::new(
-        EmulatedGuest::new(DOMID, 512).unwrap(),
+        EmulatedGuest::new(DOMID, guest_pages).unwrap(),
         FrontendOptions::default(),
     )
     .unwrap();
     fe.connect(&host.xs, &host.platform, FE, BE).unwrap();
-    storage.stall(Duration::from_millis(200));
-    for t in 0..8 {
-        fe.submit(write_bio(t + 1, t)).unwrap();
+    fe
+}
+
+/// Writes version `b + 1` to each block `b` of `blocks`.
+fn submit_writes(fe: &mut EmulatedFrontend, blocks: std::ops::Range<u64>) {
+    for b in blocks {
+        fe.submit(write_bio(b + 1, b)).unwrap();
     }
+}
+
+/// Waits (up to 5 s) until the rings have consumed `n` requests.
+fn wait_consumed(host: &Host, n: u64, what: &str) {
     let end = Instant::now() + Duration::from_secs(5);
-    while consumed(&host) < 8 {
-        assert!(Instant::now() < end);
+    while consumed(host) < n {
+        assert!(Instant::now() < end, "{what}");
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+#[test]
+fn xen_backend_suspend_stops_consuming_at_once() {
+    let storage = AdversarialStorage::new(1 << 20, 1, Duration::from_millis(1));
+    let host = vm1_host(storage.clone(), BackendConfig::default());
+    let mut fe = connect_frontend(&host, 512);
+    storage.stall(Duration::from_millis(200));
+    submit_writes(&mut fe, 0..8);
+    wait_consumed(&host, 8, "the 8 writes were not consumed");
     // Suspend while the 8 writes are held at the storage.
     host.xs
         .write_str(XBT_NULL, &format!("{BE}/blkshim-suspend"), "drain")
@@ -76,9 +97,7 @@ fn xen_backend_suspend_stops_consuming_at_once() {
     );
     let at_suspend = consumed(&host);
     assert_eq!(at_suspend, 8);
-    for t in 8..16 {
-        fe.submit(write_bio(t + 1, t)).unwrap();
-    }
+    submit_writes(&mut fe, 8..16);
     wait_phase(host.vbd(), Phase::Suspended);
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(
@@ -110,12 +129,7 @@ fn xen_backend_destination_with_stale_record_is_refused() {
         BackendConfig::default(),
         None,
     );
-    let mut fe = EmulatedFrontend::new(
-        EmulatedGuest::new(DOMID, 256).unwrap(),
-        FrontendOptions::default(),
-    )
-    .unwrap();
-    fe.connect(&x.xs, &x.platform, FE, BE).unwrap();
+    let mut fe = connect_frontend(&x, 256);
     let record = x.suspend("fence");
     // A first destination resumes with the record...
     let mut y = Host::new();
@@ -224,63 +238,36 @@ fn xen_backend_unprotected_keeps_consuming_after_suspend_like_blkback() {
     // The contrast to the test above: Linux blkback's behaviour, which the
     // negative migration test relies on.
     let mem: Arc<dyn BlockStorage> = Arc::new(MemStorage::new(1 << 20));
-    let mut host = Host::new();
-    host.create_vbd(
-        opener("vm1", mem, Arc::new(MemEpochStore::default())),
+    let host = vm1_host(
+        mem,
         BackendConfig {
             protection: false,
             ..BackendConfig::default()
         },
-        None,
     );
-    let mut fe = EmulatedFrontend::new(
-        EmulatedGuest::new(DOMID, 256).unwrap(),
-        FrontendOptions::default(),
-    )
-    .unwrap();
-    fe.connect(&host.xs, &host.platform, FE, BE).unwrap();
+    let mut fe = connect_frontend(&host, 256);
     host.suspend("drain");
     wait_phase(host.vbd(), Phase::Suspended);
     let before = consumed(&host);
-    for t in 0..4 {
-        fe.submit(write_bio(t + 1, t)).unwrap();
-    }
-    let end = Instant::now() + Duration::from_secs(5);
-    while consumed(&host) < before + 4 {
-        assert!(Instant::now() < end, "unprotected ring stopped consuming");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    submit_writes(&mut fe, 0..4);
+    wait_consumed(&host, before + 4, "unprotected ring stopped consuming");
 }
 
 #[test]
 fn xen_backend_removed_while_connected_still_drains_and_records() {
     let dir = tempfile::tempdir().unwrap();
     let storage = AdversarialStorage::new(1 << 20, 7, Duration::from_millis(1));
-    let shared: Arc<dyn BlockStorage> = storage.clone();
-    let mut host = Host::new();
-    host.create_vbd(
-        opener("vm1", shared, Arc::new(MemEpochStore::default())),
+    let host = vm1_host(
+        storage.clone(),
         BackendConfig {
             handoff_dir: Some(dir.path().to_path_buf()),
             ..BackendConfig::default()
         },
-        None,
     );
-    let mut fe = EmulatedFrontend::new(
-        EmulatedGuest::new(DOMID, 512).unwrap(),
-        FrontendOptions::default(),
-    )
-    .unwrap();
-    fe.connect(&host.xs, &host.platform, FE, BE).unwrap();
+    let mut fe = connect_frontend(&host, 512);
     storage.stall(Duration::from_millis(100));
-    for t in 0..6 {
-        fe.submit(write_bio(t + 1, t)).unwrap();
-    }
-    let end = Instant::now() + Duration::from_secs(5);
-    while consumed(&host) < 6 {
-        assert!(Instant::now() < end);
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    submit_writes(&mut fe, 0..6);
+    wait_consumed(&host, 6, "the 6 writes were not consumed");
     // The toolstack destroys the domain's devices with writes in flight.
     host.xs.rm(XBT_NULL, "/local/domain/0/backend").unwrap();
     let path = dir.path().join("vm1.handoff.json");

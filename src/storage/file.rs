@@ -5,7 +5,7 @@
 //! The blocking helpers at the bottom are the thread-pool engine's whole I/O
 //! path; the io_uring engine runs the same steps as queued operations.
 
-use super::{AlignedBuf, Capabilities, OpenOptions, StorageIo, SECTOR_SIZE};
+use super::{AlignedBuf, Capabilities, IoOutcome, OpenOptions, StorageIo, SECTOR_SIZE};
 use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -110,7 +110,7 @@ impl ImageFile {
     /// right here with `preadv2(RWF_NOWAIT)`: it saves the hand-off to the
     /// engine's thread and back. Anything else (O_DIRECT, a cache miss, a
     /// partial transfer) is handed back untouched, to go the normal way.
-    pub(crate) fn try_cached_read(&self, io: StorageIo) -> Result<AlignedBuf, StorageIo> {
+    pub(crate) fn try_cached_read(&self, io: StorageIo) -> Result<IoOutcome, StorageIo> {
         let StorageIo::Read { offset, mut buf } = io else {
             return Err(io);
         };
@@ -132,14 +132,15 @@ impl ImageFile {
             )
         };
         if n >= 0 && n as usize == buf.len() {
-            Ok(buf)
+            Ok(IoOutcome {
+                result: Ok(()),
+                buf: Some(buf),
+            })
         } else {
             Err(StorageIo::Read { offset, buf })
         }
     }
 
-    /// Reject a request that must not reach the file: out of range,
-    /// misaligned, or a modification of a read-only image.
     /// A buffered write without FUA, done right here with `pwrite`: it only
     /// copies into the page cache. io_uring cannot do it without blocking
     /// (ext4 refuses RWF_NOWAIT buffered writes), so it would punt it to a
@@ -148,21 +149,23 @@ impl ImageFile {
     /// go to the ring: there the kernel worker's copy overlaps the caller
     /// receiving the next payload (inline, 1 MiB sequential writes fell
     /// from 1.8k to 1.1k IOPS). Anything else is handed back untouched.
-    pub(crate) fn try_inline_write(
-        &self,
-        io: StorageIo,
-    ) -> Result<(io::Result<()>, AlignedBuf), StorageIo> {
+    pub(crate) fn try_inline_write(&self, io: StorageIo) -> Result<IoOutcome, StorageIo> {
         match io {
             StorageIo::Write { offset, buf, fua }
                 if !self.caps.direct && !fua && buf.len() <= INLINE_WRITE_MAX =>
             {
-                let r = pwrite_full(self.fd(), buf.as_slice(), offset, false);
-                Ok((r, buf))
+                let result = pwrite_full(self.fd(), buf.as_slice(), offset, false);
+                Ok(IoOutcome {
+                    result,
+                    buf: Some(buf),
+                })
             }
             other => Err(other),
         }
     }
 
+    /// Reject a request that must not reach the file: out of range,
+    /// misaligned, or a modification of a read-only image.
     pub(crate) fn validate(&self, io: &StorageIo) -> io::Result<()> {
         let modifies = !matches!(io, StorageIo::Read { .. } | StorageIo::Flush);
         if modifies && self.read_only {

@@ -71,12 +71,7 @@ impl BlockStorage for ThreadPoolStorage {
             return;
         }
         let io = match self.image.try_cached_read(io) {
-            Ok(buf) => {
-                return done(IoOutcome {
-                    result: Ok(()),
-                    buf: Some(buf),
-                })
-            }
+            Ok(out) => return done(out),
             Err(io) => io,
         };
         let Some(jobs) = &self.jobs else {

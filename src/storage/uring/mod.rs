@@ -199,22 +199,12 @@ impl BlockStorage for UringStorage {
                 buf,
             });
         }
-        let io = match image.try_cached_read(io) {
-            Ok(buf) => {
-                return done(IoOutcome {
-                    result: Ok(()),
-                    buf: Some(buf),
-                })
-            }
-            Err(io) => io,
-        };
-        let io = match image.try_inline_write(io) {
-            Ok((result, buf)) => {
-                return done(IoOutcome {
-                    result,
-                    buf: Some(buf),
-                })
-            }
+        // Cached reads and small buffered writes need no kernel worker.
+        let io = match image
+            .try_cached_read(io)
+            .or_else(|io| image.try_inline_write(io))
+        {
+            Ok(out) => return done(out),
             Err(io) => io,
         };
         let (offset, len) = io.byte_range().unwrap_or((0, 0));

@@ -221,9 +221,6 @@ impl Ctx {
         if BATCHING.with(|b| b.get()) == Arc::as_ptr(&self.sink) {
             return self.sink.batch.lock().push(r);
         }
-        if matches!(r, Reply::Kick | Reply::Raw { .. }) {
-            return self.to_writer(vec![r]);
-        }
         if let Err(rs) = self.send_direct(vec![r]) {
             self.to_writer(rs);
         }
@@ -481,9 +478,9 @@ pub fn serve(sock: Sock, neg: Negotiated, stats: Arc<ConnStats>) {
         }
     }
     ctx.flush_batch();
+    // Anything the queue still finishes as it drops answers directly.
     BATCHING.with(|b| b.set(std::ptr::null()));
     drop(queue);
-    ctx.flush_batch();
     ctx.budget.wait_idle();
     let Ctx { replies, .. } = ctx;
     drop(replies);

@@ -9,7 +9,7 @@
 //! engine's `submit` looks there, so every layer above (tracker, `Disk`)
 //! stays unaware of it.
 
-use super::{Op, Shared};
+use super::{enter_error_is_transient, Op, Shared};
 use crate::storage::LocalQueue;
 use io_uring::{opcode, types, IoUring};
 use std::cell::{Cell, RefCell};
@@ -126,16 +126,8 @@ impl LocalRing {
     fn enter(&self, want: usize) -> io::Result<()> {
         self.shared.stats.enters.fetch_add(1, Relaxed);
         match self.ring.submitter().submit_and_wait(want) {
-            Ok(_) => Ok(()),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
-                ) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e),
+            Err(e) if !enter_error_is_transient(&e) => Err(e),
+            _ => Ok(()),
         }
     }
 

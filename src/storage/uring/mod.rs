@@ -539,16 +539,20 @@ impl Shared {
 }
 
 fn log_enter_error(e: &io::Error) {
-    match e.raw_os_error() {
-        // Interrupted, or the kernel is short of resources / CQ overflowed:
-        // reaping completions and entering again resolves all of them.
-        Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY) => {}
-        _ => {
-            log::error!("io_uring_enter failed: {e}");
-            // Do not spin on a persistent failure.
-            thread::sleep(std::time::Duration::from_millis(10));
-        }
+    if !enter_error_is_transient(e) {
+        log::error!("io_uring_enter failed: {e}");
+        // Do not spin on a persistent failure.
+        thread::sleep(std::time::Duration::from_millis(10));
     }
+}
+
+/// Interrupted, or the kernel is short of resources / the CQ overflowed:
+/// reaping completions and entering again resolves all of them.
+fn enter_error_is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
+    )
 }
 
 #[cfg(test)]

@@ -223,7 +223,7 @@ fn xen_backend_migration_real_shared_file() {
         opener("vm1", s, e)
     };
     let config = BackendConfig {
-        handoff_dir: Some(epoch_dir.clone()),
+        ledger: Some(Arc::new(blkshim::handoff::HandoffLedger::open(&epoch_dir).unwrap())),
         ..BackendConfig::default()
     };
     let mut hosts = [Host::new(), Host::new()];

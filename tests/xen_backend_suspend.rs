@@ -225,6 +225,7 @@ fn xen_backend_params_like_tapback_and_file_opener() {
     let opener = blkshim::xen::daemon::file_opener(
         dir.path().join("epochs"),
         blkshim::storage::EngineKind::ThreadPool,
+        Default::default(),
     )
     .unwrap();
     let d = opener(&format!("aio:{}", img.display())).unwrap();
@@ -260,7 +261,7 @@ fn xen_backend_removed_while_connected_still_drains_and_records() {
     let host = vm1_host(
         storage.clone(),
         BackendConfig {
-            handoff_dir: Some(dir.path().to_path_buf()),
+            ledger: Some(Arc::new(blkshim::handoff::HandoffLedger::open(dir.path()).unwrap())),
             ..BackendConfig::default()
         },
     );

@@ -51,32 +51,40 @@ struct StoreLock {
 
 impl StoreLock {
     fn acquire(dir: &Path, exclusive: bool) -> io::Result<StoreLock> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(dir.join(LOCK_FILE))?;
-        // SAFETY: zeroed flock is a valid value; we set the fields we need.
-        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-        fl.l_type = if exclusive {
-            libc::F_WRLCK
-        } else {
-            libc::F_RDLCK
-        } as libc::c_short;
-        fl.l_whence = libc::SEEK_SET as libc::c_short;
-        fl.l_start = 0;
-        fl.l_len = 0;
-        loop {
-            // SAFETY: valid fd and a valid flock pointer.
-            let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLKW, &fl) };
-            if r == 0 {
-                return Ok(StoreLock { _file: file });
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
+        Ok(StoreLock {
+            _file: lock_file(&dir.join(LOCK_FILE), exclusive)?,
+        })
+    }
+}
+
+/// Opens (creating) `path` and takes an OFD lock on it, shared or
+/// exclusive, waiting for it; the lock goes when the returned file closes.
+pub(crate) fn lock_file(path: &Path, exclusive: bool) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    // SAFETY: zeroed flock is a valid value; we set the fields we need.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = if exclusive {
+        libc::F_WRLCK
+    } else {
+        libc::F_RDLCK
+    } as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 0;
+    fl.l_len = 0;
+    loop {
+        // SAFETY: valid fd and a valid flock pointer.
+        let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLKW, &fl) };
+        if r == 0 {
+            return Ok(file);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }

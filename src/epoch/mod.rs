@@ -9,6 +9,7 @@
 mod file;
 
 pub use file::FileEpochStore;
+pub(crate) use file::lock_file;
 
 use crate::tracking::Epoch;
 use parking_lot::Mutex;

@@ -19,9 +19,13 @@
 //!   [`HandoffRecord`] over, and the destination calls [`Disk::resume`], which
 //!   advances the epoch only if the record is current.
 
+pub mod ledger;
 mod record;
+mod registry;
 
+pub use ledger::{HandoffLedger, Holder, WriterClaim};
 pub use record::{HandoffEntry, HandoffMethod, HandoffRecord, RequestFate};
+pub use registry::DiskRegistry;
 
 use crate::epoch::{EpochError, EpochStore};
 use crate::storage::{
@@ -59,6 +63,12 @@ pub enum DiskError {
         record: String,
         disk: String,
     },
+    /// A path to the disk whose size is not the disk's (not the same disk).
+    PathMismatch {
+        disk: String,
+        disk_size: u64,
+        path_size: u64,
+    },
     Epoch(EpochError),
 }
 
@@ -75,6 +85,14 @@ impl fmt::Display for DiskError {
             DiskError::WrongDisk { record, disk } => {
                 write!(f, "hand-off record is for disk {record:?}, not {disk:?}")
             }
+            DiskError::PathMismatch {
+                disk,
+                disk_size,
+                path_size,
+            } => write!(
+                f,
+                "a path of {path_size} bytes cannot reach disk {disk:?} of {disk_size} bytes: not the same disk"
+            ),
             DiskError::Epoch(e) => write!(f, "{e}"),
         }
     }
@@ -125,6 +143,8 @@ struct Pending {
     tag: u64,
     /// The I/O, parked here while the request waits behind a conflict.
     io: Option<StorageIo>,
+    /// The writer's own path to the storage, when it is not the disk's.
+    path: Option<Arc<dyn BlockStorage>>,
     done: IoDone,
 }
 
@@ -203,6 +223,9 @@ pub struct Writer {
     disk: Arc<Disk>,
     id: u64,
     epoch: Epoch,
+    /// This writer's path to the storage ([`Disk::register_on`]); `None`
+    /// for the disk's own.
+    path: Option<Arc<dyn BlockStorage>>,
 }
 
 impl Writer {
@@ -344,6 +367,37 @@ impl Disk {
         epoch: Option<Epoch>,
         label: &str,
     ) -> Result<Writer, DiskError> {
+        self.register_path(epoch, label, None)
+    }
+
+    /// [`Disk::register`] for a writer that reaches the same disk through a
+    /// path of its own (another device node, another multipath map: a Xen
+    /// vbd names the disk by its own `params`). Its I/O goes to `path`; the
+    /// tracker and the epochs stay the disk's, so its writes are ordered
+    /// against every other writer's exactly as on one path. A path whose
+    /// size differs is not the same disk and is refused.
+    pub fn register_on(
+        self: &Arc<Self>,
+        epoch: Option<Epoch>,
+        label: &str,
+        path: Arc<dyn BlockStorage>,
+    ) -> Result<Writer, DiskError> {
+        if path.size() != self.size() {
+            return Err(DiskError::PathMismatch {
+                disk: self.name.clone(),
+                disk_size: self.size(),
+                path_size: path.size(),
+            });
+        }
+        self.register_path(epoch, label, Some(path))
+    }
+
+    fn register_path(
+        self: &Arc<Self>,
+        epoch: Option<Epoch>,
+        label: &str,
+        path: Option<Arc<dyn BlockStorage>>,
+    ) -> Result<Writer, DiskError> {
         let stored = self.epochs.current(&self.name)?;
         let mut st = self.state.lock();
         st.current = st.current.max(stored);
@@ -371,7 +425,35 @@ impl Disk {
             disk: Arc::clone(self),
             id,
             epoch,
+            path,
         })
+    }
+
+    /// Writers registered in this process at `epoch` or above: the holders
+    /// a newer writer would take the disk from.
+    pub fn writers_at_or_above(&self, epoch: Epoch) -> usize {
+        self.state
+            .lock()
+            .writers
+            .values()
+            .filter(|w| w.epoch >= epoch)
+            .count()
+    }
+
+    /// Waits until no write, trim or write-zeroes of epoch `epoch` or below
+    /// is in flight (queued, at the storage, or fenced but still at the
+    /// storage), or `deadline` passes. True when none is left: only then may
+    /// a writer on another path or host be told that `epoch` is over.
+    pub fn wait_writes_settled(&self, epoch: Epoch, deadline: Option<Instant>) -> bool {
+        self.tracker
+            .wait_until_none(|r| r.epoch <= epoch && r.kind.modifies(), deadline)
+    }
+
+    /// Writes, trims and write-zeroes of epoch `epoch` or below in flight.
+    pub fn writes_in_flight_at_or_below(&self, epoch: Epoch) -> usize {
+        self.tracker
+            .snapshot(|r| r.epoch <= epoch && r.kind.modifies())
+            .len()
     }
 
     /// Submit an I/O from `writer`. `done` runs exactly once with the result:
@@ -390,6 +472,7 @@ impl Disk {
         let pending = Pending {
             tag,
             io: Some(io),
+            path: writer.path.clone(),
             done,
         };
         match self.tracker.admit(req, pending) {
@@ -604,6 +687,46 @@ impl Disk {
         Ok(next)
     }
 
+    /// The epoch in the store now (another process or host may have moved
+    /// it since this disk last looked).
+    pub fn stored_epoch(&self) -> Result<Epoch, DiskError> {
+        let stored = self.epochs.current(&self.name)?;
+        let mut st = self.state.lock();
+        st.current = st.current.max(stored);
+        Ok(stored)
+    }
+
+    /// A new writer takes the disk over from epoch exactly `expected`: the
+    /// store advances `expected -> expected + 1` (refused with
+    /// [`DiskError::StaleEpoch`] if it is elsewhere by now: never two
+    /// writers at one epoch), every older writer is fenced, and what they
+    /// still have at the storage keeps its sectors, so the new writer's
+    /// overlapping writes land after it. Only for a holder that cannot
+    /// write any more, or that is in this process (see
+    /// [`HandoffLedger::holder`]).
+    pub fn take_over(self: &Arc<Self>, expected: Epoch) -> Result<Epoch, DiskError> {
+        let _adv = self.advancing.lock();
+        let next = match self.epochs.compare_and_advance(&self.name, expected) {
+            Ok(n) => n,
+            Err(EpochError::Conflict { current, .. }) => {
+                let mut st = self.state.lock();
+                st.current = st.current.max(current);
+                return Err(DiskError::StaleEpoch {
+                    requested: expected + 1,
+                    current,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.state.lock().current = next;
+        self.fence_below(next);
+        log::info!(
+            "disk {:?}: taken over at epoch {next}; writers below it fenced",
+            self.name
+        );
+        Ok(next)
+    }
+
     /// Per-disk state for `blkshim ctl status`.
     pub fn status(&self) -> DiskStatus {
         let st = self.state.lock();
@@ -702,13 +825,17 @@ impl Disk {
 
     /// Hand an admitted request to the storage.
     fn start(self: &Arc<Self>, t: Ticket) {
-        let Some(io) = self.tracker.with_token(t, |p| p.io.take()).flatten() else {
+        let Some((Some(io), path)) = self.tracker.with_token(t, |p| (p.io.take(), p.path.take()))
+        else {
             log::error!("disk {:?}: admitted {t:?} has no I/O to start", self.name);
             return;
         };
         let disk = Arc::clone(self);
-        self.storage
-            .submit(io, Box::new(move |out| disk.finish(t, out)));
+        let done: IoDone = Box::new(move |out| disk.finish(t, out));
+        match path {
+            Some(path) => path.submit(io, done),
+            None => self.storage.submit(io, done),
+        }
     }
 
     /// The storage completed `t`.
@@ -816,6 +943,7 @@ fn fail(done: IoDone, io: StorageIo, e: io::Error) {
     Pending {
         tag: 0,
         io: Some(io),
+        path: None,
         done,
     }
     .fail(e)

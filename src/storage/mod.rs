@@ -9,6 +9,7 @@
 mod buffer;
 pub mod fencing;
 mod file;
+pub mod identity;
 mod mem;
 pub mod threadpool;
 pub mod uring;

@@ -10,14 +10,34 @@
 //! `<handoff dir>/<disk>.handoff.json` on the shared storage). Closing and
 //! Closed follow the frontend.
 //!
-//! Admission: with `blkshim-resume` the back end is a migration destination
-//! and is admitted only by a hand-off record ([`Disk::resume`]) — the node
-//! holds the record itself, or `wait` to wait for the record file. Without
-//! it the back end advances the epoch itself (a fresh start fences every
-//! older writer).
+//! Disks: every vbd of one disk in this process shares one [`Disk`] (from
+//! the [`DiskRegistry`], by the storage's identity, or the vbd's `disk-id`
+//! node), each writing through its own path. A same-host `xl restore` or
+//! `xl migrate` destination is therefore ordered behind the source's
+//! writes still in flight, as in the gateway.
+//!
+//! Admission, with no hook (plain `xl`): the [`HandoffLedger`] says who
+//! holds the disk's current epoch. Released (its record is published), held
+//! by this process, held by a process of this host that is gone, or nobody:
+//! the vbd takes the next epoch. Held by a writer that may still write
+//! (another process or host): it waits up to `resume_wait` for that
+//! writer's record, and then refuses, with the reason in `blkshim-error`;
+//! `blkshim-resume` = `takeover` is the operator saying that writer is dead.
+//! With `blkshim-resume` = `wait` (a migration hook) it is admitted only by
+//! the source's record; the node may also hold the record itself.
+//!
+//! A source publishes its record once none of its writes can reach the
+//! storage any more, whatever the toolstack does meanwhile: libxl removes a
+//! vbd that is slow to close after 10 s, and `xl destroy` removes it at once;
+//! the back end keeps draining (or waiting for fenced writes) and publishes
+//! all the same. Only the daemon's own shutdown stops it earlier, and then
+//! its claim dies with the process.
 
 use crate::epoch::EpochStore;
-use crate::handoff::{Disk, DiskOptions, HandoffMethod, HandoffRecord, SuspendMode, Writer};
+use crate::handoff::{
+    Disk, DiskError, DiskOptions, DiskRegistry, HandoffLedger, HandoffMethod, HandoffRecord,
+    Holder, SuspendMode, Writer,
+};
 use crate::storage::{BlockStorage, SECTOR_SIZE};
 use crate::xen::abi::BlkifAbi;
 use crate::xen::blkif::{Limits, MAX_INDIRECT_SEGMENTS};
@@ -57,9 +77,14 @@ pub struct BackendConfig {
     pub max_queues: u32,
     pub max_indirect_segments: u32,
     pub persistent: bool,
-    /// Where hand-off records go (the shared storage, next to the epochs).
-    pub handoff_dir: Option<PathBuf>,
-    /// How long a destination waits for the source's record.
+    /// Claims and hand-off records (the shared storage, next to the
+    /// epochs). Without one a vbd cannot tell who else holds its disk and
+    /// takes it over: for single-process uses and tests only.
+    pub ledger: Option<Arc<HandoffLedger>>,
+    /// The disks open in this process, shared by its vbds.
+    pub registry: Arc<DiskRegistry>,
+    /// How long a destination waits for the record of a writer that may
+    /// still write, before it refuses.
     pub resume_wait: Duration,
 }
 
@@ -74,15 +99,23 @@ impl Default for BackendConfig {
             max_queues: 4,
             max_indirect_segments: 256,
             persistent: true,
-            handoff_dir: None,
-            resume_wait: Duration::from_secs(30),
+            ledger: None,
+            registry: DiskRegistry::new(),
+            resume_wait: DEFAULT_RESUME_WAIT,
         }
     }
 }
 
+/// How long a destination waits by default for a live holder's record:
+/// the drain deadline (10 s), then fenced writes still held at the storage.
+/// libxl's own device timeouts are 10 s; a storage path that holds writes
+/// for a minute must still hand over.
+pub const DEFAULT_RESUME_WAIT: Duration = Duration::from_secs(180);
+
 /// The disk a vbd's `params` names, opened.
 pub struct OpenedDisk {
-    /// Name in the epoch store.
+    /// Name in the epoch store: the disk's identity, the same for every
+    /// path to it ([`disk_identity`](crate::storage::identity::disk_identity)).
     pub name: String,
     pub storage: Arc<dyn BlockStorage>,
     pub epochs: Arc<dyn EpochStore>,
@@ -104,27 +137,7 @@ pub fn params_path(params: &str) -> PathBuf {
 
 /// A disk name safe for the epoch store, from an image path.
 pub fn disk_name_for(path: &Path) -> String {
-    let raw = path.to_string_lossy();
-    let s: String = raw
-        .trim_start_matches('/')
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let s = s.trim_start_matches('.').to_string();
-    let s = if s.is_empty() { "disk".to_string() } else { s };
-    s.chars()
-        .rev()
-        .take(128)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect()
+    crate::storage::identity::sanitize(&path.to_string_lossy())
 }
 
 /// Where the vbd is in its life.
@@ -236,6 +249,8 @@ pub fn spawn<S: XenStore + 'static>(
         status: Arc::clone(&status),
         rings: Arc::clone(&rings),
         disk: None,
+        disk_name: String::new(),
+        epochs: None,
         storage: None,
         writer: None,
         read_only: false,
@@ -307,6 +322,9 @@ struct Vbd<S: XenStore> {
     status: Arc<Mutex<VbdStatus>>,
     rings: Arc<Mutex<Vec<RingHandle>>>,
     disk: Option<Arc<Disk>>,
+    /// The opener's name for the disk (`disk-id` overrides it).
+    disk_name: String,
+    epochs: Option<Arc<dyn EpochStore>>,
     storage: Option<Arc<dyn BlockStorage>>,
     writer: Option<Arc<Writer>>,
     read_only: bool,
@@ -376,18 +394,8 @@ impl<S: XenStore> Vbd<S> {
         let opened = (self.opener)(&params)?;
         let size = opened.storage.size();
         let caps = opened.storage.capabilities();
-        if self.config.protection {
-            let disk = Disk::open(
-                &opened.name,
-                Arc::clone(&opened.storage),
-                opened.epochs,
-                DiskOptions {
-                    auto_advance: false,
-                    fence_timeout: None,
-                },
-            )?;
-            self.disk = Some(disk);
-        }
+        self.disk_name = opened.name;
+        self.epochs = Some(opened.epochs);
         self.storage = Some(opened.storage);
         let c = &self.config;
         let be = self.be.clone();
@@ -436,8 +444,8 @@ impl<S: XenStore> Vbd<S> {
                 // up the disk properly all the same, so the destination's
                 // record exists (in the hand-off directory; the node is gone).
                 log::info!("vbd {}: removed", self.be);
+                self.publish_node = false;
                 if self.status.lock().phase == Phase::Connected {
-                    self.publish_node = false;
                     if let Err(e) = self.suspend(self.config.suspend_mode) {
                         log::error!("vbd {}: suspend at removal failed: {e}", self.be);
                     }
@@ -510,69 +518,187 @@ impl<S: XenStore> Vbd<S> {
         Ok(())
     }
 
+    /// The shared [`Disk`] of this vbd's disk: by its `disk-id` node when
+    /// the toolstack (or a hotplug script) wrote one, else by the storage's
+    /// identity.
+    fn open_disk(&mut self) -> Result<Option<Arc<Disk>>, Fail> {
+        if !self.config.protection {
+            return Ok(None);
+        }
+        let name = match self.node("disk-id")? {
+            Some(id) if !id.trim().is_empty() => {
+                let id = id.trim().to_string();
+                crate::epoch::validate_disk_name(&id)
+                    .map_err(|e| Fail(format!("disk-id: {e}")))?;
+                id
+            }
+            _ => self.disk_name.clone(),
+        };
+        let (Some(storage), Some(epochs)) = (self.storage.clone(), self.epochs.clone()) else {
+            return Err(Fail("no storage".into()));
+        };
+        let disk = self.config.registry.open(
+            &name,
+            storage,
+            epochs,
+            DiskOptions {
+                auto_advance: false,
+                fence_timeout: None,
+            },
+        )?;
+        self.disk = Some(Arc::clone(&disk));
+        Ok(Some(disk))
+    }
+
     /// Gets a writer at a fresh epoch: by a hand-off record when this is a
-    /// migration destination, else by advancing the epoch.
+    /// migration destination with a hook, else as [`Vbd::admit_plain`]
+    /// decides. A read-only vbd takes no epoch (it must not fence the
+    /// writer) and reads at the current one.
     fn admit(&mut self) -> Result<(), Fail> {
-        let Some(disk) = self.disk.clone() else {
+        let Some(disk) = self.open_disk()? else {
             return Ok(());
         };
         self.writer = None;
+        let storage = self
+            .storage
+            .clone()
+            .ok_or_else(|| Fail("no storage".into()))?;
+        let label = format!("xen {}", self.be);
+        if self.read_only {
+            let writer = disk.register_on(None, &label, storage)?;
+            self.status.lock().epoch = writer.epoch();
+            self.writer = Some(Arc::new(writer));
+            return Ok(());
+        }
         let resume = self.node("blkshim-resume")?;
         let epoch = match resume.as_deref().map(str::trim) {
+            Some("wait") => self.resume_from_record(&disk)?,
+            Some("takeover") => {
+                let current = disk.stored_epoch()?;
+                log::warn!(
+                    "vbd {}: blkshim-resume=takeover: taking disk {:?} from epoch {current} without its record (the operator says its writer is dead)",
+                    self.be,
+                    disk.name()
+                );
+                disk.take_over(current)?
+            }
             Some(v) if !v.is_empty() => {
-                if v == "wait" {
-                    self.resume_from_file(&disk)?
-                } else {
-                    let record = HandoffRecord::from_json(v)
-                        .map_err(|e| Fail(format!("blkshim-resume: bad record: {e}")))?;
-                    disk.resume(&record)?
-                }
+                let record = HandoffRecord::from_json(v)
+                    .map_err(|e| Fail(format!("blkshim-resume: bad record: {e}")))?;
+                disk.resume(&record)?
             }
             _ => match self.last_record.take() {
                 // The same frontend back after our own suspend.
                 Some(record) => disk.resume(&record)?,
-                None => {
-                    let next = disk.current_epoch() + 1;
-                    disk.advance_to(next)?.to
-                }
+                None => self.admit_plain(&disk)?,
             },
         };
-        let writer = disk.register(Some(epoch), &format!("xen {}", self.be))?;
+        if let Some(ledger) = &self.config.ledger {
+            ledger
+                .claim(disk.name(), epoch, &self.be)
+                .map_err(|e| Fail(format!("claiming disk {:?}: {e}", disk.name())))?;
+        }
+        let writer = disk.register_on(Some(epoch), &label, storage)?;
         self.status.lock().epoch = epoch;
         self.writer = Some(Arc::new(writer));
         Ok(())
     }
 
-    fn record_path(&self, disk: &Disk) -> Option<PathBuf> {
-        self.config
-            .handoff_dir
-            .as_ref()
-            .map(|d| d.join(format!("{}.handoff.json", disk.name())))
+    /// Admission with no hook, as plain `xl restore`/`xl migrate` gives it:
+    /// take the next epoch only when nothing that may still write holds the
+    /// current one; wait for a live holder's record, and past
+    /// `resume_wait` refuse.
+    fn admit_plain(&self, disk: &Arc<Disk>) -> Result<u64, Fail> {
+        let end = Instant::now() + self.config.resume_wait;
+        let mut waiting_logged = false;
+        loop {
+            let current = disk.stored_epoch()?;
+            let holder = match &self.config.ledger {
+                Some(l) => l
+                    .holder(disk.name(), current)
+                    .map_err(|e| Fail(format!("hand-off ledger: {e}")))?,
+                None => Holder::Free,
+            };
+            let admitted = match &holder {
+                Holder::Released(record) => disk.resume(record),
+                Holder::Free => disk.take_over(current),
+                Holder::Local(c) => {
+                    log::info!(
+                        "vbd {}: disk {:?} epoch {current} is held in this process ({}); taking over, its writes in flight stay ordered first",
+                        self.be,
+                        disk.name(),
+                        c.label
+                    );
+                    disk.take_over(current)
+                }
+                Holder::Dead(c) => {
+                    log::warn!(
+                        "vbd {}: disk {:?} epoch {current} was held by pid {} ({}), which is gone; taking over",
+                        self.be,
+                        disk.name(),
+                        c.pid,
+                        c.label
+                    );
+                    disk.take_over(current)
+                }
+                Holder::Live(c) => {
+                    if Instant::now() > end || self.stopped() {
+                        return Err(Fail(format!(
+                            "disk {:?} is held at epoch {current} by {} on host {:?} (pid {}), which may still write and has not handed it over after {:?}: refusing to take it over. If that writer is dead, write blkshim-resume = takeover in this vbd's back-end directory",
+                            disk.name(),
+                            c.label,
+                            c.host,
+                            c.pid,
+                            self.config.resume_wait
+                        )));
+                    }
+                    if !waiting_logged {
+                        log::warn!(
+                            "vbd {}: disk {:?} epoch {current} is held by {} on host {:?} (pid {}); waiting up to {:?} for its hand-off record",
+                            self.be,
+                            disk.name(),
+                            c.label,
+                            c.host,
+                            c.pid,
+                            self.config.resume_wait
+                        );
+                        waiting_logged = true;
+                    }
+                    thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+            };
+            match admitted {
+                Ok(epoch) => return Ok(epoch),
+                // Someone else moved the epoch meanwhile: look again.
+                Err(DiskError::StaleEpoch { .. } | DiskError::StaleRecord { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
-    /// Waits for the source's record on the shared storage and resumes
-    /// with it; older records (earlier hand-offs) are refused by the epoch
-    /// store and waited past.
-    fn resume_from_file(&self, disk: &Arc<Disk>) -> Result<u64, Fail> {
-        let path = self
-            .record_path(disk)
+    /// Waits for the source's record and resumes with it; older records
+    /// (earlier hand-offs) are refused by the epoch store and waited past.
+    fn resume_from_record(&self, disk: &Arc<Disk>) -> Result<u64, Fail> {
+        let ledger = self
+            .config
+            .ledger
+            .as_ref()
             .ok_or_else(|| Fail("blkshim-resume=wait needs a hand-off directory".into()))?;
         let end = Instant::now() + self.config.resume_wait;
         loop {
-            if let Ok(text) = std::fs::read_to_string(&path) {
-                if let Ok(r) = HandoffRecord::from_json(&text) {
-                    match disk.resume(&r) {
-                        Ok(e) => return Ok(e),
-                        Err(crate::handoff::DiskError::StaleRecord { .. }) => {}
-                        Err(e) => return Err(e.into()),
-                    }
+            if let Ok(Some(r)) = ledger.record(disk.name()) {
+                match disk.resume(&r) {
+                    Ok(e) => return Ok(e),
+                    Err(DiskError::StaleRecord { .. }) => {}
+                    Err(e) => return Err(e.into()),
                 }
             }
             if Instant::now() > end || self.stopped() {
                 return Err(Fail(format!(
                     "no current hand-off record for {} in {} after {:?}",
                     disk.name(),
-                    path.display(),
+                    ledger.record_path(disk.name()).display(),
                     self.config.resume_wait
                 )));
             }
@@ -703,33 +829,40 @@ impl<S: XenStore> Vbd<S> {
     }
 
     /// Stop every ring at once, then drain or fence through the core, then
-    /// publish the record.
+    /// publish the record once none of this writer's writes can still
+    /// reach the storage.
     fn suspend(&mut self, mode: SuspendMode) -> Result<(), Fail> {
+        for r in self.rings.lock().iter() {
+            r.suspend();
+        }
         let record = match (&self.disk, &self.writer) {
+            (Some(_), Some(_)) if self.read_only => {
+                // A reader holds no epoch and hands nothing over.
+                self.set_phase(Phase::Suspended);
+                return Ok(());
+            }
             (Some(disk), Some(writer)) => {
-                for r in self.rings.lock().iter() {
-                    r.suspend();
-                }
                 let epoch = writer.epoch();
                 log::info!("vbd {}: suspending epoch {epoch} ({mode:?})", self.be);
                 let record = disk.suspend(epoch, mode)?;
-                // Fenced requests may still be at the storage, which other
-                // hosts share and this process cannot recall: the record is
-                // only published once they are gone.
-                let mut warned = Instant::now();
-                while disk.in_flight() > 0 {
+                // Fenced writes may still be at the storage, which other
+                // paths and hosts share and this process cannot recall: the
+                // record is published only once they are gone. Nothing the
+                // toolstack does to the vbd's nodes stops this wait; only
+                // the daemon's own shutdown does (its claim then dies with
+                // the process).
+                while !disk.wait_writes_settled(
+                    epoch,
+                    Some(Instant::now() + Duration::from_secs(5)),
+                ) {
                     if self.stopped() {
                         return Ok(());
                     }
-                    if warned.elapsed() > Duration::from_secs(5) {
-                        log::warn!(
-                            "vbd {}: {} fenced request(s) still at the storage; hand-off waits",
-                            self.be,
-                            disk.in_flight()
-                        );
-                        warned = Instant::now();
-                    }
-                    thread::sleep(Duration::from_millis(1));
+                    log::warn!(
+                        "vbd {}: {} write(s) of epoch {epoch} still at the storage; the hand-off record waits for them",
+                        self.be,
+                        disk.writes_in_flight_at_or_below(epoch)
+                    );
                 }
                 record
             }
@@ -744,25 +877,44 @@ impl<S: XenStore> Vbd<S> {
                 }
             }
         };
-        if let Some(disk) = &self.disk {
-            if let Some(path) = self.record_path(disk) {
-                write_atomically(&path, record.to_json().as_bytes())?;
+        if self.disk.is_some() {
+            if let Some(ledger) = &self.config.ledger {
+                ledger.publish(&record)?;
             }
         }
         if self.publish_node {
-            self.xs.write_str(
-                XBT_NULL,
-                &format!("{}/blkshim-handoff", self.be),
-                &serde_json::to_string(&record).map_err(|e| Fail(e.to_string()))?,
-            )?;
+            let json = serde_json::to_string(&record).map_err(|e| Fail(e.to_string()))?;
+            self.write_if_present("blkshim-handoff", &json)?;
         }
         {
             let mut st = self.status.lock();
             st.phase = Phase::Suspended;
             st.record = Some(record.clone());
         }
+        log::info!(
+            "vbd {}: suspended, hand-off record of epoch {} published ({:?})",
+            self.be,
+            record.source_epoch,
+            record.method
+        );
         self.last_record = Some(record);
-        log::info!("vbd {}: suspended, hand-off record published", self.be);
+        Ok(())
+    }
+
+    /// Writes a node of this vbd only while the vbd's directory exists: a
+    /// plain write would recreate a directory the toolstack removed.
+    fn write_if_present(&self, key: &str, value: &str) -> Result<(), Fail> {
+        let be = self.be.clone();
+        transact(&self.xs, 10, |tx| {
+            if self
+                .xs
+                .read_optional(tx, &format!("{be}/state"))?
+                .is_some()
+            {
+                self.xs.write_str(tx, &format!("{be}/{key}"), value)?;
+            }
+            Ok(())
+        })?;
         Ok(())
     }
 
@@ -785,23 +937,4 @@ impl<S: XenStore> Vbd<S> {
         }
         self.set_phase(Phase::Closed);
     }
-}
-
-/// Write-to-temp, fsync, rename, fsync dir: the record survives a crash
-/// whole or not at all.
-fn write_atomically(path: &Path, data: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name()
-            .map_or("record".into(), |n| n.to_string_lossy())
-    ));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
 }

@@ -1,13 +1,15 @@
 //! `blkshim xen-backend`: the daemon a Xen host (or driver domain) runs.
 //! Like tapback for tapdisk, it watches the `backend/vbd` directory and runs
 //! one [`backend`](crate::xen::backend) state machine per vbd the toolstack
-//! creates there, tearing it down when the toolstack removes the node.
+//! creates there. When the toolstack removes a vbd's node, its back end
+//! finishes on its own (a source still draining publishes its hand-off
+//! record first); the supervisor never waits for it.
 
 use crate::epoch::{EpochStore, FileEpochStore};
+use crate::handoff::HandoffLedger;
+use crate::storage::identity::disk_identity;
 use crate::storage::{open_storage, EngineKind, OpenOptions};
-use crate::xen::backend::{
-    self, disk_name_for, params_path, BackendConfig, DiskOpener, OpenedDisk, VbdHandle,
-};
+use crate::xen::backend::{self, params_path, BackendConfig, DiskOpener, OpenedDisk, VbdHandle};
 use crate::xen::platform::Platform;
 use crate::xen::xenstore::{XenStore, XsError, XBT_NULL};
 use std::collections::BTreeMap;
@@ -42,30 +44,69 @@ pub struct XenBackendArgs {
     /// Do not offer persistent grants.
     #[arg(long)]
     pub no_persistent: bool,
+    /// How long a vbd whose disk is held by a writer that may still write
+    /// (another process or host) waits for that writer's hand-off record
+    /// before it refuses (`30s`, `3m`).
+    #[arg(long, default_value = "180s", value_parser = crate::nbd::config::parse_duration)]
+    pub resume_wait: Duration,
+    /// Name the disk at PATH explicitly, `PATH=ID` (repeatable): for shared
+    /// storage whose identity the host cannot read (a file on a share
+    /// mounted at different paths). A vbd's `disk-id` node wins over it.
+    #[arg(long = "disk-id", value_name = "PATH=ID")]
+    pub disk_ids: Vec<String>,
 }
 
 impl XenBackendArgs {
-    /// The per-vbd configuration these options give.
-    pub fn config(&self) -> BackendConfig {
-        BackendConfig {
+    /// The per-vbd configuration these options give (one disk registry
+    /// and one ledger for all the daemon's vbds).
+    pub fn config(&self) -> io::Result<BackendConfig> {
+        Ok(BackendConfig {
             suspend_mode: crate::handoff::SuspendMode::Drain {
                 timeout: Duration::from_millis(self.drain_timeout_ms),
             },
             max_queues: self.max_queues,
             max_indirect_segments: self.max_indirect_segments,
             persistent: !self.no_persistent,
-            handoff_dir: Some(self.epoch_dir.clone()),
+            ledger: Some(Arc::new(HandoffLedger::open(&self.epoch_dir)?)),
+            resume_wait: self.resume_wait,
             ..BackendConfig::default()
+        })
+    }
+
+    /// `--disk-id` as a map from path to name.
+    pub fn disk_id_map(&self) -> io::Result<BTreeMap<PathBuf, String>> {
+        let mut map = BTreeMap::new();
+        for spec in &self.disk_ids {
+            let (path, id) = spec.split_once('=').ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("--disk-id {spec:?}: expected PATH=ID"),
+                )
+            })?;
+            crate::epoch::validate_disk_name(id).map_err(|e| {
+                io::Error::new(io::ErrorKind::InvalidInput, format!("--disk-id {spec:?}: {e}"))
+            })?;
+            map.insert(PathBuf::from(path), id.to_string());
         }
+        Ok(map)
     }
 }
 
-/// Opens `params` images with `engine`, epochs in `epoch_dir`.
-pub fn file_opener(epoch_dir: PathBuf, engine: EngineKind) -> io::Result<DiskOpener> {
+/// Opens `params` images with `engine`, epochs in `epoch_dir`, each disk
+/// named by its identity ([`disk_identity`]) unless `names` names its path.
+pub fn file_opener(
+    epoch_dir: PathBuf,
+    engine: EngineKind,
+    names: BTreeMap<PathBuf, String>,
+) -> io::Result<DiskOpener> {
     std::fs::create_dir_all(&epoch_dir)?;
     let epochs: Arc<dyn EpochStore> = Arc::new(FileEpochStore::open(&epoch_dir)?);
     Ok(Arc::new(move |params: &str| {
         let path = params_path(params);
+        let name = match names.get(&path) {
+            Some(n) => n.clone(),
+            None => disk_identity(&path)?,
+        };
         let storage = open_storage(
             &path,
             &OpenOptions {
@@ -73,8 +114,9 @@ pub fn file_opener(epoch_dir: PathBuf, engine: EngineKind) -> io::Result<DiskOpe
                 ..OpenOptions::default()
             },
         )?;
+        log::info!("{}: disk {name:?}", path.display());
         Ok(OpenedDisk {
-            name: disk_name_for(&path),
+            name,
             storage,
             epochs: Arc::clone(&epochs),
         })
@@ -90,6 +132,9 @@ pub struct Supervisor<S: XenStore, F: Fn() -> io::Result<S>> {
     opener: DiskOpener,
     config: BackendConfig,
     vbds: BTreeMap<String, VbdHandle>,
+    /// Back ends whose node is gone, finishing on their own (a hand-off
+    /// still draining).
+    retiring: Vec<VbdHandle>,
 }
 
 impl<S: XenStore + 'static, F: Fn() -> io::Result<S>> Supervisor<S, F> {
@@ -114,6 +159,7 @@ impl<S: XenStore + 'static, F: Fn() -> io::Result<S>> Supervisor<S, F> {
             opener,
             config,
             vbds: BTreeMap::new(),
+            retiring: Vec::new(),
         })
     }
 
@@ -141,13 +187,23 @@ impl<S: XenStore + 'static, F: Fn() -> io::Result<S>> Supervisor<S, F> {
         let present = self
             .present()
             .map_err(|e| io::Error::other(e.to_string()))?;
-        self.vbds.retain(|path, h| {
-            let keep = present.contains(path) && !h.is_finished();
-            if !keep {
-                log::info!("vbd {path}: back end stopped");
+        let gone: Vec<String> = self
+            .vbds
+            .iter()
+            .filter(|(path, h)| !present.contains(path) || h.is_finished())
+            .map(|(path, _)| path.clone())
+            .collect();
+        for path in gone {
+            if let Some(h) = self.vbds.remove(&path) {
+                if h.is_finished() {
+                    log::info!("vbd {path}: back end stopped");
+                } else {
+                    log::info!("vbd {path}: removed; its back end finishes on its own");
+                    self.retiring.push(h);
+                }
             }
-            keep
-        });
+        }
+        self.reap();
         for path in present {
             if self.vbds.contains_key(&path) {
                 continue;
@@ -171,6 +227,21 @@ impl<S: XenStore + 'static, F: Fn() -> io::Result<S>> Supervisor<S, F> {
         &self.vbds
     }
 
+    /// Back ends of removed vbds still finishing (handing off).
+    pub fn retiring(&self) -> &[VbdHandle] {
+        &self.retiring
+    }
+
+    fn reap(&mut self) {
+        self.retiring.retain(|h| {
+            let done = h.is_finished();
+            if done {
+                log::info!("vbd {}: back end finished", h.path);
+            }
+            !done
+        });
+    }
+
     /// Reconciles on every watch event until `stop`.
     pub fn run(&mut self, stop: &AtomicBool) -> io::Result<()> {
         while !stop.load(Ordering::Acquire) {
@@ -183,6 +254,7 @@ impl<S: XenStore + 'static, F: Fn() -> io::Result<S>> Supervisor<S, F> {
             } else {
                 // Reap back ends that finished on their own.
                 self.vbds.retain(|_, h| !h.is_finished());
+                self.reap();
             }
         }
         Ok(())
@@ -194,14 +266,14 @@ impl<S: XenStore + 'static, F: Fn() -> io::Result<S>> Supervisor<S, F> {
 pub fn run(args: XenBackendArgs) -> Result<(), Box<dyn std::error::Error>> {
     use crate::xen::platform::XenPlatform;
     use crate::xen::xenstore::XenStoreHandle;
-    let opener = file_opener(args.epoch_dir.clone(), args.engine)?;
+    let opener = file_opener(args.epoch_dir.clone(), args.engine, args.disk_id_map()?)?;
     let platform: Arc<dyn Platform> = XenPlatform::open()?;
     let mut sup = Supervisor::new(
         XenStoreHandle::open,
         &args.backend_root,
         platform,
         opener,
-        args.config(),
+        args.config()?,
     )?;
     log::info!("xen-backend: watching {}", args.backend_root);
     let stop = AtomicBool::new(false);

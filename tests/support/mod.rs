@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use blkshim::epoch::EpochStore;
+use blkshim::handoff::{DiskRegistry, HandoffLedger};
 use blkshim::storage::BlockStorage;
 use blkshim::xen::backend::{self, BackendConfig, DiskOpener, OpenedDisk, Phase, VbdHandle};
 use blkshim::xen::blkif::Status;
@@ -18,11 +19,15 @@ pub const DOMID: u16 = 7;
 pub const FE: &str = "/local/domain/7/device/vbd/51712";
 pub const BE: &str = "/local/domain/0/backend/vbd/7/51712";
 
-/// One Xen host: XenStore, grant/event emulation, a back end for the vbd.
+/// One Xen host: XenStore, grant/event emulation, a back end for the vbd,
+/// and that back end's own disk registry and ledger instance, as a
+/// separate `blkshim xen-backend` process on another host would have.
 pub struct Host {
     pub xs: EmulatedXenStore,
     pub platform: Arc<EmulatedPlatform>,
     pub vbd: Option<VbdHandle>,
+    pub registry: Arc<DiskRegistry>,
+    ledgers: HashMap<std::path::PathBuf, Arc<HandoffLedger>>,
 }
 
 pub fn opener(
@@ -46,12 +51,27 @@ impl Host {
             xs: EmulatedXenStore::new(),
             platform: EmulatedPlatform::new(),
             vbd: None,
+            registry: DiskRegistry::new(),
+            ledgers: HashMap::new(),
         }
     }
 
     /// The toolstack creates the vbd (back-end and front-end nodes) and the
     /// back end starts on it. `resume`: the `blkshim-resume` node, if any.
-    pub fn create_vbd(&mut self, opener: DiskOpener, config: BackendConfig, resume: Option<&str>) {
+    pub fn create_vbd(
+        &mut self,
+        opener: DiskOpener,
+        mut config: BackendConfig,
+        resume: Option<&str>,
+    ) {
+        config.registry = Arc::clone(&self.registry);
+        if let Some(l) = config.ledger.take() {
+            let mine = self
+                .ledgers
+                .entry(l.dir().to_path_buf())
+                .or_insert_with(|| Arc::new(HandoffLedger::open(l.dir()).unwrap()));
+            config.ledger = Some(Arc::clone(mine));
+        }
         let w = |p: &str, v: &str| self.xs.write_str(XBT_NULL, p, v).unwrap();
         w(&format!("{BE}/params"), "aio:/shared/vm1.img");
         w(&format!("{BE}/mode"), "w");

@@ -120,7 +120,7 @@ copy_libs() { # root files...
         if ldd "$f" 2>/dev/null | grep -q 'not found'; then
             log "libraries missing on the host for $f:"; ldd "$f" | grep 'not found' >&2; exit 1
         fi
-        libs="$libs $(ldd "$f" 2>/dev/null | awk '/=> \//{print $3} /^\t\/lib/{print $1}')"
+        libs="$libs $(ldd "$f" 2>/dev/null | awk '/=> \//{print $3} /^\t\/lib/{print $1}' || true)"
     done
     for l in $(echo "$libs" | tr ' ' '\n' | sort -u); do
         local d=${l#/usr} # merged /usr: the image has usr/lib -> ../lib
@@ -169,7 +169,7 @@ D0=$WORK/dom0
 skeleton "$D0"
 copy_modules "$D0" $DOM0_MODULES
 mkdir -p "$D0/usr/lib/xen-$XENVER/bin" "$D0/etc/xen/scripts" "$D0/root/domU"
-for b in xl xenstored xenconsoled xen-init-dom0 libxl-save-helper xenconsole convert-legacy-stream; do
+for b in xl xenstored xenconsoled xen-init-dom0 libxl-save-helper xenconsole; do
     cp "$X/xen/usr/lib/xen-$XENVER/bin/$b" "$D0/usr/lib/xen-$XENVER/bin/"
 done
 ln -s /usr/lib/xen-$XENVER/bin/xl "$D0/usr/sbin/xl" # `xl migrate-receive` is run through sh

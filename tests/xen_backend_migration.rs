@@ -223,7 +223,9 @@ fn xen_backend_migration_real_shared_file() {
         opener("vm1", s, e)
     };
     let config = BackendConfig {
-        ledger: Some(Arc::new(blkshim::handoff::HandoffLedger::open(&epoch_dir).unwrap())),
+        ledger: Some(Arc::new(
+            blkshim::handoff::HandoffLedger::open(&epoch_dir).unwrap(),
+        )),
         ..BackendConfig::default()
     };
     let mut hosts = [Host::new(), Host::new()];

@@ -261,7 +261,9 @@ fn xen_backend_removed_while_connected_still_drains_and_records() {
     let host = vm1_host(
         storage.clone(),
         BackendConfig {
-            ledger: Some(Arc::new(blkshim::handoff::HandoffLedger::open(dir.path()).unwrap())),
+            ledger: Some(Arc::new(
+                blkshim::handoff::HandoffLedger::open(dir.path()).unwrap(),
+            )),
             ..BackendConfig::default()
         },
     );

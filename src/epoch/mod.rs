@@ -8,8 +8,8 @@
 
 mod file;
 
-pub use file::FileEpochStore;
 pub(crate) use file::lock_file;
+pub use file::FileEpochStore;
 
 use crate::tracking::Epoch;
 use parking_lot::Mutex;

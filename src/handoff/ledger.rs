@@ -116,7 +116,12 @@ pub struct HandoffLedger {
 
 impl std::fmt::Debug for HandoffLedger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "HandoffLedger({}, #{:x})", self.dir.display(), self.instance)
+        write!(
+            f,
+            "HandoffLedger({}, #{:x})",
+            self.dir.display(),
+            self.instance
+        )
     }
 }
 
@@ -223,8 +228,7 @@ impl HandoffLedger {
             return Ok(Holder::Free);
         }
         let same_boot = !claim.boot_id.is_empty() && claim.boot_id == self.me.boot_id;
-        let same_machine =
-            !claim.machine_id.is_empty() && claim.machine_id == self.me.machine_id;
+        let same_machine = !claim.machine_id.is_empty() && claim.machine_id == self.me.machine_id;
         Ok(if same_machine && !same_boot {
             // This host rebooted since: nothing of that boot is in flight.
             Holder::Dead(claim)
@@ -245,7 +249,10 @@ impl HandoffLedger {
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
     match fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
         }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),

@@ -258,11 +258,17 @@ mod tests {
         write(&p.join("dev"), "252:2");
         write(&p.join("partition"), "2");
         std::os::unix::fs::symlink(&p, sys.join("dev/block/252:2")).unwrap();
-        assert_eq!(block_identity(sys, 252, 2, 0).unwrap(), "serial-disk-7-part2");
+        assert_eq!(
+            block_identity(sys, 252, 2, 0).unwrap(),
+            "serial-disk-7-part2"
+        );
         let lo = blockdev(sys, "loop1", "7:1", 10);
         write(&lo.join("loop/backing_file"), "/gone/x.img");
         write(&lo.join("loop/offset"), "4096");
-        assert_eq!(block_identity(sys, 7, 1, 0).unwrap(), "file/gone/x.img@4096");
+        assert_eq!(
+            block_identity(sys, 7, 1, 0).unwrap(),
+            "file/gone/x.img@4096"
+        );
         assert_eq!(block_identity(sys, 9, 9, 0).unwrap(), "blockdev-9-9");
     }
 
@@ -276,7 +282,13 @@ mod tests {
         let a = disk_identity(&img).unwrap();
         assert_eq!(a, disk_identity(&link).unwrap());
         crate::epoch::validate_disk_name(&a).unwrap();
-        for raw in ["/../x/.y", "", "...", &"z".repeat(300), &format!("/{}", ".a".repeat(100))] {
+        for raw in [
+            "/../x/.y",
+            "",
+            "...",
+            &"z".repeat(300),
+            &format!("/{}", ".a".repeat(100)),
+        ] {
             crate::epoch::validate_disk_name(&sanitize(raw)).unwrap();
         }
     }

@@ -528,8 +528,7 @@ impl<S: XenStore> Vbd<S> {
         let name = match self.node("disk-id")? {
             Some(id) if !id.trim().is_empty() => {
                 let id = id.trim().to_string();
-                crate::epoch::validate_disk_name(&id)
-                    .map_err(|e| Fail(format!("disk-id: {e}")))?;
+                crate::epoch::validate_disk_name(&id).map_err(|e| Fail(format!("disk-id: {e}")))?;
                 id
             }
             _ => self.disk_name.clone(),
@@ -851,10 +850,9 @@ impl<S: XenStore> Vbd<S> {
                 // toolstack does to the vbd's nodes stops this wait; only
                 // the daemon's own shutdown does (its claim then dies with
                 // the process).
-                while !disk.wait_writes_settled(
-                    epoch,
-                    Some(Instant::now() + Duration::from_secs(5)),
-                ) {
+                while !disk
+                    .wait_writes_settled(epoch, Some(Instant::now() + Duration::from_secs(5)))
+                {
                     if self.stopped() {
                         return Ok(());
                     }
@@ -906,11 +904,7 @@ impl<S: XenStore> Vbd<S> {
     fn write_if_present(&self, key: &str, value: &str) -> Result<(), Fail> {
         let be = self.be.clone();
         transact(&self.xs, 10, |tx| {
-            if self
-                .xs
-                .read_optional(tx, &format!("{be}/state"))?
-                .is_some()
-            {
+            if self.xs.read_optional(tx, &format!("{be}/state"))?.is_some() {
                 self.xs.write_str(tx, &format!("{be}/{key}"), value)?;
             }
             Ok(())

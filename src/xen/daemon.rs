@@ -84,7 +84,10 @@ impl XenBackendArgs {
                 )
             })?;
             crate::epoch::validate_disk_name(id).map_err(|e| {
-                io::Error::new(io::ErrorKind::InvalidInput, format!("--disk-id {spec:?}: {e}"))
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("--disk-id {spec:?}: {e}"),
+                )
             })?;
             map.insert(PathBuf::from(path), id.to_string());
         }

@@ -58,12 +58,22 @@ impl Host {
 
     /// The toolstack creates the vbd (back-end and front-end nodes) and the
     /// back end starts on it. `resume`: the `blkshim-resume` node, if any.
-    pub fn create_vbd(
+    pub fn create_vbd(&mut self, opener: DiskOpener, config: BackendConfig, resume: Option<&str>) {
+        let h = self.spawn_vbd(BE, FE, opener, config, resume);
+        self.vbd = Some(h);
+    }
+
+    /// [`Host::create_vbd`] at other paths (another domain of the same
+    /// guest: a restore or migration on this host), returning the handle.
+    /// The guest's grants stay those of `DOMID`.
+    pub fn spawn_vbd(
         &mut self,
+        be: &str,
+        fe: &str,
         opener: DiskOpener,
         mut config: BackendConfig,
         resume: Option<&str>,
-    ) {
+    ) -> VbdHandle {
         config.registry = Arc::clone(&self.registry);
         if let Some(l) = config.ledger.take() {
             let mine = self
@@ -73,20 +83,28 @@ impl Host {
             config.ledger = Some(Arc::clone(mine));
         }
         let w = |p: &str, v: &str| self.xs.write_str(XBT_NULL, p, v).unwrap();
-        w(&format!("{BE}/params"), "aio:/shared/vm1.img");
-        w(&format!("{BE}/mode"), "w");
-        w(&format!("{BE}/frontend"), FE);
-        w(&format!("{BE}/frontend-id"), &DOMID.to_string());
-        w(&format!("{BE}/state"), "1");
+        w(&format!("{be}/params"), "aio:/shared/vm1.img");
+        w(&format!("{be}/mode"), "w");
+        w(&format!("{be}/frontend"), fe);
+        w(&format!("{be}/frontend-id"), &DOMID.to_string());
+        w(&format!("{be}/state"), "1");
         if let Some(r) = resume {
-            w(&format!("{BE}/blkshim-resume"), r);
+            w(&format!("{be}/blkshim-resume"), r);
         }
-        w(&format!("{FE}/backend"), BE);
-        w(&format!("{FE}/backend-id"), "0");
-        w(&format!("{FE}/state"), "1");
-        let h =
-            backend::spawn(self.xs.connect(), self.platform.clone(), BE, opener, config).unwrap();
-        self.vbd = Some(h);
+        w(&format!("{fe}/backend"), be);
+        w(&format!("{fe}/backend-id"), "0");
+        w(&format!("{fe}/state"), "1");
+        backend::spawn(self.xs.connect(), self.platform.clone(), be, opener, config).unwrap()
+    }
+
+    /// The toolstack destroys the source domain (`xl destroy`, or the end
+    /// of `xl save`) without asking anything of the back end: its nodes go,
+    /// and its back end is left to finish on its own, as the supervisor
+    /// leaves it.
+    pub fn remove_vbd_nodes(&mut self) -> Option<VbdHandle> {
+        self.xs.rm(XBT_NULL, BE).unwrap();
+        self.xs.rm(XBT_NULL, "/local/domain/7").unwrap();
+        self.vbd.take()
     }
 
     pub fn vbd(&self) -> &VbdHandle {

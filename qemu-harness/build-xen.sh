@@ -17,6 +17,7 @@
 # dom0.cpio.gz at run time (Linux unpacks concatenated gzip'd cpio archives).
 #
 # <hash> covers this script, the dom0/domU /init scripts, xen-genprobe.c,
+# xen-xswatch.c,
 # modorder.py, the package versions and the host library packages the
 # binaries are linked against. Nothing is installed here (xen.sh does that):
 # the kernel, xen-hypervisor, xen-utils, xenstore-utils, busybox-static and
@@ -49,7 +50,7 @@ HOSTLIBS="libc6 libxenmisc$XENVER libxenstore4 libyajl2 dmsetup libdevmapper1.02
 hostvers=$(for p in $HOSTLIBS; do echo "$p=$(inst "$p")"; done | tr '\n' ' ')
 
 HASH=$( {
-    cat "$0" "$HERE/xen-dom0-init.sh" "$HERE/xen-domU-init.sh" "$HERE/xen-genprobe.c" "$HERE/modorder.py"
+    cat "$0" "$HERE/xen-dom0-init.sh" "$HERE/xen-domU-init.sh" "$HERE/xen-genprobe.c" "$HERE/xen-xswatch.c" "$HERE/modorder.py"
     for p in $PKGS; do echo "$p=${VER[$p]}"; done
     echo "$hostvers"
 } | sha256sum | cut -c1-16)
@@ -142,8 +143,9 @@ mkcpio() { # root out.gz
     (cd "$1" && find . | LC_ALL=C sort | cpio --quiet -o -H newc | gzip -1) >"$2"
 }
 
-# The generation probe: static, no libaio.
+# The generation probe: static, no libaio. The XenStore watch logger/hook.
 gcc -static -O2 -Wall -o "$WORK/xen-genprobe" "$HERE/xen-genprobe.c"
+gcc -O2 -Wall -o "$WORK/xen-xswatch" "$HERE/xen-xswatch.c" -lxenstore
 
 # (d) domU initramfs: busybox, xen-blkfront, the probe.
 DU=$WORK/domU
@@ -177,7 +179,8 @@ for b in xenstore xenstore-read xenstore-write xenstore-ls xenstore-rm xenstore-
     cp "$X/xen/usr/bin/$b" "$D0/usr/bin/$b"
 done
 cp "$(command -v dmsetup)" "$D0/sbin/dmsetup"
-copy_libs "$D0" "$D0"/usr/lib/xen-$XENVER/bin/* "$D0/usr/bin/xenstore" "$D0/sbin/dmsetup"
+cp "$WORK/xen-xswatch" "$D0/usr/bin/xen-xswatch"
+copy_libs "$D0" "$D0"/usr/lib/xen-$XENVER/bin/* "$D0/usr/bin/xenstore" "$D0/sbin/dmsetup" "$D0/usr/bin/xen-xswatch"
 # pthread_cancel dlopen()s libgcc_s: without it xl aborts.
 gcc_s=$(ldconfig -p | awk '/libgcc_s.so.1 .*x86-64/{print $NF; exit}')
 [ -n "$gcc_s" ] || { log "libgcc_s.so.1 not found"; exit 1; }

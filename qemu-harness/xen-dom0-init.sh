@@ -118,6 +118,7 @@ waitlog() { # timeout_s pattern files... -> 0 when found
     return 1
 }
 xs_snap() { # scn tag
+    local d
     {
         echo "# $(up) $2"
         xenstore-ls -f /local/domain/0/backend 2>&1
@@ -128,21 +129,12 @@ xs_snap() { # scn tag
     } >>"/run/xh/xs-$1.txt"
 }
 WATCHPIDS=""
-watch_start() { # scn: log every XenStore change under /local/domain
-    (xenstore-watch /local/domain | while IFS= read -r p; do
-        read -r u _ </proc/uptime
-        case "$p" in
-        */state|*/hotplug-status|*/online|*/blkshim-*|*/shutdown|*/physical-device|*/params|*/feature-*|*/ring-ref*|*/event-channel*)
-            v=$(xenstore-read "$p" 2>/dev/null) || v='<absent>'
-            echo "$u $p = $v" ;;
-        *) echo "$u $p" ;;
-        esac
-    done >>"/run/xh/watch-$1.txt") &
+watch_start() { # scn: log every XenStore change under /local/domain, value read at once
+    xen-xswatch /local/domain >>"/run/xh/watch-$1.txt" 2>&1 &
     WATCHPIDS="$WATCHPIDS $!"
 }
 watch_stop() {
     for p in $WATCHPIDS; do killtree "$p"; done
-    for p in $(pidof xenstore-watch); do kill $p 2>/dev/null; done
     WATCHPIDS=""
 }
 domains_gone() { # timeout: wait until only Domain-0 is left
@@ -240,6 +232,7 @@ xlrun() { # scn tag timeout args... : xl -vvv, log kept, duration printed
     return $rc
 }
 cleanup_domains() { # scn
+    local d
     for d in $($XL list 2>/dev/null | awk 'NR>2{print $2}'); do
         timeout -s KILL 60 $XL destroy "$d" >/dev/null 2>&1
     done
@@ -281,18 +274,7 @@ race() { # scn op(save|migrate) type delay hook(0|1)
     if [ "$hook" = 1 ]; then
         # The destination's migration hook: blkshim-resume = wait in the new
         # vbd's back-end directory as soon as it appears.
-        (xenstore-watch /local/domain/0/backend/vbd | while IFS= read -r p; do
-            case "$p" in
-            /local/domain/0/backend/vbd/*/*)
-                rest=${p#/local/domain/0/backend/vbd/}; id=${rest%%/*}; rest=${rest#*/}; dev=${rest%%/*}
-                if [ "$id" != "$src" ] && [ -n "$dev" ]; then
-                    xenstore-write "/local/domain/0/backend/vbd/$id/$dev/blkshim-resume" wait
-                    read -r u _ </proc/uptime
-                    echo "XEN-LOG $u $scn: hook wrote /local/domain/0/backend/vbd/$id/$dev/blkshim-resume = wait (on $p)"
-                    break
-                fi ;;
-            esac
-        done) &
+        xen-xswatch -hook "$src" -value "${HOOK_VALUE:-wait}" /local/domain/0/backend/vbd &
         HOOKPID=$!
     fi
     if [ "$op" = save ]; then
@@ -308,7 +290,7 @@ race() { # scn op(save|migrate) type delay hook(0|1)
     local dst; dst=$($XL domid "$name" 2>/dev/null)
     xs_snap "$scn" "after $op (new domid $dst)"
     log "$scn: source domid $src, destination domid $dst; $($XL list 2>&1 | awk 'NR>2{print $1"/"$2"/"$5}' | tr '\n' ' ')"
-    [ -n "$HOOKPID" ] && killtree "$HOOKPID"
+    [ -n "$HOOKPID" ] && kill "$HOOKPID" 2>/dev/null
     # Wait for the delayed writes to have landed, then read the storage.
     local tend; tend=$(awk "BEGIN{print $t_gen1 + $d + $MARGIN}")
     while [ "$(awk "BEGIN{print ($(up) < $tend)}")" = 1 ]; do sleep 1; done

@@ -60,13 +60,13 @@ cleanup() {
         kill "$QPID" 2>/dev/null; sleep 1; kill -9 "$QPID" 2>/dev/null
     fi
     [ -n "${TSPID:-}" ] && kill "$TSPID" 2>/dev/null
-    if [ -n "${WDPID:-}" ]; then pkill -P "$WDPID" 2>/dev/null; kill "$WDPID" 2>/dev/null; fi
+    if [ -n "${WDPID:-}" ]; then kill "$WDPID" 2>/dev/null; pkill -P "$WDPID" 2>/dev/null; fi
     wait 2>/dev/null
 }
 trap cleanup EXIT
 trap 'say "interrupted"; exit 130' INT TERM
 # The whole run is bounded: a watchdog signals this script at --timeout.
-( sleep "$TIMEOUT"; echo "xen.sh: overall timeout ${TIMEOUT}s" >&2; kill -TERM $$ ) &
+( sleep "$TIMEOUT" && { echo "xen.sh: overall timeout ${TIMEOUT}s" >&2; kill -TERM $$; } ) &
 WDPID=$!
 
 # ---- prerequisites -----------------------------------------------------------

@@ -89,6 +89,19 @@ fn run_one(abi: BlkifAbi, order: u32, queues: u32, persistent: bool, max_indirec
             })
             .sum();
         assert!(consumed >= 400);
+        let sum = |f: fn(&blkshim::xen::dataplane::RingStats) -> u64| -> u64 {
+            rings.iter().map(|r| f(r.stats())).sum()
+        };
+        use std::sync::atomic::Ordering::Relaxed;
+        // Every request is counted by what it did.
+        let by_op = sum(|s| s.reads.load(Relaxed))
+            + sum(|s| s.writes.load(Relaxed))
+            + sum(|s| s.flushes.load(Relaxed))
+            + sum(|s| s.discards.load(Relaxed))
+            + sum(|s| s.refused.load(Relaxed));
+        assert_eq!(by_op, consumed);
+        assert!(sum(|s| s.reads.load(Relaxed)) > 0 && sum(|s| s.writes.load(Relaxed)) > 0);
+        assert!(sum(|s| s.bytes_read.load(Relaxed)) >= 64 * 4096);
         let indirect: u64 = rings
             .iter()
             .map(|r| {

@@ -79,6 +79,15 @@ pub struct RingStats {
     pub refused: AtomicU64,
     /// INDIRECT requests served.
     pub indirect: AtomicU64,
+    /// Requests by operation (after parsing): what the frontend used.
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    /// FLUSH_DISKCACHE and WRITE_BARRIER.
+    pub flushes: AtomicU64,
+    pub discards: AtomicU64,
+    /// Bytes read and written for the guest.
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
     /// Responses dropped because the ring was suspended.
     pub withheld: AtomicU64,
 }
@@ -179,6 +188,22 @@ impl RingHandle {
         self.shared.stopping.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+            let st = &self.shared.stats;
+            let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+            log::info!(
+                "ring {}: stopped after {} requests (read {}, write {}, flush {}, discard {}, indirect {}, refused {}; {} B read, {} B written; {} persistent grants)",
+                self.shared.name,
+                n(&st.consumed),
+                n(&st.reads),
+                n(&st.writes),
+                n(&st.flushes),
+                n(&st.discards),
+                n(&st.indirect),
+                n(&st.refused),
+                n(&st.bytes_read),
+                n(&st.bytes_written),
+                self.persistent_grants()
+            );
         }
         if let Some(p) = &self.shared.persistent {
             p.lock().clear();
@@ -408,6 +433,25 @@ fn scatter(s: &Shared, req: &Request, data: &[u8]) -> Result<(), GrantError> {
 }
 
 fn execute(s: &Arc<Shared>, req: Request) {
+    let st = &s.stats;
+    let bytes = req.nr_sectors() * SECTOR_SIZE as u64;
+    match &req.operation {
+        Operation::Read(_) => {
+            st.reads.fetch_add(1, Ordering::Relaxed);
+            st.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+        }
+        Operation::Write(_) => {
+            st.writes.fetch_add(1, Ordering::Relaxed);
+            st.bytes_written.fetch_add(bytes, Ordering::Relaxed);
+        }
+        Operation::WriteBarrier(_) | Operation::Flush(_) => {
+            st.flushes.fetch_add(1, Ordering::Relaxed);
+            st.bytes_written.fetch_add(bytes, Ordering::Relaxed);
+        }
+        Operation::Discard { .. } => {
+            st.discards.fetch_add(1, Ordering::Relaxed);
+        }
+    }
     let offset = req.sector_number * SECTOR_SIZE as u64;
     let tag = req.id;
     match &req.operation {

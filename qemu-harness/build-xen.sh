@@ -157,13 +157,15 @@ chmod 755 "$DU/init" "$DU/bin/busybox"
 mkdir -p "$WORK/domU-out"
 mkcpio "$DU" "$WORK/domU-out/probe.cpio.gz"
 # ... and the load-scenario variant: the same plus fio and its libraries
-# (Debian's fio links ceph, gluster, rdma...: the guest needs rootfstype=ramfs).
+# (Debian's fio links ceph, gluster, rdma...: the guest needs rootfstype=ramfs)
+# and xenstore-read (dom0 tells the load to stop through XenStore). One
+# archive, not a concatenation.
 FR=$WORK/domU-fio
-mkdir -p "$FR/usr/bin" "$FR/lib"
+cp -a "$DU" "$FR"
 cp "$X/fio/usr/bin/fio" "$FR/usr/bin/fio"
-copy_libs "$FR" "$FR/usr/bin/fio"
-mkcpio "$FR" "$WORK/fio-extra.cpio.gz"
-cat "$WORK/domU-out/probe.cpio.gz" "$WORK/fio-extra.cpio.gz" >"$WORK/domU-out/fio.cpio.gz"
+cp "$X/xen/usr/bin/xenstore" "$FR/usr/bin/xenstore-read"
+copy_libs "$FR" "$FR/usr/bin/fio" "$FR/usr/bin/xenstore-read"
+mkcpio "$FR" "$WORK/domU-out/fio.cpio.gz"
 cp "$WORK/vmlinuz" "$WORK/domU-out/vmlinuz"
 
 # (c) dom0 initramfs.
@@ -214,5 +216,9 @@ mv "$WORK/xen" "$WORK/vmlinuz" "$WORK/dom0.cpio.gz" "$OUT.tmp/"
 } >"$OUT.tmp/INFO"
 rm -rf "$OUT"
 mv "$OUT.tmp" "$OUT"
+# Older builds (other input hashes) are only disk space now.
+for old in "$CACHE"/xen-*; do
+    [ "$old" = "$OUT" ] || [ ! -d "$old" ] || case "$old" in *.tmp) ;; *) rm -rf "$old" ;; esac
+done
 log "built $OUT: $(tail -1 "$OUT/INFO")"
 echo "$OUT"

@@ -9,8 +9,8 @@
 #                   xp.blocks, xp.stride_kb, xp.read_ms)
 #   xp.mode=fio     fio randwrite with crc32c verification over the whole
 #                   disk (libaio, direct, iodepth xp.iodepth) in rounds until
-#                   dom0 writes "stop" to xenstore (data/xh-stop), then a
-#                   final whole-disk verify read
+#                   dom0 writes data/xh-stop in this domain's XenStore
+#                   directory, then a final whole-disk verify read
 # Every line dom0 parses starts with DOMU- or PROBE / CORRUPTION.
 /bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin /proc /sys /dev /tmp
 /bin/busybox --install -s /bin
@@ -52,34 +52,37 @@ probe)
     idle
     ;;
 fio)
-    # The load scenario: rounds of whole-disk randwrite + verify while dom0
-    # saves/restores and migrates the domain; dom0 ends the rounds by
-    # creating /tmp/stop... it cannot: the domU has no dom0 channel but its
-    # console and disk, so the rounds are counted: xp.rounds, each bounded
-    # by xp.runtime seconds (time_based off: fixed-bs full-disk writes keep
-    # fio's verify headers exact).
-    rounds=${xp_rounds:-3}
+    # The load scenario: rounds of whole-disk 4k randwrite with crc32c
+    # headers (libaio, O_DIRECT, iodepth xp.iodepth), each re-reading recent
+    # writes (verify_backlog) and the whole disk at its end (do_verify), until
+    # dom0 writes data/xh-stop into this domain's XenStore directory (after
+    # its save/restores and migrations); then a final whole-disk verify read.
     depth=${xp_iodepth:-8}
-    r=1; fail=0
-    while [ $r -le $rounds ]; do
-        echo "DOMU-FIO-ROUND $r start uptime=$(cut -d' ' -f1 /proc/uptime)"
-        fio --name=load --filename=$dev --ioengine=libaio --direct=1 --iodepth=$depth \
-            --rw=randwrite --bs=4k --verify=crc32c --do_verify=1 --verify_backlog=256 \
-            --verify_fatal=0 --randrepeat=0 --output-format=terse --terse-version=3 \
-            >/tmp/fio-$r.out 2>/tmp/fio-$r.err
-        rc=$?
-        nerr=$(grep -c -E 'verify:|bad magic|crc32c' /tmp/fio-$r.err)
-        grep -E 'verify|bad magic|crc32c|error' /tmp/fio-$r.err | head -10 | sed "s/^/DOMU-FIO-ERR round $r: /"
-        echo "DOMU-FIO-ROUND $r end rc=$rc verify_errors=$nerr uptime=$(cut -d' ' -f1 /proc/uptime)"
-        [ $rc -eq 0 ] && [ "$nerr" -eq 0 ] || fail=$((fail + 1))
+    maxrounds=${xp_rounds:-20}
+    r=0; errs=0; fail=0
+    while ! xenstore-read data/xh-stop >/dev/null 2>&1 && [ $r -lt "$maxrounds" ]; do
         r=$((r + 1))
+        echo "DOMU-FIO-ROUND $r start uptime=$(cut -d' ' -f1 /proc/uptime)"
+        fio --name=load --filename=$dev --rw=randwrite --bs=4k --size=100% --direct=1 \
+            --ioengine=libaio --iodepth="$depth" --randseed="$r" --verify=crc32c \
+            --verify_backlog=256 --do_verify=1 --output-format=terse --terse-version=3 \
+            >/tmp/fio.out 2>/tmp/fio.err
+        rc=$?
+        n=$(grep -c -E 'verify:|bad magic|crc32c|err=[ ]*[1-9]' /tmp/fio.err)
+        grep -E 'verify|bad magic|crc32c|err=|error' /tmp/fio.err | head -10 | sed "s/^/DOMU-FIO-ERR round $r: /"
+        [ $rc -ne 0 ] && [ "$n" -eq 0 ] && n=1
+        errs=$((errs + n)); [ "$n" -ne 0 ] && fail=$((fail + 1))
+        echo "DOMU-FIO-ROUND $r end rc=$rc verify_errors=$n uptime=$(cut -d' ' -f1 /proc/uptime)"
     done
-    fio --name=final --filename=$dev --ioengine=libaio --direct=1 --iodepth=$depth --rw=read --bs=4k \
-        --verify=crc32c --verify_fatal=0 --verify_only=1 --randrepeat=0 >/tmp/fio-final.out 2>/tmp/fio-final.err
+    echo "DOMU-FIO-STOP rounds=$r"
+    fio --name=final --filename=$dev --rw=read --bs=4k --size=100% --direct=1 --ioengine=libaio \
+        --iodepth="$depth" --verify=crc32c --output-format=terse --terse-version=3 \
+        >/tmp/final.out 2>/tmp/final.err
     rc=$?
-    nerr=$(grep -c -E 'verify:|bad magic|crc32c' /tmp/fio-final.err)
-    grep -E 'verify|bad magic|crc32c|error' /tmp/fio-final.err | head -10 | sed 's/^/DOMU-FIO-ERR final: /'
-    echo "DOMU-FIO-FINAL rc=$rc verify_errors=$nerr failed_rounds=$fail"
+    n=$(grep -c -E 'verify:|bad magic|crc32c|err=[ ]*[1-9]' /tmp/final.err)
+    grep -E 'verify|bad magic|crc32c|err=|error' /tmp/final.err | head -10 | sed 's/^/DOMU-FIO-ERR final: /'
+    [ $rc -ne 0 ] && [ "$n" -eq 0 ] && n=1
+    echo "DOMU-FIO-FINAL rc=$rc verify_errors=$n rounds=$r failed_rounds=$fail"
     idle
     ;;
 *)

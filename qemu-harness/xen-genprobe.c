@@ -94,6 +94,8 @@ struct blk {
     int last_read_gen;
 };
 static struct blk B[MAXB];
+static int cur_gen, w_left;
+static double gen_done_at = -1;
 
 static int parse_gen(const unsigned char *buf)
 {
@@ -144,8 +146,6 @@ static long total_corrupt(int *nblk)
     return n;
 }
 
-static int cur_gen, w_left;
-static double gen_done_at = -1;
 
 static void check_read(int b, int g, int snap, const char *when)
 {
@@ -162,12 +162,32 @@ static void check_read(int b, int g, int snap, const char *when)
     }
 }
 
+/*
+ * A save/restore or a migration shows as a jump of CLOCK_BOOTTIME against
+ * CLOCK_MONOTONIC (the time the domain was suspended counts in the former
+ * only). Checked before the completions that ended the wait are handled, so
+ * the in-flight count is the one the domain was suspended with.
+ */
+static double last_off = -1e9;
+static int suspends;
+static void check_suspend(void)
+{
+    double off = now_clock(CLOCK_BOOTTIME) - now_clock(CLOCK_MONOTONIC);
+    if (last_off > -1e8 && off - last_off > 0.05) {
+        suspends++;
+        say("SUSPENDED #%d for %.2f s (clock jump) with gen %d: %d writes in flight", suspends, off - last_off,
+            cur_gen, w_left);
+    }
+    last_off = off;
+}
+
 /* Wait for events up to `ms`; handle them. */
 static void pump(int ms)
 {
     struct io_event ev[2 * MAXB];
     struct timespec t = {ms / 1000, (ms % 1000) * 1000000L};
     int n = io_getevents_(ctx, 1, 2 * MAXB, ev, &t);
+    check_suspend();
     if (n < 0) {
         if (errno != EINTR)
             say("io_getevents: %s", strerror(errno));

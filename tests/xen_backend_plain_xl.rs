@@ -401,3 +401,50 @@ fn supervisor_leaves_a_removed_vbd_to_finish_its_handoff() {
         "the removed node was recreated"
     );
 }
+
+#[test]
+fn libxl_teardown_gets_closed_at_once_and_the_record_after_the_storage() {
+    // libxl gives a device 10 s to reach Closed. With writes held at the
+    // storage, the back end answers at once and still hands over only once
+    // they have left it.
+    let dir = tempfile::tempdir().unwrap();
+    let storage = AdversarialStorage::new(DISK, 11, Duration::from_millis(1));
+    let epochs: Arc<dyn EpochStore> = Arc::new(FileEpochStore::open(dir.path()).unwrap());
+    let mut host = Host::new();
+    host.create_vbd(
+        opener("vm1", StoragePath::new(&storage), epochs),
+        BackendConfig {
+            ledger: Some(Arc::new(HandoffLedger::open(dir.path()).unwrap())),
+            ..BackendConfig::default()
+        },
+        None,
+    );
+    let mut fe = frontend(11);
+    fe.connect(&host.xs, &host.platform, FE, BE).unwrap();
+    let mut wl = Workload::new(BLOCKS, 11);
+    wl.run(&mut fe, 8, 20);
+    storage.stall(Duration::from_secs(2));
+    wl.fill(&mut fe, 8);
+    std::thread::sleep(Duration::from_millis(10));
+    let t = Instant::now();
+    let (closed, handle) = host.libxl_destroy();
+    let closed = closed.expect("libxl's 10 s ran out before Closed");
+    assert!(closed < Duration::from_secs(1), "Closed after {closed:?}");
+    let record = dir.path().join("vm1.handoff.json");
+    assert!(!record.exists(), "record published while writes were held");
+    let end = Instant::now() + Duration::from_secs(10);
+    while !record.exists() {
+        assert!(Instant::now() < end, "no record");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(t.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(storage.pending(), 0);
+    let rec = HandoffRecord::from_json(&std::fs::read_to_string(&record).unwrap()).unwrap();
+    assert_eq!(rec.method, blkshim::handoff::HandoffMethod::Fenced);
+    assert!(rec
+        .requests
+        .iter()
+        .any(|e| e.fate == blkshim::handoff::RequestFate::Fenced));
+    wait_finished(&handle.unwrap());
+    assert!(host.xs.read_optional(XBT_NULL, BE).unwrap().is_none());
+}

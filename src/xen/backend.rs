@@ -446,7 +446,7 @@ impl<S: XenStore> Vbd<S> {
                 log::info!("vbd {}: removed", self.be);
                 self.publish_node = false;
                 if self.status.lock().phase == Phase::Connected {
-                    if let Err(e) = self.suspend(self.config.suspend_mode) {
+                    if let Err(e) = self.suspend(SuspendMode::Fence, false) {
                         log::error!("vbd {}: suspend at removal failed: {e}", self.be);
                     }
                 }
@@ -481,9 +481,17 @@ impl<S: XenStore> Vbd<S> {
                     } else {
                         self.config.suspend_mode
                     };
-                    self.suspend(m)?;
+                    self.suspend(m, false)?;
+                } else if self.fe_node("state")?.is_none() {
+                    // The toolstack tore the frontend down (`xl save`,
+                    // `xl destroy`, the end of `xl migrate`): no guest waits
+                    // for these requests, and blkfront re-sends whatever was
+                    // not answered. Fence at once and tell libxl Closed now;
+                    // it waits only 10 s for that. The record still waits
+                    // for the fenced writes to leave the storage.
+                    self.suspend(SuspendMode::Fence, true)?;
                 } else if left {
-                    self.suspend(self.config.suspend_mode)?;
+                    self.suspend(self.config.suspend_mode, false)?;
                 }
             }
             Phase::Suspended | Phase::Closing => {
@@ -829,8 +837,10 @@ impl<S: XenStore> Vbd<S> {
 
     /// Stop every ring at once, then drain or fence through the core, then
     /// publish the record once none of this writer's writes can still
-    /// reach the storage.
-    fn suspend(&mut self, mode: SuspendMode) -> Result<(), Fail> {
+    /// reach the storage. `close_early`: the toolstack is tearing the
+    /// device down; answer Closed as soon as the record's contents are
+    /// settled, before waiting for the storage.
+    fn suspend(&mut self, mode: SuspendMode, close_early: bool) -> Result<(), Fail> {
         for r in self.rings.lock().iter() {
             r.suspend();
         }
@@ -844,6 +854,9 @@ impl<S: XenStore> Vbd<S> {
                 let epoch = writer.epoch();
                 log::info!("vbd {}: suspending epoch {epoch} ({mode:?})", self.be);
                 let record = disk.suspend(epoch, mode)?;
+                if close_early {
+                    self.write_if_present("state", &state::CLOSED.to_string())?;
+                }
                 // Fenced writes may still be at the storage, which other
                 // paths and hosts share and this process cannot recall: the
                 // record is published only once they are gone. Nothing the

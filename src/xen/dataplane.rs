@@ -463,7 +463,11 @@ fn execute(s: &Arc<Shared>, req: Request) {
                 StorageIo::Read { offset, buf },
                 Box::new(move |o: IoOutcome| {
                     let mut status = status_of(&o.result);
-                    if status == Status::Okay {
+                    // A suspended ring withholds the answer (the frontend
+                    // re-sends the read after resume): no copy into a guest
+                    // that may be gone by now.
+                    let withheld = s2.target.protected() && s2.suspended.load(Ordering::SeqCst);
+                    if status == Status::Okay && !withheld {
                         let ok = o.buf.as_ref().map(|b| scatter(&s2, &req, b.as_slice()));
                         if !matches!(ok, Some(Ok(()))) {
                             log::warn!("ring {}: read {:#x}: bad data grant", s2.name, req.id);

@@ -97,6 +97,40 @@ impl Host {
         backend::spawn(self.xs.connect(), self.platform.clone(), be, opener, config).unwrap()
     }
 
+    /// What libxl does to a domain's vbd at `xl save`, `xl destroy` and the
+    /// end of `xl migrate`, in the order real Xen showed
+    /// (qemu-harness/xen-README.md): remove the frontend directory, write
+    /// the back end's `state` = 5 and `online` = 0, wait up to 10 s for
+    /// `state` = 6, then remove the back-end directory. Returns how long the
+    /// back end took to answer Closed (`None`: libxl's 10 s ran out) and
+    /// the back end's handle, left to finish on its own.
+    pub fn libxl_destroy(&mut self) -> (Option<Duration>, Option<VbdHandle>) {
+        self.xs.rm(XBT_NULL, "/local/domain/7").unwrap();
+        self.xs
+            .write_str(XBT_NULL, &format!("{BE}/state"), "5")
+            .unwrap();
+        self.xs
+            .write_str(XBT_NULL, &format!("{BE}/online"), "0")
+            .unwrap();
+        let t = Instant::now();
+        let mut closed = None;
+        while t.elapsed() < Duration::from_secs(10) {
+            if self
+                .xs
+                .read_optional(XBT_NULL, &format!("{BE}/state"))
+                .unwrap()
+                .as_deref()
+                == Some("6")
+            {
+                closed = Some(t.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.xs.rm(XBT_NULL, BE).unwrap();
+        (closed, self.vbd.take())
+    }
+
     /// The toolstack destroys the source domain (`xl destroy`, or the end
     /// of `xl save`) without asking anything of the back end: its nodes go,
     /// and its back end is left to finish on its own, as the supervisor

@@ -59,6 +59,9 @@ fn no_violation_in_twenty_thousand_seeds() {
         );
     }
     assert_eq!(t.violations, 0, "{} failing seeds", s.failures.len());
+    // No older writer's data (guest, stale node or zombie; write, trim or
+    // write-zeroes) landed after newer data, anywhere.
+    assert_eq!(t.stale_landings, 0);
     // Not vacuous: the dangerous situations really happened.
     for (sc, r) in &s.rows {
         assert!(

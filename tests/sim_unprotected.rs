@@ -18,6 +18,34 @@ fn every_scenario_finds_corruption_without_protection() {
     }
 }
 
+/// What is found is the corruption itself, in every scenario: older data
+/// landing after newer, or a read of stale data. Not only a failed step.
+#[test]
+fn every_scenario_lands_or_reads_stale_data_without_protection() {
+    for sc in Scenario::all() {
+        let stale = (0..60).any(|seed| {
+            let r = run_one(seed, sc, Protection::Off);
+            r.stale_landings > 0
+                || r.violations
+                    .iter()
+                    .any(|v| matches!(v, Violation::StaleRead { .. }))
+        });
+        assert!(stale, "{sc}: no stale landing or read in 60 seeds");
+        // The unprotected paths themselves work: no step of the scenario
+        // fails for want of a connection.
+        for seed in 0..20 {
+            let r = run_one(seed, sc, Protection::Off);
+            assert!(
+                !r.violations
+                    .iter()
+                    .any(|v| matches!(v, Violation::HandoffFailed { .. })),
+                "{sc} seed {seed}: {:?}",
+                r.violations
+            );
+        }
+    }
+}
+
 #[test]
 fn detection_rate_without_protection_is_high() {
     let mut failing = 0;

@@ -505,10 +505,16 @@ impl Disk {
         let _adv = self.advancing.lock();
         let mut cur = self.state.lock().current;
         let from = cur;
+        // The newest epoch some other Disk (another host or process)
+        // created in between: its writer may have written already.
+        let mut foreign = 0;
         while cur < target {
             match self.epochs.compare_and_advance(&self.name, cur) {
                 Ok(next) => cur = next,
-                Err(EpochError::Conflict { current, .. }) if current > cur => cur = current,
+                Err(EpochError::Conflict { current, .. }) if current > cur => {
+                    cur = current;
+                    foreign = current;
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -518,6 +524,17 @@ impl Disk {
                 requested: target,
                 current: cur,
             });
+        }
+        if foreign > 0 {
+            // Requests of ours older than that writer must not reach the
+            // storage after its writes: this tracker never saw them to
+            // order behind. Cancel what waits, mark what is at the storage
+            // (which only the storage's fencing can recall).
+            log::warn!(
+                "disk {:?}: epoch {foreign} was taken elsewhere since {from}; fencing what is older",
+                self.name
+            );
+            self.fence_below(foreign);
         }
         let prev = self.tracker.raise_floor(cur);
         if prev < cur {

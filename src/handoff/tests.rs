@@ -1,5 +1,5 @@
 use super::*;
-use crate::epoch::{FileEpochStore, MemEpochStore};
+use crate::epoch::{EpochStore, FileEpochStore, MemEpochStore};
 use crate::storage::{AlignedBuf, MemStorage};
 use std::sync::mpsc;
 
@@ -451,4 +451,43 @@ fn epoch_persists_across_restart() {
     .unwrap();
     assert_eq!(disk.current_epoch(), 6);
     assert!(disk.register(Some(5), "X").is_err());
+}
+
+/// Host-side, found by the simulation's epoch-aware checker: host X's
+/// writer at epoch 1 has A at the storage and A2 queued behind it; host Y
+/// takes epoch 2 and writes; then X takes the disk back at epoch 3. X's
+/// queued A2 is older than Y's data and X's tracker never saw Y's writes:
+/// it must be cancelled, never started through X's (now reserved) path.
+#[test]
+fn advancing_over_an_epoch_taken_elsewhere_cancels_older_queued_writes() {
+    let epochs: Arc<dyn EpochStore> = Arc::new(MemEpochStore::default());
+    let storage = HeldStorage::new(1 << 20);
+    let opts = DiskOptions {
+        auto_advance: false,
+        fence_timeout: None,
+    };
+    let x = Disk::open("vm1", storage.clone(), Arc::clone(&epochs), opts.clone()).unwrap();
+    let y = Disk::open("vm1", storage.clone(), Arc::clone(&epochs), opts).unwrap();
+    x.advance_to(1).unwrap();
+    let xw = x.register(Some(1), "X").unwrap();
+    let (tx, rx) = mpsc::channel();
+    writer_io(&x, &xw, 1, 0, 0xA, &tx); // A at the storage
+    writer_io(&x, &xw, 2, 0, 0xB, &tx); // A2 queued behind it
+    assert_eq!(storage.held(), 1);
+    // Y takes the disk (its own tracker) and writes.
+    assert_eq!(y.advance_to(2).unwrap().to, 2);
+    // X takes it back: 1 -> (2 elsewhere) -> 3.
+    let adv = x.advance_to(3).unwrap();
+    assert_eq!((adv.from, adv.to), (1, 3));
+    let (tag, res) = rx.recv().unwrap();
+    assert_eq!(
+        (tag, errno_of(&res)),
+        (2, Some(libc::EPERM)),
+        "A2 cancelled"
+    );
+    storage.release(0); // A completes: fenced, not acknowledged
+    let (tag, res) = rx.recv().unwrap();
+    assert_eq!((tag, errno_of(&res)), (1, Some(libc::EPERM)));
+    assert_eq!(storage.held(), 0, "A2 never reached the storage");
+    assert_eq!(x.status().cancelled, 1);
 }

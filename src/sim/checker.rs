@@ -42,6 +42,15 @@ pub enum Violation {
         landed: Content,
         allowed: Vec<Content>,
     },
+    /// An older writer's write, trim or write-zeroes landed on a sector
+    /// after a newer writer's data had landed there.
+    OlderWriterLanded {
+        time: Time,
+        sector: u64,
+        landed: Content,
+        epoch: u64,
+        newer_epoch: u64,
+    },
     /// A guest request never completed.
     Stuck { request: u64 },
     /// A takeover that must have been refused was admitted.
@@ -97,6 +106,16 @@ impl fmt::Display for Violation {
                 "t={time}: {landed} landed on sector {sector} after the newer {} completed",
                 set(allowed)
             ),
+            Violation::OlderWriterLanded {
+                time,
+                sector,
+                landed,
+                epoch,
+                newer_epoch,
+            } => write!(
+                f,
+                "t={time}: {landed} from epoch {epoch} landed on sector {sector} after epoch {newer_epoch}'s data"
+            ),
             Violation::Stuck { request } => write!(f, "guest request {request} never completed"),
             Violation::StaleTakeoverAdmitted { what } => {
                 write!(f, "stale takeover admitted: {what}")
@@ -110,7 +129,13 @@ impl fmt::Display for Violation {
 #[derive(Debug, Clone)]
 pub struct Checker {
     allowed: Vec<Vec<Content>>,
+    /// Per sector, the newest writer epoch whose data landed there.
+    newest_landed: Vec<u64>,
     pub violations: Vec<Violation>,
+    /// Landings of an older writer's write, trim or write-zeroes after a
+    /// newer writer's had landed on the sector (each is also a
+    /// [`Violation::StaleLanding`]).
+    pub stale_landings: u64,
 }
 
 impl Checker {
@@ -118,7 +143,9 @@ impl Checker {
     pub fn new(sectors: u64) -> Self {
         Checker {
             allowed: vec![vec![Content::Zero]; sectors as usize],
+            newest_landed: vec![0; sectors as usize],
             violations: Vec::new(),
+            stale_landings: 0,
         }
     }
 
@@ -159,18 +186,38 @@ impl Checker {
         }
     }
 
-    /// `landed` just reached `sector` at the storage. Write ids grow in the
-    /// guest's issue order and the guest never overlaps its own writes, so
-    /// a write id below every allowed one is a stale write landing.
-    pub fn landed(&mut self, time: Time, sector: u64, landed: Content) {
-        let Content::Write(k) = landed else {
+    /// `landed` just reached `sector` at the storage, from a writer of
+    /// `epoch` (when the path says). Two rules, whatever the content (a
+    /// write of the guest's, a stale node's, a trim or write-zeroes):
+    /// - a writer's data landing after a newer writer's data landed on the
+    ///   sector is stale: seeds/003's A after A';
+    /// - write ids grow in the guest's issue order and the guest never
+    ///   overlaps its own writes, so a write id below every allowed one is
+    ///   a stale write landing too (an older write re-sent and landing late).
+    pub fn landed(&mut self, time: Time, sector: u64, landed: Content, epoch: Option<u64>) {
+        let Some(a) = self.allowed.get(sector as usize) else {
             return;
         };
-        let Some(a) = self.allowed.get(sector as usize) else {
+        if let (Some(e), Some(newest)) = (epoch, self.newest_landed.get_mut(sector as usize)) {
+            if e < *newest {
+                self.stale_landings += 1;
+                self.violations.push(Violation::OlderWriterLanded {
+                    time,
+                    sector,
+                    landed,
+                    epoch: e,
+                    newer_epoch: *newest,
+                });
+                return;
+            }
+            *newest = e;
+        }
+        let Content::Write(k) = landed else {
             return;
         };
         let newer = |c: &Content| matches!(c, Content::Write(j) if *j > k);
         if !a.is_empty() && a.iter().all(newer) {
+            self.stale_landings += 1;
             self.violations.push(Violation::StaleLanding {
                 time,
                 sector,
@@ -199,5 +246,72 @@ impl Checker {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A newer writer's data landed, then an older writer's lands: a
+    /// violation whatever it carries.
+    fn older_after_newer(older: Content) -> Checker {
+        let mut c = Checker::new(4);
+        c.completed(1, Content::Write(7));
+        c.landed(10, 1, Content::Write(7), Some(2));
+        c.landed(11, 1, older, Some(1));
+        c
+    }
+
+    #[test]
+    fn an_older_writers_write_landing_after_newer_data_fires() {
+        // Even with an id above the newer write's (a stale node's ids).
+        for content in [
+            Content::Write(3),
+            Content::Write(7),
+            Content::Write(1 << 62),
+        ] {
+            let c = older_after_newer(content);
+            assert_eq!(c.stale_landings, 1, "{content}");
+            assert!(matches!(
+                c.violations[0],
+                Violation::OlderWriterLanded {
+                    epoch: 1,
+                    newer_epoch: 2,
+                    ..
+                }
+            ));
+        }
+    }
+
+    #[test]
+    fn an_older_writers_trim_or_write_zeroes_landing_after_newer_data_fires() {
+        // Discard and write-zeroes land as zeroes.
+        let c = older_after_newer(Content::Zero);
+        assert_eq!(c.stale_landings, 1);
+    }
+
+    #[test]
+    fn same_or_newer_writers_in_order_do_not_fire() {
+        let mut c = Checker::new(4);
+        c.landed(1, 0, Content::Write(1), Some(1));
+        c.completed(0, Content::Write(1));
+        c.landed(2, 0, Content::Write(2), Some(1));
+        c.completed(0, Content::Write(2));
+        c.landed(3, 0, Content::Write(3), Some(2));
+        c.landed(4, 0, Content::Zero, Some(3));
+        assert!(c.violations.is_empty(), "{:?}", c.violations);
+        // Untagged landings are judged by id only.
+        c.landed(5, 1, Content::Write(9), None);
+        assert!(c.violations.is_empty());
+    }
+
+    #[test]
+    fn a_stale_write_of_the_same_writer_landing_late_fires() {
+        let mut c = Checker::new(4);
+        c.completed(2, Content::Write(9));
+        c.landed(5, 2, Content::Write(4), Some(1));
+        assert_eq!(c.stale_landings, 1);
+        assert!(matches!(c.violations[0], Violation::StaleLanding { .. }));
     }
 }

@@ -106,6 +106,12 @@ pub struct Row {
     pub drains_timed_out: u64,
     pub storage_ignored: u64,
     pub violations: u64,
+    /// Data of an older writer that landed after newer data, or a stale
+    /// write landing late (each also a violation).
+    pub stale_landings: u64,
+    /// Seeds with a stale landing or a stale read: the corruption itself,
+    /// as opposed to other broken promises (a stuck request, a failed step).
+    pub stale_seeds: u64,
 }
 
 impl Row {
@@ -121,6 +127,8 @@ impl Row {
         self.drains_timed_out += r.drains_timed_out;
         self.storage_ignored += r.storage_ignored;
         self.violations += r.violations;
+        self.stale_landings += r.stale_landings;
+        self.stale_seeds += r.stale_seeds;
     }
 
     fn add(&mut self, r: &RunReport) {
@@ -134,6 +142,15 @@ impl Row {
         self.drains_timed_out += r.drains_timed_out;
         self.storage_ignored += r.storage_ignored;
         self.violations += r.violations.len() as u64;
+        self.stale_landings += r.stale_landings;
+        self.stale_seeds += u64::from(r.violations.iter().any(|v| {
+            matches!(
+                v,
+                Violation::StaleLanding { .. }
+                    | Violation::OlderWriterLanded { .. }
+                    | Violation::StaleRead { .. }
+            )
+        }));
     }
 }
 
@@ -252,11 +269,12 @@ pub fn print_summary(
         out,
         "(replays: requests blkfront re-sent; stale-ref: older writers' writes refused, cancelled, \
          fenced or aborted, plus stale takeovers refused; drain-t/o: drains fenced at the deadline; \
-         ignored: writes the storage ignored because one overlapped in flight)"
+         ignored: writes the storage ignored because one overlapped in flight; stale-land: older \
+         data landing after newer; stale%: seeds with a stale landing or a stale read)"
     )?;
     writeln!(
         out,
-        "{:<22} {:>7} {:>7} {:>10} {:>9} {:>8} {:>9} {:>9} {:>8} {:>10}",
+        "{:<22} {:>7} {:>7} {:>10} {:>9} {:>8} {:>9} {:>9} {:>8} {:>10} {:>10} {:>6}",
         "scenario",
         "seeds",
         "failing",
@@ -266,12 +284,14 @@ pub fn print_summary(
         "stale-ref",
         "drain-t/o",
         "ignored",
-        "violations"
+        "violations",
+        "stale-land",
+        "stale%"
     )?;
     let line = |out: &mut dyn Write, name: &str, r: &Row| {
         writeln!(
             out,
-            "{:<22} {:>7} {:>7} {:>10} {:>9} {:>8} {:>9} {:>9} {:>8} {:>10}",
+            "{:<22} {:>7} {:>7} {:>10} {:>9} {:>8} {:>9} {:>9} {:>8} {:>10} {:>10} {:>5.0}%",
             name,
             r.seeds,
             r.failing_seeds,
@@ -281,7 +301,9 @@ pub fn print_summary(
             r.stale_refused + r.takeovers_refused,
             r.drains_timed_out,
             r.storage_ignored,
-            r.violations
+            r.violations,
+            r.stale_landings,
+            100.0 * r.stale_seeds as f64 / r.seeds.max(1) as f64
         )
     };
     for (sc, r) in &s.rows {
@@ -298,6 +320,11 @@ pub fn print_summary(
         out,
         "{} seeds in {elapsed:.2}s ({rate:.0} seeds/s)",
         t.seeds
+    )?;
+    writeln!(
+        out,
+        "stale landings (older writers' data after newer): {}",
+        t.stale_landings
     )?;
     writeln!(out, "violations: {}", t.violations)
 }

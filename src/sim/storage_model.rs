@@ -91,6 +91,8 @@ struct Pending {
     writes: Option<(u64, u64)>,
     /// Highest preempting key when it was submitted.
     preempt_gen: u64,
+    /// The submitting writer's epoch, when its path says.
+    epoch: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -110,9 +112,19 @@ struct Inner {
     holder: Option<(u32, ReservationKey)>,
     /// Bumped by every preempt.
     preempt_gen: u64,
-    /// Sector ranges whose data landed since the last [`StorageModel::take_landed`].
-    landed: Vec<(u64, u64)>,
+    /// What landed since the last [`StorageModel::take_landed`].
+    landed: Vec<Landed>,
     stats: StorageStats,
+}
+
+/// Data that reached the medium: a sector range and the epoch of the
+/// writer whose write, trim or write-zeroes put it there (`None` for I/O
+/// submitted without one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Landed {
+    pub start: u64,
+    pub count: u64,
+    pub epoch: Option<u64>,
 }
 
 /// The shared storage. Hand each host a [`StoragePath`].
@@ -173,9 +185,9 @@ impl StorageModel {
         self.inner.lock().data.clone()
     }
 
-    /// The (start sector, count) ranges whose data landed since the last
+    /// The ranges (and their writers' epochs) that landed since the last
     /// call, in landing order.
-    pub fn take_landed(&self) -> Vec<(u64, u64)> {
+    pub fn take_landed(&self) -> Vec<Landed> {
         std::mem::take(&mut self.inner.lock().landed)
     }
 
@@ -218,7 +230,7 @@ impl StorageModel {
         }
     }
 
-    fn submit(&self, path: u32, io: StorageIo, done: IoDone) {
+    fn submit(&self, path: u32, epoch: Option<u64>, io: StorageIo, done: IoDone) {
         let now = self.sched.lock().now();
         let mut g = self.inner.lock();
         let inner = &mut *g;
@@ -278,6 +290,7 @@ impl StorageModel {
                 hold_until,
                 writes: if fate == Fate::Normal { writes } else { None },
                 preempt_gen,
+                epoch,
             },
         );
         drop(g);
@@ -318,6 +331,7 @@ impl StorageModel {
             Fate::Refused => Err(io::Error::from_raw_os_error(libc::EACCES)),
             Fate::BadRange => Err(io::Error::from_raw_os_error(libc::EINVAL)),
         };
+        let who = (p.path, p.preempt_gen, p.epoch);
         let buf: Option<AlignedBuf> = match p.io {
             StorageIo::Read { offset, mut buf } => {
                 if p.fate == Fate::Normal {
@@ -331,14 +345,14 @@ impl StorageModel {
                 if p.fate == Fate::Normal {
                     let o = offset as usize;
                     inner.data[o..o + buf.len()].copy_from_slice(buf.as_slice());
-                    inner.note_landed(p.path, p.preempt_gen, offset, buf.len() as u64);
+                    inner.note_landed(who, offset, buf.len() as u64);
                 }
                 Some(buf)
             }
             StorageIo::Discard { offset, len } | StorageIo::WriteZeroes { offset, len, .. } => {
                 if p.fate == Fate::Normal {
                     inner.data[offset as usize..(offset + len) as usize].fill(0);
-                    inner.note_landed(p.path, p.preempt_gen, offset, len);
+                    inner.note_landed(who, offset, len);
                 }
                 None
             }
@@ -405,10 +419,14 @@ impl StorageModel {
 }
 
 impl Inner {
-    fn note_landed(&mut self, path: u32, submitted_gen: u64, offset: u64, len: u64) {
+    fn note_landed(&mut self, who: (u32, u64, Option<u64>), offset: u64, len: u64) {
+        let (path, submitted_gen, epoch) = who;
         self.stats.landed += 1;
-        self.landed
-            .push((offset / SECTOR_SIZE, len.div_ceil(SECTOR_SIZE)));
+        self.landed.push(Landed {
+            start: offset / SECTOR_SIZE,
+            count: len.div_ceil(SECTOR_SIZE),
+            epoch,
+        });
         // A write submitted before a preempt by another path, landing after it.
         if submitted_gen < self.preempt_gen && self.holder.is_some_and(|(h, _)| h != path) {
             self.stats.landed_after_preempt += 1;
@@ -423,6 +441,37 @@ impl StoragePath {
 
     pub fn model(&self) -> &Arc<StorageModel> {
         &self.model
+    }
+
+    /// This path as one writer uses it: its I/O carries the writer's
+    /// epoch, so the checker can tell whose data landed.
+    pub fn tagged(self: &Arc<Self>, epoch: u64) -> Arc<dyn BlockStorage> {
+        Arc::new(TaggedPath {
+            path: Arc::clone(self),
+            epoch,
+        })
+    }
+}
+
+/// A [`StoragePath`] whose I/O is stamped with a writer's epoch.
+struct TaggedPath {
+    path: Arc<StoragePath>,
+    epoch: u64,
+}
+
+impl BlockStorage for TaggedPath {
+    fn size(&self) -> u64 {
+        self.path.size()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.path.capabilities()
+    }
+
+    fn submit(&self, io: StorageIo, done: IoDone) {
+        self.path
+            .model
+            .submit(self.path.id, Some(self.epoch), io, done);
     }
 }
 
@@ -441,7 +490,7 @@ impl BlockStorage for StoragePath {
     }
 
     fn submit(&self, io: StorageIo, done: IoDone) {
-        self.model.submit(self.id, io, done);
+        self.model.submit(self.id, None, io, done);
     }
 }
 

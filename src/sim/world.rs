@@ -61,6 +61,8 @@ pub struct RunReport {
     pub storage_ignored: u64,
     /// Writes of the stale node that reached the medium.
     pub rogue_landed: u64,
+    /// Older writers' data landing after newer data (the checker's count).
+    pub stale_landings: u64,
     pub events: u64,
     pub end_time: Time,
     pub violations: Vec<Violation>,
@@ -148,8 +150,9 @@ enum EpKind {
         disk: Arc<Disk>,
         writer: Option<Writer>,
     },
-    /// Straight to the storage (protection off).
-    Raw { path: Arc<StoragePath> },
+    /// Straight to the storage (protection off), as a writer of `epoch`:
+    /// the order in which the unprotected hosts took the disk.
+    Raw { path: Arc<dyn BlockStorage> },
 }
 
 /// A completion handed back by a backend, delivered by the loop.
@@ -196,6 +199,8 @@ pub struct World {
     sched: SharedSched,
     storage: Arc<StorageModel>,
     epochs: Arc<MemEpochStore>,
+    /// Epochs handed to unprotected writers so far (boot is 1).
+    raw_epochs: u64,
     gateway: Option<Arc<Disk>>,
     hosts: Vec<Host>,
     /// The host the VM runs on.
@@ -292,6 +297,7 @@ impl World {
             sched,
             storage,
             epochs: Arc::new(MemEpochStore::default()),
+            raw_epochs: 0,
             gateway: None,
             hosts,
             vm_host: HOST_X,
@@ -409,8 +415,11 @@ impl World {
     /// Admit a writer at `epoch` on `host` and return its endpoint.
     fn disk_endpoint(&mut self, host: usize, epoch: u64, label: &str) -> Result<usize, String> {
         let disk = self.disk_of(host).map_err(|e| e.to_string())?;
+        // Each writer reaches the storage through its own tagged path, so
+        // the checker knows whose data lands.
+        let path = self.path_of(host).tagged(epoch);
         let writer = disk
-            .register(Some(epoch), label)
+            .register_on(Some(epoch), label, path)
             .map_err(|e| format!("register {label} at epoch {epoch}: {e}"))?;
         Ok(self.add_endpoint(EpKind::Disk {
             disk,
@@ -418,8 +427,16 @@ impl World {
         }))
     }
 
+    /// An unprotected writer on `host`, at the next epoch in the order
+    /// the hosts took the disk (what blkshim would have given it).
     fn raw_endpoint(&mut self, host: usize) -> usize {
-        let path = self.path_of(host);
+        self.raw_epochs += 1;
+        let epoch = self.raw_epochs;
+        self.raw_endpoint_at(host, epoch)
+    }
+
+    fn raw_endpoint_at(&mut self, host: usize, epoch: u64) -> usize {
+        let path = self.path_of(host).tagged(epoch);
         self.add_endpoint(EpKind::Raw { path })
     }
 
@@ -520,6 +537,7 @@ impl World {
         }
         self.report.stale_refused = refused;
         self.report.storage_ignored = st.ignored_overlapping;
+        self.report.stale_landings = self.checker.stale_landings;
         self.report.violations = std::mem::take(&mut self.checker.violations);
         self.report
     }
@@ -527,11 +545,11 @@ impl World {
     /// Check every sector whose data just landed.
     fn check_landed(&mut self) {
         let now = self.now();
-        for (start, count) in self.storage.take_landed() {
-            let data = self.storage.read_sectors(start, count);
+        for l in self.storage.take_landed() {
+            let data = self.storage.read_sectors(l.start, l.count);
             for (k, chunk) in data.chunks_exact(SECTOR).enumerate() {
-                let s = start + k as u64;
-                self.checker.landed(now, s, decode(chunk, s));
+                let s = l.start + k as u64;
+                self.checker.landed(now, s, decode(chunk, s), l.epoch);
             }
         }
     }
@@ -1063,6 +1081,9 @@ impl World {
             return self.source_died_mid_migration(i, to, deadline);
         }
         if !self.protected() {
+            // The source's connection stays behind, as blkback's does: a
+            // zombie can still write through it.
+            self.retired = self.source_ep();
             let ep = self.raw_endpoint(to);
             self.vm_host = to;
             self.report.migrations += 1;
@@ -1402,7 +1423,8 @@ impl World {
             if newest != host {
                 return;
             }
-            self.raw_endpoint(host)
+            // The node last had the disk at epoch 1.
+            self.raw_endpoint_at(host, 1)
         };
         self.rogue = Some(Rogue {
             ep,

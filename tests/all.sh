@@ -62,5 +62,8 @@ done
 section "qemu harness: a real guest live-migrated under fio, and the fault scenarios"
 bash qemu-harness/run.sh
 
+section "qemu harness negative control: the fault scenarios against qemu-nbd must land stale data"
+bash qemu-harness/run.sh --nbd-server qemu-nbd --expect-unfenced --scenarios cutoff,failover,failback
+
 section "real Xen under qemu: seeds/003 on xen-blkback (must corrupt) and blkshim (must not), the dom0 self-test"
 bash qemu-harness/xen.sh

@@ -28,6 +28,9 @@ enum Command {
     Sim(crate::sim::SimArgs),
     /// Serve Xen blkif vbds (watches backend/vbd like tapback).
     XenBackend(crate::xen::daemon::XenBackendArgs),
+    // --- host-side fencing (src/storage/fencing/cli.rs) ---
+    /// Persistent reservations of a block device by hand (JSON out).
+    Pr(crate::storage::fencing::cli::PrArgs),
 }
 
 /// What `blkshim serve` serves when given no disk and no config file.
@@ -168,6 +171,7 @@ pub fn run() -> Result<(), Box<dyn std::error::Error>> {
         Command::Ctl(a) => ctl(a)?,
         Command::Sim(args) => crate::sim::cli_main(args)?,
         Command::XenBackend(args) => crate::xen::daemon::run(args)?,
+        Command::Pr(args) => crate::storage::fencing::cli::run(args)?,
     }
     Ok(())
 }

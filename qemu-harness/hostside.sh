@@ -11,8 +11,8 @@
 # `N passed, M failed`; exits 0 only when every expected step passed. The
 # guest (kernel, busybox, LIO modules from Debian packages) is built once by
 # hostside-build.sh and cached in qemu-harness/.cache/; blkshim
-# (`cargo build --release`) and the pr_lio test binary
-# (`cargo test --release --no-run --test pr_lio`) are built on the host and
+# (`cargo build`, HOSTSIDE_PROFILE=release for an optimised one) and the pr_lio test binary
+# (`cargo test --no-run --test pr_lio`) are built on the host and
 # appended to the initramfs with their ldd libraries at every run.
 #
 # env: ACCEL (default tcg), RUN_TIMEOUT (guest run bound, default 240 s),
@@ -66,9 +66,13 @@ GUEST=$(bash "$HERE/hostside-build.sh" | tail -1)
 log "guest $GUEST ($(cat "$GUEST/INFO" 2>/dev/null | cut -c1-80)...) ready at $(elapsed) s"
 
 # --- the binaries --------------------------------------------------------------
-log "cargo build --release --bin blkshim; cargo test --release --no-run --test pr_lio"
-(cd "$REPO" && cargo build --release -q --bin blkshim) >&2
-PR_LIO=$(cd "$REPO" && cargo test --release --no-run -q --test pr_lio --message-format=json |
+# Debug by default: CI's `cargo test` built both already, and the guest
+# (TCG), not the binaries, sets the pace. HOSTSIDE_PROFILE=release for the other.
+PROFILE_FLAG=; [ "${HOSTSIDE_PROFILE:-debug}" = release ] && PROFILE_FLAG=--release
+log "cargo build $PROFILE_FLAG --bin blkshim; cargo test $PROFILE_FLAG --no-run --test pr_lio"
+(cd "$REPO" && cargo build $PROFILE_FLAG -q --bin blkshim) >&2
+BLKSHIM_BIN=$REPO/target/${HOSTSIDE_PROFILE:-debug}/blkshim
+PR_LIO=$(cd "$REPO" && cargo test $PROFILE_FLAG --no-run -q --test pr_lio --message-format=json |
     python3 -c 'import json,sys
 for l in sys.stdin:
     try: m = json.loads(l)
@@ -88,7 +92,7 @@ trap cleanup EXIT
 
 PAY=$WORK/payload-root
 mkdir -p "$PAY/payload" "$PAY/lib64"
-strip -o "$PAY/payload/blkshim" "$REPO/target/release/blkshim"
+strip -o "$PAY/payload/blkshim" "$BLKSHIM_BIN"
 strip -o "$PAY/payload/pr_lio" "$PR_LIO"
 cp "$HERE/hostside-guest.sh" "$PAY/payload/run.sh"
 chmod 755 "$PAY/payload/"*

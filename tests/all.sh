@@ -65,5 +65,8 @@ bash qemu-harness/run.sh
 section "qemu harness negative control: the fault scenarios against qemu-nbd must land stale data"
 bash qemu-harness/run.sh --nbd-server qemu-nbd --expect-unfenced --scenarios cutoff,failover,failback
 
+section "host-side fencing on a real kernel target: SCSI-3 persistent reservations on LIO in a qemu guest (seeds/002)"
+bash qemu-harness/hostside.sh
+
 section "real Xen under qemu: seeds/003 on xen-blkback (must corrupt) and blkshim (must not), the dom0 self-test"
 bash qemu-harness/xen.sh

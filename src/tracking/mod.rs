@@ -310,6 +310,13 @@ impl<T> Tracker<T> {
 
     /// Withdraw a request that never reached the storage (queued, or ready
     /// but not yet submitted). Its outcome is [`Outcome::Cancelled`].
+    ///
+    /// The tracker cannot tell "ready" from "submitted": only the owner of
+    /// the ticket may cancel it, and only before handing it to the storage.
+    /// A queued ticket another thread's completion has woken is that
+    /// thread's to start; cancelling it then would free its block while its
+    /// I/O is at the storage. (The model in tests/model_tracker_loom.rs
+    /// found the race; nothing in blkshim cancels outside that rule.)
     pub fn cancel(
         &self,
         ticket: Ticket,

@@ -32,9 +32,14 @@ const DISK: u64 = 1 << 20;
 /// The restored domain's vbd on the same host.
 const BE2: &str = "/local/domain/0/backend/vbd/8/51712";
 const FE2: &str = "/local/domain/8/device/vbd/51712";
-/// How long the storage holds the source's writes: well past the drain
-/// deadline below, as dm-delay holds them on real Xen.
-const HELD: Duration = Duration::from_millis(600);
+/// The storage holds the source's writes until the destination has been
+/// connected for this long (so its first writes meet them, however slow
+/// the machine), or at most [`HOLD_AT_MOST`] after the source's removal (a
+/// destination on another host waits for the record, which waits for
+/// them). Both well past the drain deadline below, as dm-delay holds
+/// writes on real Xen.
+const HOLD_AFTER_CONNECT: Duration = Duration::from_millis(500);
+const HOLD_AT_MOST: Duration = Duration::from_secs(3);
 
 /// One path to the shared storage (a device node of its own), counting the
 /// I/O that went through it.
@@ -130,11 +135,25 @@ fn plain_xl_handoff(design: Design, same_host: bool, seed: u64) -> Run {
         .unwrap();
     wl.run(&mut fe, 12, 100);
     // The guest's writes reach the storage and stay there.
-    storage.stall(HELD);
+    storage.stall(Duration::from_secs(60));
     wl.fill(&mut fe, 12);
     std::thread::sleep(Duration::from_millis(10));
     // `xl save`: the domain is destroyed, its vbd nodes go.
     let source = hosts[0].remove_vbd_nodes().unwrap();
+    let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let releaser = {
+        let (storage, connected) = (Arc::clone(&storage), Arc::clone(&connected));
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            while !connected.load(Ordering::Acquire) && start.elapsed() < HOLD_AT_MOST {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if connected.load(Ordering::Acquire) {
+                std::thread::sleep(HOLD_AFTER_CONNECT);
+            }
+            storage.release_stall();
+        })
+    };
     // `xl restore`: a new domain, its vbd on another path, no hook.
     let (be, fe_path, host) = if same_host {
         (BE2, FE2, &mut hosts[0])
@@ -155,12 +174,14 @@ fn plain_xl_handoff(design: Design, same_host: bool, seed: u64) -> Run {
     wait_phase(&dst, Phase::Connected);
     let record_path = dir.path().join("vm1.handoff.json");
     let record_before_connect = record_path.exists();
+    connected.store(true, Ordering::Release);
     let resent = fe.resent_requests;
     // A few writes while the source's are (or, protected, may be) held,
     // then a check once the storage is idle: later writes would otherwise
     // overwrite a stale block before anyone looked.
     wl.run(&mut fe, 12, 24);
     wl.drain(&mut fe);
+    releaser.join().unwrap();
     assert!(storage.wait_idle(Duration::from_secs(10)));
     let mut stale = wl.stale_blocks(|b| storage.read_at(b * 4096, 4096));
     wl.run(&mut fe, 12, 60);

@@ -100,6 +100,13 @@ impl AdversarialStorage {
         cv.notify_all();
     }
 
+    /// End a stall now: held completions proceed.
+    pub fn release_stall(&self) {
+        let (m, cv) = &*self.model;
+        m.lock().stall_until = None;
+        cv.notify_all();
+    }
+
     /// I/Os not yet completed.
     pub fn pending(&self) -> usize {
         self.model.0.lock().pending.len()

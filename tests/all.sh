@@ -68,5 +68,16 @@ bash qemu-harness/run.sh --nbd-server qemu-nbd --expect-unfenced --scenarios cut
 section "host-side fencing on a real kernel target: SCSI-3 persistent reservations on LIO in a qemu guest (seeds/002)"
 bash qemu-harness/hostside.sh
 
-section "real Xen under qemu: seeds/003 on xen-blkback (must corrupt) and blkshim (must not), the dom0 self-test"
-bash qemu-harness/xen.sh
+section "real Xen under qemu: seeds/003 on xen-blkback (must corrupt) and blkshim (must not)"
+# PVH guests under TCG sometimes die of a triple fault, even before their
+# disk connects (seen in dom0 logs: a guest whose vbd never reached Connected
+# crashed too), a flake of the emulation. Only then, one rerun, saying so.
+xen_run() { WORKDIR=$(mktemp -d /tmp/xh-XXXXXX) && export WORKDIR && bash qemu-harness/xen.sh; }
+if ! xen_run; then
+  if grep -aq "Triple fault" "$WORKDIR"/serial-*.log 2>/dev/null; then
+    echo "xen.sh: a guest died of a triple fault under TCG ($(grep -ac 'Triple fault' "$WORKDIR"/serial-*.log | tr '\n' ' ')); rerunning once"
+    xen_run
+  else
+    exit 1
+  fi
+fi

@@ -344,9 +344,18 @@ impl<S: XenStore> Vbd<S> {
         self.xs.read_optional(XBT_NULL, &format!("{}/{k}", self.fe))
     }
 
+    /// Writes the back end's `state`, only while the vbd's directory
+    /// exists: the toolstack may remove it at any moment, and a plain write
+    /// would recreate it (the supervisor would then see a new vbd that
+    /// never gets its nodes).
     fn set_state(&self, st: u32) -> Result<(), XsError> {
-        self.xs
-            .write_str(XBT_NULL, &format!("{}/state", self.be), &st.to_string())
+        let path = format!("{}/state", self.be);
+        transact(&self.xs, 10, |tx| {
+            if self.xs.read_optional(tx, &path)?.is_some() {
+                self.xs.write_str(tx, &path, &st.to_string())?;
+            }
+            Ok(())
+        })
     }
 
     fn set_phase(&self, p: Phase) {
@@ -939,9 +948,7 @@ impl<S: XenStore> Vbd<S> {
         if !self.fe.is_empty() {
             let _ = self.xs.unwatch(&self.fe, "fe");
         }
-        if self.node("state").ok().flatten().is_some() {
-            let _ = self.set_state(state::CLOSED);
-        }
+        let _ = self.set_state(state::CLOSED);
         self.set_phase(Phase::Closed);
     }
 }

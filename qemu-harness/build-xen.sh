@@ -11,13 +11,14 @@
 #   dom0.cpio.gz  dom0's initramfs: busybox, xl & co. (xen-utils-4.17),
 #                 xenstore-utils, dmsetup, their libraries, the modules, and
 #                 /root/domU/{vmlinuz,probe.cpio.gz,fio.cpio.gz}: the domU's
-#                 kernel and initramfs (busybox, xen-blkfront, xen-genprobe;
-#                 the fio one adds fio and its libraries)
+#                 kernel and initramfs (busybox, xen-blkfront, xen-genprobe,
+#                 xen-loadprobe, xenstore-read; the fio one adds fio and its
+#                 libraries)
 # blkshim is not part of these: xen.sh appends a second small cpio to
 # dom0.cpio.gz at run time (Linux unpacks concatenated gzip'd cpio archives).
 #
 # <hash> covers this script, the dom0/domU /init scripts, xen-genprobe.c,
-# xen-xswatch.c,
+# xen-loadprobe.c, xen-xswatch.c,
 # modorder.py, the package versions and the host library packages the
 # binaries are linked against. Nothing is installed here (xen.sh does that):
 # the kernel, xen-hypervisor, xen-utils, xenstore-utils, busybox-static and
@@ -50,7 +51,7 @@ HOSTLIBS="libc6 libxenmisc$XENVER libxenstore4 libyajl2 dmsetup libdevmapper1.02
 hostvers=$(for p in $HOSTLIBS; do echo "$p=$(inst "$p")"; done | tr '\n' ' ')
 
 HASH=$( {
-    cat "$0" "$HERE/xen-dom0-init.sh" "$HERE/xen-domU-init.sh" "$HERE/xen-genprobe.c" "$HERE/xen-xswatch.c" "$HERE/modorder.py"
+    cat "$0" "$HERE/xen-dom0-init.sh" "$HERE/xen-domU-init.sh" "$HERE/xen-genprobe.c" "$HERE/xen-loadprobe.c" "$HERE/xen-xswatch.c" "$HERE/modorder.py"
     for p in $PKGS; do echo "$p=${VER[$p]}"; done
     echo "$hostvers"
 } | sha256sum | cut -c1-16)
@@ -145,26 +146,29 @@ mkcpio() { # root out.gz
 
 # The generation probe: static, no libaio. The XenStore watch logger/hook.
 gcc -static -O2 -Wall -o "$WORK/xen-genprobe" "$HERE/xen-genprobe.c"
+gcc -static -O2 -Wall -o "$WORK/xen-loadprobe" "$HERE/xen-loadprobe.c"
 gcc -O2 -Wall -o "$WORK/xen-xswatch" "$HERE/xen-xswatch.c" -lxenstore
 
-# (d) domU initramfs: busybox, xen-blkfront, the probe.
+# (d) domU initramfs: busybox, xen-blkfront, the probes, xenstore-read (dom0
+# tells a load to stop through XenStore).
 DU=$WORK/domU
 skeleton "$DU"
 copy_modules "$DU" $DOMU_MODULES
 cp "$WORK/xen-genprobe" "$DU/bin/xen-genprobe"
+cp "$WORK/xen-loadprobe" "$DU/bin/xen-loadprobe"
+cp "$X/xen/usr/bin/xenstore" "$DU/usr/bin/xenstore-read"
+copy_libs "$DU" "$DU/usr/bin/xenstore-read"
 cp "$HERE/xen-domU-init.sh" "$DU/init"
 chmod 755 "$DU/init" "$DU/bin/busybox"
 mkdir -p "$WORK/domU-out"
 mkcpio "$DU" "$WORK/domU-out/probe.cpio.gz"
 # ... and the load-scenario variant: the same plus fio and its libraries
-# (Debian's fio links ceph, gluster, rdma...: the guest needs rootfstype=ramfs)
-# and xenstore-read (dom0 tells the load to stop through XenStore). One
-# archive, not a concatenation.
+# (Debian's fio links ceph, gluster, rdma...: the guest needs rootfstype=ramfs).
+# One archive, not a concatenation.
 FR=$WORK/domU-fio
 cp -a "$DU" "$FR"
 cp "$X/fio/usr/bin/fio" "$FR/usr/bin/fio"
-cp "$X/xen/usr/bin/xenstore" "$FR/usr/bin/xenstore-read"
-copy_libs "$FR" "$FR/usr/bin/fio" "$FR/usr/bin/xenstore-read"
+copy_libs "$FR" "$FR/usr/bin/fio"
 mkcpio "$FR" "$WORK/domU-out/fio.cpio.gz"
 cp "$WORK/vmlinuz" "$WORK/domU-out/vmlinuz"
 

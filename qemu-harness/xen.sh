@@ -5,10 +5,15 @@
 # `blkshim xen-backend` (must stay clean).
 #
 #   qemu-harness/xen.sh [--backend blkback|blkshim|both] [--scenarios save,migrate,...]
-#                       [--delay S] [--migrate-delay S] [--hook-delay S]
-#                       [--blkshim PATH] [--blkshim-args 'ARGS'] [--timeout S]
+#                       [--full] [--perf] [--delay S] [--migrate-delay S] [--hook-delay S]
+#                       [--blkshim PATH] [--blkshim-args 'ARGS'] [--selftest-bin PATH]
+#                       [--timeout S]
 #
-# Scenarios (default: save,migrate on both back ends, hooked,destroy on blkshim):
+# Scenarios (default: save,migrate on both back ends; selftest, hooked,
+# destroy, features, teardown on blkshim; --full adds load, --perf adds perf):
+#   selftest (blkshim) tests/xen_real (cargo test --release --features xen
+#            --test xen_real) run in dom0 before the daemon starts: a dom0
+#            loopback vbd over real XenStore, grants and event channels
 #   save     PV domU, probe writing gens 1..5 on 8 blocks; gen 1 held by
 #            dm-delay (--delay, 30 s) on the source path; xl save 10 s after
 #            gen 1 + xl restore onto the undelayed path
@@ -18,8 +23,17 @@
 #            writes blkshim-resume = wait into the new vbd's directory
 #   destroy  (blkshim) `xl destroy` with writes held in dm-delay: the source's
 #            hand-off record must appear, blkshim keep serving
-#   load     fio verify in a PV domU under save/restores (LOAD_TYPE=pvh adds
-#            local migrations, but fio in a PVH domU triple-faults under TCG)
+#   load     xen-loadprobe (verifying AIO random writes + reads) under
+#            LOAD_OPS (2) save/restores of a PV domU (plus fio crc32c verify
+#            rounds beside it) and LOAD_OPS local migrations of a PVH domU
+#   features (blkshim) vcpus=2, blkfront max_ring_page_order=2: 1 MiB
+#            O_DIRECT I/O (indirect), blkdiscard, fsync (flush), AIO on both
+#            CPUs (multi-queue); negotiated in XenStore AND used per blkshim's
+#            ring statistics
+#   teardown (blkshim) xl destroy mid-I/O and a clean xl shutdown: no vbd/ring
+#            thread, gntdev mapping, XenStore node or (null) domain left
+#   perf     fio 4k randwrite/randread qd16 and 1M write, 15 s each, against
+#            blkshim then xen-blkback in the same dom0 (ratios only)
 # A race scenario counts only if "armed": the probe saw the domain suspended
 # (a CLOCK_BOOTTIME-vs-MONOTONIC jump) with gen 1's writes still in flight.
 #
@@ -40,6 +54,9 @@ MIGRATE_DELAY=${MIGRATE_DELAY:-}
 BLKSHIM=${BLKSHIM:-}
 TIMEOUT=${TIMEOUT:-1200}
 BLKSHIM_ARGS=${BLKSHIM_ARGS:-}
+XEN_REAL_BIN=${XEN_REAL_BIN:-}
+FULL=0
+PERF=0
 while [ $# -gt 0 ]; do
     case "$1" in
     --backend) BACKENDS=$2; shift 2 ;;
@@ -50,7 +67,10 @@ while [ $# -gt 0 ]; do
     --blkshim) BLKSHIM=$2; shift 2 ;;
     --blkshim-args) BLKSHIM_ARGS=$2; shift 2 ;;
     --timeout) TIMEOUT=$2; shift 2 ;;
-    -h | --help) sed -n '2,30p' "$0"; exit 0 ;;
+    --selftest-bin) XEN_REAL_BIN=$2; shift 2 ;;
+    --full) FULL=1; shift ;;
+    --perf) PERF=1; shift ;;
+    -h | --help) sed -n '2,45p' "$0"; exit 0 ;;
     *) echo "xen.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -119,14 +139,19 @@ mkrun() { # backend scenarios -> path of the dom0 initrd for this boot
         echo "MIGRATE_DELAY=$MIGRATE_DELAY"
         echo "HOOK_DELAY=$HOOK_DELAY"
         echo "BLKSHIM_ARGS='$BLKSHIM_ARGS'"
-        for v in SAVE_AFTER MIGRATE_AFTER MARGIN DISK_MB DISK_NAMING DOMU_MEM LOAD_OPS LOAD_TYPE LOAD_MEM LOAD_FINISH_TIMEOUT RUST_LOG HOOK_VALUE; do
+        for v in SAVE_AFTER MIGRATE_AFTER MARGIN DISK_MB DISK_NAMING DOMU_MEM LOAD_OPS LOAD_PARTS LOAD_FIO LOAD_FIO_MB LOAD_GAP LOAD_BLOCKS LOAD_TIME LOAD_MEM LOAD_FINISH_TIMEOUT RUST_LOG HOOK_VALUE FEAT_ORDER FEAT_INDIRECT TD_DELAY TD_WAIT PERF_S SELFTEST_TIMEOUT LOAD_PVH_RATE LOAD_PVH_BLOCKS LOAD_BOOT_TRIES; do
             [ -n "${!v:-}" ] && echo "$v='${!v}'"
         done
     } >"$R/etc/xh/run.conf"
     if [ "$be" = blkshim ]; then
         strip -o "$R/opt/blkshim/blkshim" "$BLKSHIM" 2>/dev/null || cp "$BLKSHIM" "$R/opt/blkshim/blkshim"
         local l
-        for l in $(ldd "$BLKSHIM" | awk '/=> \//{print $3}'); do
+        local bins=$BLKSHIM
+        if echo ":$scns:" | grep -q ':selftest:' && [ -n "$XEN_REAL_BIN" ]; then
+            strip -o "$R/opt/blkshim/xen_real" "$XEN_REAL_BIN" 2>/dev/null || cp "$XEN_REAL_BIN" "$R/opt/blkshim/xen_real"
+            bins="$bins $XEN_REAL_BIN"
+        fi
+        for l in $(ldd $bins | awk '/=> \//{print $3}' | sort -u); do
             mkdir -p "$R$(dirname "${l#/usr}")"
             cp -L "$l" "$R${l#/usr}"
         done
@@ -140,11 +165,16 @@ mkrun() { # backend scenarios -> path of the dom0 initrd for this boot
 scns_for() { # backend -> scenarios for it (colon separated)
     local be=$1 all s out=""
     if [ -n "$SCENARIOS" ]; then all=$(echo "$SCENARIOS" | tr ',' ' ')
-    elif [ "$be" = blkshim ]; then all="save migrate hooked destroy"
+    elif [ "$be" = blkshim ]; then
+        all="selftest save migrate hooked destroy features teardown"
+        [ "$FULL" = 1 ] && all="$all load"
     else all="save migrate"; fi
+    # perf runs in the blkshim boot (blkshim, then xen-blkback in the same
+    # dom0), or in the blkback boot when that is the only one.
+    if [ "$PERF" = 1 ] && { [ "$be" = blkshim ] || ! echo "$BACKENDS" | grep -q blkshim; }; then all="$all perf"; fi
     for s in $all; do
         case "$s" in
-        hooked | destroy) [ "$be" = blkshim ] || { say "skipping $s on $be (blkshim only)"; continue; } ;;
+        hooked | destroy | selftest | features | teardown) [ "$be" = blkshim ] || { say "skipping $s on $be (blkshim only)"; continue; } ;;
         esac
         out="$out${out:+:}$s"
     done
@@ -157,7 +187,11 @@ estimate() { # scenarios -> seconds this boot may take
         save | destroy) t=$((t + DELAY + 150)) ;;
         migrate) t=$((t + MIGRATE_DELAY + 150)) ;;
         hooked) t=$((t + HOOK_DELAY + 150)) ;;
-        load) t=$((t + 600)) ;;
+        load) t=$((t + 500)) ;;
+        selftest) t=$((t + 320)) ;;
+        features) t=$((t + 240)) ;;
+        teardown) t=$((t + 300)) ;;
+        perf) t=$((t + 500)) ;;
         *) t=$((t + 60)) ;;
         esac
     done
@@ -169,13 +203,13 @@ estimate() { # scenarios -> seconds this boot may take
 TSPY='
 import sys, time
 t0 = time.time(); out = open(sys.argv[1], "w")
-show = ("XEN-LOG", "XEN-SCN", "XEN-DOM0READ", "XEN-DONE")
+show = ("XEN-LOG", "XEN-SCN", "XEN-DOM0READ", "XEN-DONE", "XEN-SELFTEST test")
 for raw in sys.stdin.buffer:
     t = time.time()
     line = raw.rstrip(b"\r\n").decode("utf-8", "replace").replace("\r", "")
     stamp = time.strftime("%H:%M:%S", time.localtime(t)) + ".%03d" % int((t % 1) * 1000)
     out.write("%s +%7.2f %s\n" % (stamp, t - t0, line)); out.flush()
-    if line.startswith(show) or ("XEN-DOMU" in line and ("PROBE-RESULT" in line or "DOMU-FIO-FINAL" in line)) \
+    if line.startswith(show) or ("XEN-DOMU" in line and ("PROBE-RESULT" in line or "DOMU-FIO-FINAL" in line or "LOAD-RESULT" in line or "LOAD-SUSPENDED" in line or "DOMU-FEAT " in line or "DOMU-PERF " in line)) \
        or "(XEN) Panic" in line or "Kernel panic" in line:
         sys.stderr.write("  %s +%6.1f %s\n" % (stamp, t - t0, line[:300])); sys.stderr.flush()
 '
@@ -263,14 +297,95 @@ for s in scns:
             ok = armed and probe.startswith("CLEAN") and completed == "5" and stale == 0 and all(g == "5" for g in gens)
             why = "expected CLEAN (all 5 generations complete, probe and dom0 read gen 5 everywhere)"
         if not armed: why += "; race NOT armed (gen 1 completed before the %s)" % kv.get("op")
+        crashed = kv.get("domu_boots", "1") != "1" or kv.get("triple_faults", "0") not in ("0", "")
+        if crashed:
+            ok = False
+            why += "; INVALID run: a guest crashed (Xen logged %s triple fault(s); the probe booted %s times), PVH under TCG" % (kv.get("triple_faults"), kv.get("domu_boots"))
+        if crashed: ev += " domu_boots=%s triple_faults=%s" % (kv.get("domu_boots"), kv.get("triple_faults"))
         res.append((s, "PASS" if ok else "FAIL", ev + ("" if ok else " -- " + why) + (" record=" + kv["record"] if kv.get("record", "none") != "none" else "")))
     elif kv.get("op") == "destroy":
         ok = kv.get("armed") == "1" and kv.get("record_appeared") == "1" and kv.get("blkshim_alive") == "1" and kv.get("src_vbd_left") == "0"
         res.append((s, "PASS" if ok else "FAIL", ev + " record=" + kv.get("record", "none")))
     elif kv.get("op") == "load":
-        fin = kv.get("final", "")
-        ok = kv.get("ops_failed") == "0" and "rounds=0," not in fin and "rc=0" in fin and "verify_errors=0" in fin and "failed_rounds=0" in fin and kv.get("round_verify_errors_total") == "0"
+        # Each part: every op succeeded, the probe saw every suspend, verified
+        # everything CLEAN, the domU never rebooted; fio (PV) without errors.
+        nops = int(kv.get("load_ops", "0") or 0); why = []
+        if kv.get("ops_failed") != "0": why.append("ops_failed=" + kv.get("ops_failed", "?"))
+        for part in kv.get("parts", "").split(","):
+            r = kv.get(part + "_result", "none")
+            if not r.startswith("CLEAN"): why.append(part + " probe " + r)
+            if int(kv.get(part + "_suspends", "0") or 0) < nops: why.append(part + " probe saw %s of %d suspends" % (kv.get(part + "_suspends"), nops))
+            if kv.get(part + "_boots") != "1": why.append(part + " domU booted %s times" % kv.get(part + "_boots"))
+        if kv.get("left_vbds", "none") != "none": why.append("vbds left in XenStore: " + kv["left_vbds"])
+        if kv.get("vbd_threads_left", "0") != "0" or kv.get("gntdev_maps_left", "0") != "0": why.append("blkshim still has %s vbd/ring threads, %s gntdev maps" % (kv.get("vbd_threads_left"), kv.get("gntdev_maps_left")))
+        if "pv_fio" in kv:
+            f = kv["pv_fio"]
+            fd = dict(w.split("=", 1) for w in f.split(",") if "=" in w)
+            if not (fd.get("rc") == "0" and fd.get("verify_errors") == "0" and fd.get("failed_rounds") == "0" and fd.get("round_errors") == "0" and fd.get("rounds", "0") != "0"):
+                why.append("fio " + f)
+        ok = not why and kv.get("parts")
+        ev = " ".join("%s=%s" % (k, v) for k, v in kv.items() if k not in ("backend", "op"))
+        res.append((s, "PASS" if ok else "FAIL", ev + ("" if ok else " -- " + "; ".join(why))))
+    elif kv.get("op") == "selftest":
+        p_ = int(kv.get("passed") or 0); f_ = kv.get("failed") or "?"
+        ok = kv.get("rc") == "0" and p_ >= 4 and f_ == "0"
+        ev = "summary=%s rc=%s failed_tests=%s left_vbds=%s elapsed_s=%s" % (kv.get("summary"), kv.get("rc"), kv.get("failed_tests"), kv.get("left_vbds"), kv.get("elapsed_s"))
+        res.append((s, "PASS" if ok else "FAIL", ev + ("" if ok else " -- expected N passed; 0 failed with N >= 4 (output: files-%s/selftest.txt)" % be)))
+    elif kv.get("op") == "features":
+        why = []
+        def num(k, d=-1):
+            try: return int(kv.get(k, ""))
+            except ValueError: return d
+        rings = []
+        for r in kv.get("rings", "none").split(";"):
+            f = r.split(":")
+            if len(f) == 11: rings.append([int(x) for x in f])
+        tot = lambda i: sum(r[i] for r in rings)
+        conn = kv.get("connected", "none").split(",")
+        cpus = num("domu_cpus")
+        want_order = int(os.environ.get("FEAT_ORDER", "2"))
+        # multi-queue: one queue per vCPU, negotiated, in sysfs, in the log, each used
+        if num("fe_multi_queue_num_queues") != cpus or cpus < 2: why.append("multi-queue-num-queues %s for %s vCPUs" % (kv.get("fe_multi_queue_num_queues"), cpus))
+        if num("sysfs_hw_queues") != cpus: why.append("guest has %s hw queues" % kv.get("sysfs_hw_queues"))
+        if len(rings) != cpus or (conn[0] != str(cpus)): why.append("blkshim: %d ring stats, connected %s" % (len(rings), kv.get("connected")))
+        if any(r[1] == 0 for r in rings): why.append("a ring consumed no request")
+        if "cpu0:CLEAN" not in kv.get("domu_mq", "") or "cpu1:CLEAN" not in kv.get("domu_mq", ""): why.append("per-CPU load " + kv.get("domu_mq", "none"))
+        # ring order
+        if num("fe_ring_page_order") != want_order or len(conn) < 2 or conn[1] != str(want_order): why.append("ring-page-order %s, blkshim order %s" % (kv.get("fe_ring_page_order"), conn[1] if len(conn) > 1 else "?"))
+        # indirect
+        if num("be_feature_max_indirect_segments") <= 0 or tot(6) <= 0 or "cmp=ok" not in kv.get("domu_indirect", ""): why.append("indirect: offered %s, used %s, guest %s" % (kv.get("be_feature_max_indirect_segments"), tot(6) if rings else "?", kv.get("domu_indirect")))
+        # discard
+        if kv.get("be_feature_discard") != "1" or tot(5) <= 0 or not kv.get("domu_discard", "").startswith("rc=0"): why.append("discard: offered %s, used %s, guest %s" % (kv.get("be_feature_discard"), tot(5) if rings else "?", kv.get("domu_discard")))
+        # flush
+        if kv.get("be_feature_flush_cache") != "1" or tot(4) <= 0 or kv.get("domu_flush") != "rc=0": why.append("flush: offered %s, used %s, guest %s" % (kv.get("be_feature_flush_cache"), tot(4) if rings else "?", kv.get("domu_flush")))
+        if rings and tot(7) != 0: why.append("%d requests refused" % tot(7))
+        ok = not why
+        ringev = ";".join("#%d:n=%d,r=%d,w=%d,f=%d,d=%d,ind=%d,ref=%d,pgrants=%d" % (r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[10]) for r in rings)
+        keys = ("fe_multi_queue_num_queues", "fe_ring_page_order", "fe_feature_persistent", "be_feature_max_indirect_segments", "be_feature_discard", "be_feature_flush_cache", "be_feature_persistent", "be_max_ring_page_order", "be_multi_queue_max_queues", "sysfs_max_segments", "sysfs_max_hw_sectors_kb", "sysfs_discard_max_bytes", "sysfs_write_cache", "sysfs_hw_queues", "domu_indirect", "domu_discard", "domu_flush", "domu_mq", "connected", "shutdown_s", "elapsed_s")
+        ev = " ".join("%s=%s" % (k, kv.get(k)) for k in keys) + " rings=" + (ringev or "none")
+        res.append((s, "PASS" if ok else "FAIL", ev + ("" if ok else " -- " + "; ".join(why))))
+    elif kv.get("op") == "teardown":
+        ok = kv.get("ok") == "1" and kv.get("destroy") == "ok" and kv.get("shutdown") == "ok"
+        ev = " ".join("%s=%s" % (k, v) for k, v in kv.items() if k not in ("backend", "op"))
         res.append((s, "PASS" if ok else "FAIL", ev))
+    elif kv.get("op") == "perf":
+        bes = {}
+        for b in ("blkshim", "blkback"):
+            if b in kv:
+                bes[b] = {}
+                for j in kv[b].split(","):
+                    f = j.split(":")
+                    if len(f) >= 3:
+                        try: bes[b][f[0]] = (float(f[1]), float(f[2]))
+                        except ValueError: pass
+        parts = []
+        ran = bool(bes) and all(len(v) >= 3 and all(x[0] > 0 for x in v.values()) for v in bes.values())
+        for job in sorted(set().union(*[set(v) for v in bes.values()]) if bes else []):
+            cell = " ".join("%s=%.0fiops/%.1fMiBs" % (b, bes[b][job][0], bes[b][job][1] / 1024) for b in bes if job in bes[b])
+            if "blkshim" in bes and "blkback" in bes and job in bes["blkshim"] and job in bes["blkback"] and bes["blkback"][job][0] > 0:
+                cell += " ratio=%.2f" % (bes["blkshim"][job][0] / bes["blkback"][job][0])
+            parts.append("%s[%s]" % (job, cell))
+        res.append((s, "PASS" if ran else "FAIL", " ".join(parts) + " perf_s=%s elapsed_s=%s" % (kv.get("perf_s"), kv.get("elapsed_s")) + ("" if ran else " -- raw " + " ".join("%s=%s" % (b, kv.get(b)) for b in ("blkshim", "blkback")))))
     else:
         res.append((s, "FAIL", "unknown op " + str(kv)))
 with open(os.path.join(wd, "results"), "a") as f:
@@ -278,6 +393,26 @@ with open(os.path.join(wd, "results"), "a") as f:
         line = "XEN-RESULT %s %s %s %s" % (s, be, r, ev)
         print(line); f.write(line + "\n")
 '
+
+# The selftest's binary: tests/xen_real built with the xen feature.
+if echo "$BACKENDS" | grep -q blkshim && echo ":$(scns_for blkshim 2>/dev/null):" | grep -q ':selftest:' && [ -z "$XEN_REAL_BIN" ]; then
+    say "cargo test --release --features xen --test xen_real --no-run"
+    t0=$(date +%s)
+    XEN_REAL_BIN=$(cd "$REPO" && cargo test --release --features xen --test xen_real --no-run --message-format=json 2>"$WORKDIR/cargo-test.log" |
+        python3 -c 'import sys, json
+exe = ""
+for l in sys.stdin:
+    try: m = json.loads(l)
+    except ValueError: continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m.get("target", {}).get("name") == "xen_real": exe = m["executable"]
+print(exe)')
+    if [ -z "$XEN_REAL_BIN" ] || [ ! -x "$XEN_REAL_BIN" ]; then
+        say "building the xen_real test binary failed (see $WORKDIR/cargo-test.log); selftest will report error=no-test-binary"
+        XEN_REAL_BIN=""
+    else
+        say "selftest binary $XEN_REAL_BIN ($(($(date +%s) - t0))s)"
+    fi
+fi
 
 for be in $BACKENDS; do
     scns=$(scns_for "$be")
@@ -296,4 +431,8 @@ echo "$pass passed, $fail failed"
 # HOOK_DELAY, BLKSHIM, BLKSHIM_ARGS (extra `blkshim xen-backend` options, e.g.
 # "--resume-wait 30s"), TIMEOUT, WORKDIR; passed to dom0: SAVE_AFTER (10),
 # MARGIN (15), DISK_MB (64), DISK_NAMING (symlink|mapper), DOMU_MEM (256),
-# LOAD_OPS (2), LOAD_TYPE (pv), LOAD_MEM (256), LOAD_FINISH_TIMEOUT (400), RUST_LOG (info).
+# LOAD_OPS (2), LOAD_PARTS ("pv pvh"), LOAD_FIO (1), LOAD_FIO_MB (8),
+# LOAD_GAP (5), LOAD_BLOCKS (4096), LOAD_PVH_BLOCKS (512), LOAD_PVH_RATE (50),
+# LOAD_TIME (900), LOAD_MEM (256), LOAD_FINISH_TIMEOUT (300), FEAT_ORDER (2),
+# FEAT_INDIRECT (blkfront's default), TD_DELAY (3), TD_WAIT (30), PERF_S (15),
+# SELFTEST_TIMEOUT (300), RUST_LOG (info). XEN_REAL_BIN = --selftest-bin.

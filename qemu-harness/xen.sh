@@ -396,9 +396,9 @@ with open(os.path.join(wd, "results"), "a") as f:
 
 # The selftest's binary: tests/xen_real built with the xen feature.
 if echo "$BACKENDS" | grep -q blkshim && echo ":$(scns_for blkshim 2>/dev/null):" | grep -q ':selftest:' && [ -z "$XEN_REAL_BIN" ]; then
-    say "cargo test --release --features xen --test xen_real --no-run"
+    say "cargo test --features xen --test xen_real --no-run"
     t0=$(date +%s)
-    XEN_REAL_BIN=$(cd "$REPO" && cargo test --release --features xen --test xen_real --no-run --message-format=json 2>"$WORKDIR/cargo-test.log" |
+    XEN_REAL_BIN=$(cd "$REPO" && cargo test --features xen --test xen_real --no-run --message-format=json 2>"$WORKDIR/cargo-test.log" |
         python3 -c 'import sys, json
 exe = ""
 for l in sys.stdin:

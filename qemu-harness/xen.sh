@@ -11,7 +11,7 @@
 #
 # Scenarios (default: save,migrate on both back ends; selftest, hooked,
 # destroy, features, teardown on blkshim; --full adds load, --perf adds perf):
-#   selftest (blkshim) tests/xen_real (cargo test --release --features xen
+#   selftest (blkshim) tests/xen_real (cargo test --features xen
 #            --test xen_real) run in dom0 before the daemon starts: a dom0
 #            loopback vbd over real XenStore, grants and event channels
 #   save     PV domU, probe writing gens 1..5 on 8 blocks; gen 1 held by

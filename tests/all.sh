@@ -75,7 +75,9 @@ section "real Xen under qemu: seeds/003 on xen-blkback (must corrupt) and blkshi
 # probe never saw its suspend with writes in flight, or the negative
 # control's stale write landed before the newer ones on a slow host). A
 # blkshim scenario that lands stale data is never rerun.
-xen_run() { WORKDIR=$(mktemp -d /tmp/xh-XXXXXX) && export WORKDIR && bash qemu-harness/xen.sh; }
+# --delay 40 (default 30): a wider window for the negative control's race on a
+# slow host (the restore must finish before the held stale write lands).
+xen_run() { WORKDIR=$(mktemp -d /tmp/xh-XXXXXX) && export WORKDIR && bash qemu-harness/xen.sh --delay 40; }
 if ! xen_run; then
   res="$WORKDIR/results"
   if grep "blkshim FAIL" "$res" 2>/dev/null | grep "stale_blocks=[1-9]" | grep -vq "armed=0\|INVALID"; then

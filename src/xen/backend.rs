@@ -344,18 +344,9 @@ impl<S: XenStore> Vbd<S> {
         self.xs.read_optional(XBT_NULL, &format!("{}/{k}", self.fe))
     }
 
-    /// Writes the back end's `state`, only while the vbd's directory
-    /// exists: the toolstack may remove it at any moment, and a plain write
-    /// would recreate it (the supervisor would then see a new vbd that
-    /// never gets its nodes).
+    /// Writes the back end's `state` (see [`Vbd::write_if_present`]).
     fn set_state(&self, st: u32) -> Result<(), XsError> {
-        let path = format!("{}/state", self.be);
-        transact(&self.xs, 10, |tx| {
-            if self.xs.read_optional(tx, &path)?.is_some() {
-                self.xs.write_str(tx, &path, &st.to_string())?;
-            }
-            Ok(())
-        })
+        self.write_if_present("state", &st.to_string())
     }
 
     fn set_phase(&self, p: Phase) {
@@ -864,7 +855,7 @@ impl<S: XenStore> Vbd<S> {
                 log::info!("vbd {}: suspending epoch {epoch} ({mode:?})", self.be);
                 let record = disk.suspend(epoch, mode)?;
                 if close_early {
-                    self.write_if_present("state", &state::CLOSED.to_string())?;
+                    self.set_state(state::CLOSED)?;
                 }
                 // Fenced writes may still be at the storage, which other
                 // paths and hosts share and this process cannot recall: the
@@ -921,17 +912,18 @@ impl<S: XenStore> Vbd<S> {
         Ok(())
     }
 
-    /// Writes a node of this vbd only while the vbd's directory exists: a
-    /// plain write would recreate a directory the toolstack removed.
-    fn write_if_present(&self, key: &str, value: &str) -> Result<(), Fail> {
-        let be = self.be.clone();
+    /// Writes a node of this vbd only while the vbd's directory exists, in
+    /// one transaction: the toolstack may remove it at any moment, and a
+    /// plain write would recreate it (the supervisor would then see a new
+    /// vbd that never gets its nodes).
+    fn write_if_present(&self, key: &str, value: &str) -> Result<(), XsError> {
+        let be = &self.be;
         transact(&self.xs, 10, |tx| {
             if self.xs.read_optional(tx, &format!("{be}/state"))?.is_some() {
                 self.xs.write_str(tx, &format!("{be}/{key}"), value)?;
             }
             Ok(())
-        })?;
-        Ok(())
+        })
     }
 
     fn stop_rings(&mut self) {

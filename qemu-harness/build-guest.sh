@@ -21,7 +21,7 @@ log() { echo "build-guest: $*" >&2; }
 # points at (candidate version), e.g. linux-image-6.1.0-56-amd64.
 KPKG=${KPKG:-$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')}
 [ -n "$KPKG" ] || { log "cannot find the kernel package (apt-get update?)"; exit 1; }
-cand() { apt-cache policy "$1" | awk '/Candidate:/{print $2; exit}'; }
+. "$HERE/debs.sh" # cand, fetch
 KVER=$(cand "$KPKG")
 FIOVER=$(cand fio)
 BBVER=$(cand busybox-static)
@@ -41,16 +41,6 @@ mkdir -p "$CACHE/debs"
 WORK=$(mktemp -d "$CACHE/build.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
-fetch() { # package version -> path of the .deb
-    local pkg=$1 ver=$2 f
-    f=$(ls "$CACHE/debs/${pkg}_${ver//:/%3a}_"*.deb 2>/dev/null | head -1 || true)
-    if [ -z "$f" ]; then
-        (cd "$CACHE/debs" && apt-get download -q "$pkg=$ver" >&2 2>/dev/null) ||
-            (cd "$CACHE/debs" && apt-get download "$pkg=$ver" >&2)
-        f=$(ls "$CACHE/debs/${pkg}_${ver//:/%3a}_"*.deb | head -1)
-    fi
-    echo "$f"
-}
 
 log "fetching $KPKG=$KVER fio=$FIOVER busybox-static=$BBVER"
 for spec in "$KPKG:$KVER:kernel" "fio:$FIOVER:fio" "busybox-static:$BBVER:busybox"; do

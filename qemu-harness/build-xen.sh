@@ -36,7 +36,7 @@ log() { echo "build-xen: $*" >&2; }
 
 KPKG=${KPKG:-$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')}
 [ -n "$KPKG" ] || { log "cannot find the kernel package (apt-get update?)"; exit 1; }
-cand() { apt-cache policy "$1" | awk '/Candidate:/{print $2; exit}'; }
+. "$HERE/debs.sh" # cand, fetch
 inst() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || echo none; }
 PKGS="$KPKG xen-hypervisor-$XENVER-amd64 xen-utils-$XENVER xenstore-utils busybox-static fio"
 declare -A VER
@@ -66,16 +66,6 @@ mkdir -p "$CACHE/debs"
 WORK=$(mktemp -d "$CACHE/build-xen.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
-fetch() { # package version -> path of the .deb
-    local pkg=$1 ver=$2 f
-    f=$(ls "$CACHE/debs/${pkg}_${ver//:/%3a}_"*.deb 2>/dev/null | head -1 || true)
-    if [ -z "$f" ]; then
-        (cd "$CACHE/debs" && apt-get download -q "$pkg=$ver" >&2 2>/dev/null) ||
-            (cd "$CACHE/debs" && apt-get download "$pkg=$ver" >&2)
-        f=$(ls "$CACHE/debs/${pkg}_${ver//:/%3a}_"*.deb | head -1)
-    fi
-    echo "$f"
-}
 
 log "fetching $(for p in $PKGS; do printf '%s=%s ' "$p" "${VER[$p]}"; done)"
 X=$WORK/x

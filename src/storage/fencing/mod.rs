@@ -21,6 +21,8 @@
 //!   fuzzed by `fuzz/fuzz_targets/pr_response.rs`).
 //! - [`status`]: what a PR ioctl's return value means (a failed one returns
 //!   a *positive* SCSI/NVMe status, not -errno).
+//! - [`WriterFence`] ([`writer`]): what a host-side writer uses before its
+//!   first write (PR, sanlock leases, or nothing), chosen with `--fence`.
 //! - [`WriteFailure`]: a write refused because its path was fenced (EBADE)
 //!   is its own kind of failure, never a transient one.
 
@@ -33,11 +35,13 @@ mod model;
 pub mod parse;
 pub mod pr;
 pub mod status;
+pub mod writer;
 
 pub use key::{decode_key, encode_key, KeyOwner, BLKSHIM_KEY_MARKER, MAX_KEY_EPOCH};
 pub use parse::{ReservationType, ScsiReservation};
 pub use pr::{PrFencing, PrOptions, PreemptMode};
 pub use status::{PrStatus, Transport};
+pub use writer::{FenceMode, PrWriterFence, WriterFence};
 
 use std::fmt;
 use std::io;

@@ -417,3 +417,268 @@ impl HostSide {
         Ok(record)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Two hosts over one logical unit's model (two I_T nexuses), each
+    //! with its own `Disk`, sharing the epoch store and the ledger.
+    use super::*;
+    use crate::epoch::{EpochStore, FileEpochStore};
+    use crate::storage::fencing::model::{Lu, ModelPath};
+    use crate::storage::fencing::{PrFencing, PrOptions, PrWriterFence};
+    use crate::storage::{
+        AlignedBuf, BlockStorage, Capabilities, IoDone, IoOutcome, MemStorage, StorageIo,
+    };
+    use std::path::Path;
+
+    /// One host's path to the shared LU: writes land on the shared memory
+    /// unless the LU's reservation refuses this nexus (EBADE, as `sd`
+    /// returns a RESERVATION CONFLICT), checked when the write lands; a
+    /// held path keeps its writes queued ("toward the storage") until
+    /// released.
+    struct LuPath {
+        mem: Arc<MemStorage>,
+        lu: Arc<Mutex<Lu>>,
+        nexus: usize,
+        held: Mutex<Option<Vec<(StorageIo, IoDone)>>>,
+    }
+
+    fn modifies(io: &StorageIo) -> bool {
+        !matches!(io, StorageIo::Read { .. } | StorageIo::Flush)
+    }
+
+    impl LuPath {
+        fn land(&self, io: StorageIo, done: IoDone) {
+            if modifies(&io) && !self.lu.lock().may_write(self.nexus) {
+                return done(IoOutcome {
+                    result: Err(std::io::Error::from_raw_os_error(libc::EBADE)),
+                    buf: None,
+                });
+            }
+            self.mem.submit(io, done)
+        }
+        fn hold(&self) {
+            *self.held.lock() = Some(Vec::new());
+        }
+        fn release(&self) {
+            let queued = self.held.lock().take().unwrap_or_default();
+            for (io, done) in queued {
+                self.land(io, done);
+            }
+        }
+    }
+
+    impl BlockStorage for LuPath {
+        fn size(&self) -> u64 {
+            self.mem.size()
+        }
+        fn capabilities(&self) -> Capabilities {
+            self.mem.capabilities()
+        }
+        fn submit(&self, io: StorageIo, done: IoDone) {
+            let mut held = self.held.lock();
+            match held.as_mut() {
+                Some(q) if modifies(&io) => q.push((io, done)),
+                _ => {
+                    drop(held);
+                    self.land(io, done)
+                }
+            }
+        }
+    }
+
+    struct Host {
+        disk: Arc<Disk>,
+        path: Arc<LuPath>,
+    }
+
+    fn host(
+        name: &str,
+        mem: &Arc<MemStorage>,
+        lu: &Arc<Mutex<Lu>>,
+        pr: ModelPath,
+        dir: &Path,
+        fenced: bool,
+    ) -> Host {
+        let path = Arc::new(LuPath {
+            mem: Arc::clone(mem),
+            lu: Arc::clone(lu),
+            nexus: pr.nexus,
+            held: Mutex::new(None),
+        });
+        let epochs: Arc<dyn EpochStore> = Arc::new(FileEpochStore::open(dir).unwrap());
+        let disk = Disk::open(
+            "shared",
+            path.clone(),
+            epochs,
+            super::super::DiskOptions {
+                auto_advance: false,
+                fence_timeout: None,
+            },
+        )
+        .unwrap();
+        let fence: Option<Arc<dyn WriterFence>> = fenced.then(|| {
+            let pr = PrFencing::with_device(Box::new(pr), Path::new(name), PrOptions::default())
+                .unwrap();
+            Arc::new(PrWriterFence::new(pr)) as Arc<dyn WriterFence>
+        });
+        let policy = HostSidePolicy {
+            ledger: Arc::new(HandoffLedger::open(dir).unwrap().as_host(name)),
+            fence,
+            resume_wait: Duration::from_millis(100),
+        };
+        disk.attach_host_side(Arc::new(HostSide::new(policy, name)))
+            .unwrap();
+        Host { disk, path }
+    }
+
+    fn write(
+        h: &Host,
+        w: &super::super::Writer,
+        byte: u8,
+    ) -> std::sync::mpsc::Receiver<Option<i32>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        h.disk.submit(
+            w,
+            byte as u64,
+            StorageIo::Write {
+                offset: 0,
+                buf: AlignedBuf::from_slice(&[byte; 4096]),
+                fua: false,
+            },
+            Box::new(move |o| {
+                let _ = tx.send(o.result.err().map(|e| e.raw_os_error().unwrap_or(-1)));
+            }),
+        );
+        rx
+    }
+
+    fn first_byte(mem: &MemStorage) -> u8 {
+        let (tx, rx) = std::sync::mpsc::channel();
+        mem.submit(
+            StorageIo::Read {
+                offset: 0,
+                buf: AlignedBuf::zeroed(4096),
+            },
+            Box::new(move |o| {
+                let _ = tx.send(o.buf.map(|b| b.as_slice()[0]));
+            }),
+        );
+        rx.recv().unwrap().unwrap()
+    }
+
+    /// A cut-off source (alive, its write queued toward the storage) and a
+    /// destination that takes over: with `--fence pr` the queued write is
+    /// refused at the storage and the source stops; with `--fence none`
+    /// the takeover is refused until an operator confirms the source dead,
+    /// and then (the confirmation being false) the stale write lands.
+    fn cut_off_source(fenced: bool) -> (u8, Host) {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = Arc::new(MemStorage::new(1 << 20));
+        let (lu, mut paths) = ModelPath::paths(2);
+        let pb = paths.pop().unwrap();
+        let pa = paths.pop().unwrap();
+        let a = host("A", &mem, &lu, pa, dir.path(), fenced);
+        let b = host("B", &mem, &lu, pb, dir.path(), fenced);
+        let wa = a.disk.register(None, "guest on A").unwrap();
+        assert_eq!(write(&a, &wa, 1).recv().unwrap(), None);
+        assert!(matches!(
+            a.disk.host_side().unwrap().tenure(),
+            Tenure::Admitted { epoch: 1, .. }
+        ));
+        // A is cut off: its next write waits in its kernel.
+        a.path.hold();
+        let stale = write(&a, &wa, 2);
+        let wb = b.disk.register(None, "guest on B").unwrap();
+        if !fenced {
+            assert_eq!(write(&b, &wb, 3).recv().unwrap(), Some(libc::EIO));
+            let t = b.disk.host_side().unwrap().tenure();
+            assert!(
+                matches!(&t, Tenure::Refused { why } if why.contains("--source-dead")),
+                "{t:?}"
+            );
+            HandoffLedger::open(dir.path())
+                .unwrap()
+                .confirm_source_dead("shared", 1, "test")
+                .unwrap();
+        }
+        assert_eq!(write(&b, &wb, 3).recv().unwrap(), None);
+        assert_eq!(b.disk.current_epoch(), 2);
+        // A's queued write reaches the storage now.
+        a.path.release();
+        let got = stale.recv().unwrap();
+        if fenced {
+            assert_eq!(
+                got,
+                Some(libc::EIO),
+                "the preempted write fails as an I/O error"
+            );
+            assert!(matches!(
+                a.disk.host_side().unwrap().tenure(),
+                Tenure::Lost { epoch: 1, .. }
+            ));
+            // And the source writes nothing more.
+            assert_eq!(write(&a, &wa, 4).recv().unwrap(), Some(libc::EIO));
+        }
+        (first_byte(&mem), b)
+    }
+
+    #[test]
+    fn pr_fences_a_cut_off_source() {
+        let (byte, _b) = cut_off_source(true);
+        assert_eq!(byte, 3, "the newer host's write stays");
+    }
+
+    #[test]
+    fn none_refuses_then_a_false_confirmation_lets_the_stale_write_land() {
+        let (byte, _b) = cut_off_source(false);
+        assert_eq!(
+            byte, 2,
+            "negative control: the stale write landed over the newer one"
+        );
+    }
+
+    #[test]
+    fn a_handed_over_disk_admits_the_next_host_by_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = Arc::new(MemStorage::new(1 << 20));
+        let (lu, mut paths) = ModelPath::paths(2);
+        let pb = paths.pop().unwrap();
+        let pa = paths.pop().unwrap();
+        let a = host("A", &mem, &lu, pa, dir.path(), false);
+        let b = host("B", &mem, &lu, pb, dir.path(), false);
+        let wa = a.disk.register(None, "guest on A").unwrap();
+        assert_eq!(write(&a, &wa, 1).recv().unwrap(), None);
+        a.path.hold();
+        let inflight = write(&a, &wa, 2);
+        let handed = std::thread::spawn({
+            let (disk, hs) = (Arc::clone(&a.disk), Arc::clone(a.disk.host_side().unwrap()));
+            move || hs.hand_over(&disk, Duration::from_millis(10))
+        });
+        // The record waits for the write held toward the storage.
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!handed.is_finished());
+        a.path.release();
+        // Past the drain deadline it was fenced in the tracker: it lands,
+        // unacknowledged (the frontend re-sends it to the destination).
+        assert_eq!(inflight.recv().unwrap(), Some(libc::EPERM));
+        let record = handed.join().unwrap().unwrap();
+        assert_eq!(record.source_epoch, 1);
+        let wb = b.disk.register(None, "guest on B").unwrap();
+        assert_eq!(write(&b, &wb, 3).recv().unwrap(), None);
+        assert!(matches!(
+            b.disk.host_side().unwrap().tenure(),
+            Tenure::Admitted {
+                epoch: 2,
+                by: AdmittedBy::Record
+            }
+        ));
+        assert_eq!(first_byte(&mem), 3);
+        // A's old writer is suspended; a host-side writer may not name an epoch.
+        assert!(write(&a, &wa, 9).recv().unwrap().is_some());
+        assert!(matches!(
+            b.disk.register(Some(7), "x"),
+            Err(DiskError::HostSideEpoch { requested: 7 })
+        ));
+    }
+}

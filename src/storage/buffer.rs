@@ -7,7 +7,7 @@ use std::ptr::NonNull;
 /// Buffer alignment: enough for O_DIRECT on every common device.
 pub const BUF_ALIGN: usize = 4096;
 
-/// A heap buffer aligned to [`BUF_ALIGN`], zero-filled on creation.
+/// A heap buffer aligned to `BUF_ALIGN`, zero-filled on creation.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,

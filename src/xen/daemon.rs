@@ -1,6 +1,6 @@
 //! `blkshim xen-backend`: the daemon a Xen host (or driver domain) runs.
 //! Like tapback for tapdisk, it watches the `backend/vbd` directory and runs
-//! one [`backend`](crate::xen::backend) state machine per vbd the toolstack
+//! one [`backend`] state machine per vbd the toolstack
 //! creates there. When the toolstack removes a vbd's node, its back end
 //! finishes on its own (a source still draining publishes its hand-off
 //! record first); the supervisor never waits for it.

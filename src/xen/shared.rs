@@ -227,13 +227,16 @@ unsafe fn volatile_copy_from(src: *const u8, dst: &mut [u8]) {
     let mut i = 0;
     let n = dst.len();
     while i < n {
-        let p = src.add(i);
+        // SAFETY: i < n, inside the readable range the caller vouched for.
+        let p = unsafe { src.add(i) };
         if (p as usize) % 8 == 0 && n - i >= 8 {
-            let w = std::ptr::read_volatile(p as *const u64);
+            // SAFETY: p is 8-aligned and p..p+8 lies in the readable range.
+            let w = unsafe { std::ptr::read_volatile(p as *const u64) };
             dst[i..i + 8].copy_from_slice(&w.to_ne_bytes());
             i += 8;
         } else {
-            dst[i] = std::ptr::read_volatile(p);
+            // SAFETY: p lies in the readable range.
+            dst[i] = unsafe { std::ptr::read_volatile(p) };
             i += 1;
         }
     }
@@ -247,14 +250,17 @@ unsafe fn volatile_copy_to(dst: *mut u8, src: &[u8]) {
     let mut i = 0;
     let n = src.len();
     while i < n {
-        let p = dst.add(i);
+        // SAFETY: i < n, inside the writable range the caller vouched for.
+        let p = unsafe { dst.add(i) };
         if (p as usize) % 8 == 0 && n - i >= 8 {
             let mut w = [0u8; 8];
             w.copy_from_slice(&src[i..i + 8]);
-            std::ptr::write_volatile(p as *mut u64, u64::from_ne_bytes(w));
+            // SAFETY: p is 8-aligned and p..p+8 lies in the writable range.
+            unsafe { std::ptr::write_volatile(p as *mut u64, u64::from_ne_bytes(w)) };
             i += 8;
         } else {
-            std::ptr::write_volatile(p, src[i]);
+            // SAFETY: p lies in the writable range.
+            unsafe { std::ptr::write_volatile(p, src[i]) };
             i += 1;
         }
     }

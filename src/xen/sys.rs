@@ -12,7 +12,9 @@
     dead_code,
     missing_docs,
     clippy::all,
-    clippy::pedantic
+    clippy::pedantic,
+    clippy::undocumented_unsafe_blocks,
+    unsafe_op_in_unsafe_fn
 )]
 
 include!(concat!(env!("OUT_DIR"), "/xen_bindings.rs"));

@@ -47,7 +47,7 @@
 //!
 //! # Keys, and other software's keys
 //!
-//! An epoch becomes a key with [`encode_key`](super::key::encode_key) (a
+//! An epoch becomes a key with [`encode_key`] (a
 //! blkshim marker in the top 24 bits). Keys without it are never preempted,
 //! replaced or taken for an epoch: a reservation held by such a key of type
 //! Write Exclusive or Exclusive Access is refused ([`FenceError::Foreign`])

@@ -14,7 +14,7 @@
 //! `BlockStorage::local_queue`): its submissions then complete on it and
 //! the reaper never sees them.
 //!
-//! Each request is a boxed [`Op`] whose address is the SQE's user_data. The
+//! Each request is a boxed `Op` whose address is the SQE's user_data. The
 //! reaper finishes short reads/writes by resubmitting the rest, retries
 //! EINTR/EAGAIN, walks the write-zeroes fallbacks, and calls the completion
 //! callback — on the reaper thread, so callbacks must be quick and must not

@@ -134,7 +134,13 @@ fn trace_shows_the_fence_steps() {
 
 #[test]
 fn the_negative_control_still_fails() {
-    let (ok, out) = sim(&["--seeds", "90", "--scenario", "host", "--no-storage-fencing"]);
+    let (ok, out) = sim(&[
+        "--seeds",
+        "90",
+        "--scenario",
+        "host",
+        "--no-storage-fencing",
+    ]);
     assert!(!ok, "{out}");
     assert_ne!(last_line(&out), "violations: 0");
 }

@@ -105,7 +105,10 @@ fn sanlock_no_violation_in_twenty_thousand_host_side_seeds() {
     assert_eq!(t.fence_refused, 0);
     // Not vacuous: leases were waited out, writers killed, hosts reset.
     assert!(t.host_dead_waits > 0 && t.writers_killed > 0 && t.hosts_reset > 0);
-    assert!(t.failover_times.iter().any(|&f| f >= hd), "no failover took host_dead");
+    assert!(
+        t.failover_times.iter().any(|&f| f >= hd),
+        "no failover took host_dead"
+    );
 }
 
 #[test]
@@ -132,12 +135,17 @@ fn none_refuses_a_cut_off_sources_takeover() {
             let (r, trace) = run_traced_with(seed, sc, Protection::On, fence);
             r.fence_refused == 1
                 && trace.iter().any(|l| l.contains("cut_off: Some("))
-                && trace.iter().any(|l| l.contains("takeover by host 1 REFUSED"))
+                && trace
+                    .iter()
+                    .any(|l| l.contains("takeover by host 1 REFUSED"))
         })
         .expect("a seed whose cut-off source's takeover is refused");
     let r = run_one_with(seed, sc, Protection::On, fence);
     assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
-    assert_eq!(r.migrations, 0, "seed {seed}: the VM must stay on the source");
+    assert_eq!(
+        r.migrations, 0,
+        "seed {seed}: the VM must stay on the source"
+    );
     assert!(r.requests > 0);
     // Nothing was taken over, so nothing failed over.
     assert!(r.failover_times.is_empty());
@@ -153,7 +161,9 @@ fn none_takes_over_from_a_crashed_source_after_its_io_finished() {
         .find(|&seed| {
             let (r, trace) = run_traced_with(seed, sc, Protection::On, fence);
             r.failover_times.iter().any(|&f| f > 0)
-                && trace.iter().any(|l| l.contains("CONFIRMATION that host 0 is dead"))
+                && trace
+                    .iter()
+                    .any(|l| l.contains("CONFIRMATION that host 0 is dead"))
         })
         .expect("a failover that waited for the dead host's I/O");
     let r = run_one_with(seed, sc, Protection::On, fence);
@@ -181,7 +191,11 @@ fn sanlock_waits_out_host_dead() {
     }
     let (seed, sc) = found.expect("a failover of host_dead or more");
     let (r, trace) = run_traced_with(seed, sc, Protection::On, fence);
-    assert!(r.violations.is_empty(), "seed {seed} {sc}: {:?}", r.violations);
+    assert!(
+        r.violations.is_empty(),
+        "seed {seed} {sc}: {:?}",
+        r.violations
+    );
     assert!(r.host_dead_waits > 0);
     assert!(
         trace

@@ -10,7 +10,8 @@
 //! told had completed. With protection off the same runs find seeds/003's
 //! corruption, which shows the checker can fail.
 //!
-//! Replay any run with `blkshim sim --seed N --scenario NAME [--unprotected]`.
+//! Replay any run with `blkshim sim --seed N --scenario NAME [--fence MODE]
+//! [--unprotected | --no-storage-fencing]` (add `--trace` to see its steps).
 //!
 //! ## How a run is built
 //!
@@ -29,8 +30,8 @@
 //!   Host-side: one `Disk` per host over its own path to the shared storage,
 //!   one shared [`crate::epoch::MemEpochStore`], `auto_advance: false`,
 //!   `fence_timeout: None`, drains driven by `begin_suspend` +
-//!   `try_finish(deadline_passed)`, and the storage fenced through
-//!   [`crate::storage::fencing::StorageFencing`] (PR preempt-and-abort).
+//!   `try_finish(deadline_passed)`, and older writers kept off the storage
+//!   by the fence mode the run selects (below).
 //! - **Guest and blkfront.** Each written sector encodes (sector, write id)
 //!   ([`payload`]). The guest never overlaps its own conflicting requests
 //!   (like a page cache), so "the last completed write" is well defined.
@@ -38,14 +39,61 @@
 //!   reads and writes possibly split or merged, flush/discard/write-zeroes
 //!   whole; answers for the old ring are lost.
 //!
+//! ## Fence modes (host-side)
+//!
+//! `--fence pr|sanlock|none` (the product's
+//! [`crate::storage::fencing::FenceMode`], default pr) selects what a
+//! host-side destination does before its first write; gateway runs ignore
+//! it. Each models what the product can actually rely on, not something
+//! better:
+//!
+//! - **pr**: the destination registers its epoch's key and preempts (and
+//!   aborts) every older key through
+//!   [`crate::storage::fencing::StorageFencing`] on the storage model; the
+//!   preempted source's later writes fail at the storage. Takes no time.
+//! - **sanlock**: a paxos lease per disk; the destination writes once it
+//!   holds it. A holder that handed its epoch over releases it once none of
+//!   its I/O is left at the storage (the taker acquires at once); otherwise
+//!   the taker waits host_dead after the holder's last renewal (as its
+//!   lockspace monitor saw it). A cut-off holder cannot renew: its writer is
+//!   killed at recovery (requests not yet submitted never are), and if the
+//!   kill fails (drawn per holder) or the writer is stuck on I/O the
+//!   watchdog resets the host by host_dead. A crashed host stops renewing
+//!   at its crash. The timeouts keep sanlock's ratios on a compressed clock
+//!   ([`Fencing`]: io_timeout 50 ticks stands for 10 s). **Its safety rests
+//!   on one assumption, modelled exactly and nothing more:** a host reset
+//!   (or dead) at host_dead has no I/O landing afterwards; the storage
+//!   model drops all it still holds of that host then. Storage that lands a
+//!   dead initiator's accepted write later would break sanlock (PR aborts
+//!   it at the target instead). The summary reports the failover time
+//!   (decision to first write allowed) it costs.
+//! - **none**: nothing fences. A destination writes only after a holder
+//!   that handed over a record that is current (none of the holder's I/O
+//!   can still reach the storage; the ledger publishes the record only
+//!   then), or after the operator confirmed the holder's host dead (`blkshim
+//!   ctl takeover DISK --source-dead`). The confirmation is a true
+//!   statement: given only for a host that crashed or lost power (its
+//!   requests not yet at the storage die with it), and effective only once
+//!   the storage holds none of its I/O (what it had accepted landed or
+//!   failed). A takeover from a live holder without a record (a cut-off
+//!   source, a takeover without a suspend) is refused and counted
+//!   (`refused takeovers`), never allowed and never a violation: the VM
+//!   stays where it was.
+//!
+//! `--no-storage-fencing` is the negative control: blkshim on, nothing
+//! fences and every takeover is allowed. It finds violations, which shows
+//! the fence is what makes host-side deployments safe.
+//!
 //! ## Cost and CI
 //!
 //! A seed costs about 0.3 ms of CPU in release and 2-3 ms in debug.
 //! `tests/sim_protected.rs` runs the full 20,000 seeds in the normal
 //! (debug) test build, spread over all cores (about 50 s of CPU; override
 //! with `BLKSHIM_SIM_SEEDS`): debug keeps overflow checks on, and no
-//! `[profile.test]` change is needed in the shared `Cargo.toml`. For
-//! bigger sweeps use the release binary: `blkshim sim --seeds 1000000`.
+//! `[profile.test]` change is needed in the shared `Cargo.toml`.
+//! `tests/sim_fence.rs` runs 20,000 host-side seeds per fence mode (three
+//! runs, about 90 s of CPU in debug; the same override). For bigger sweeps
+//! use the release binary: `blkshim sim --seeds 1000000`.
 
 pub mod checker;
 pub mod payload;

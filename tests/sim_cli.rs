@@ -80,3 +80,67 @@ fn trace_shows_the_hand_off() {
     );
     assert_eq!(last_line(&out), "violations: 0");
 }
+
+/// `--fence` selects what host-side deployments fence with; the summary
+/// names the mode and counts refused takeovers.
+#[test]
+fn fence_modes_report_zero_violations_and_their_counts() {
+    for mode in ["pr", "sanlock", "none"] {
+        let (ok, out) = sim(&["--seeds", "90", "--scenario", "host", "--fence", mode]);
+        assert!(ok, "{out}");
+        assert_eq!(last_line(&out), "violations: 0", "{mode}");
+        assert!(
+            out.contains(&format!("fence mode (host-side): {mode}")),
+            "{out}"
+        );
+        let refused: u64 = out
+            .lines()
+            .find_map(|l| l.strip_prefix("refused takeovers: "))
+            .and_then(|n| n.parse().ok())
+            .expect("a `refused takeovers: N` line");
+        assert_eq!(refused > 0, mode == "none", "{mode}: {refused}");
+        assert!(out.contains("failover (host-side takeovers"), "{out}");
+    }
+}
+
+#[test]
+fn trace_shows_the_fence_steps() {
+    let (ok, out) = sim(&[
+        "--seed",
+        "0",
+        "--scenario",
+        "cut-off-source/host",
+        "--fence",
+        "sanlock",
+        "--trace",
+    ]);
+    assert!(ok, "{out}");
+    for step in ["writer KILLED", "watchdog RESETS", "ACQUIRES the lease"] {
+        assert!(out.contains(step), "{step}: {out}");
+    }
+    let (ok, out) = sim(&[
+        "--seed",
+        "0",
+        "--scenario",
+        "migrate-takeover/host",
+        "--fence",
+        "none",
+        "--trace",
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("REFUSED"), "{out}");
+    assert!(out.contains("refused takeovers: 1"), "{out}");
+}
+
+#[test]
+fn the_negative_control_still_fails() {
+    let (ok, out) = sim(&[
+        "--seeds",
+        "90",
+        "--scenario",
+        "host",
+        "--no-storage-fencing",
+    ]);
+    assert!(!ok, "{out}");
+    assert_ne!(last_line(&out), "violations: 0");
+}

@@ -55,7 +55,7 @@ fn no_violation_in_twenty_thousand_seeds() {
             f.seed,
             f.scenario,
             f.violations.first(),
-            replay_command(f.seed, f.scenario, Protection::On)
+            replay_command(f.seed, f.scenario, Protection::On, Default::default())
         );
     }
     assert_eq!(t.violations, 0, "{} failing seeds", s.failures.len());

@@ -227,3 +227,27 @@ fn a_dead_path_loses_completions_but_its_writes_land() {
     assert!(m.snapshot()[5 * 512..6 * 512].iter().all(|&b| b == 0x55));
     assert_eq!(m.in_flight(), 0);
 }
+
+/// sanlock's assumption and none's power-off: a host reset or powered off
+/// has none of its I/O land afterwards. `drop_in_flight` drops exactly that
+/// host's I/O; another path's lands.
+#[test]
+fn a_dropped_paths_io_never_lands_and_others_do() {
+    let (sched, m) = model(5, 5, 20);
+    let (a, b) = (m.path(), m.path());
+    let log: Log = Arc::new(Mutex::new(Vec::new()));
+    m.hang_path(a.id(), 1_000);
+    submit(&*a, &sched, &log, 1, write(3, 0xaa));
+    submit(&*b, &sched, &log, 2, write(9, 0xbb));
+    assert!(m.path_hung(a.id(), 0) && !m.path_hung(b.id(), 0));
+    assert_eq!((m.in_flight_on(a.id()), m.in_flight_on(b.id())), (1, 1));
+    assert_eq!(m.drop_in_flight(a.id()), 1);
+    assert_eq!(m.in_flight_on(a.id()), 0);
+    run(&sched, &m);
+    assert_eq!(m.read_sectors(3, 1), vec![0u8; 512]);
+    assert_eq!(m.read_sectors(9, 1), vec![0xbbu8; 512]);
+    // Only b's completion came back; a's was lost with its host.
+    let names: Vec<u32> = log.lock().iter().map(|e| e.0).collect();
+    assert_eq!(names, vec![2]);
+    assert_eq!(m.stats().dropped, 1);
+}

@@ -10,7 +10,8 @@
 //! told had completed. With protection off the same runs find seeds/003's
 //! corruption, which shows the checker can fail.
 //!
-//! Replay any run with `blkshim sim --seed N --scenario NAME [--unprotected]`.
+//! Replay any run with `blkshim sim --seed N --scenario NAME [--fence MODE]
+//! [--unprotected | --no-storage-fencing]` (add `--trace` to see its steps).
 //!
 //! ## How a run is built
 //!
@@ -29,8 +30,8 @@
 //!   Host-side: one `Disk` per host over its own path to the shared storage,
 //!   one shared [`crate::epoch::MemEpochStore`], `auto_advance: false`,
 //!   `fence_timeout: None`, drains driven by `begin_suspend` +
-//!   `try_finish(deadline_passed)`, and the storage fenced through
-//!   [`crate::storage::fencing::StorageFencing`] (PR preempt-and-abort).
+//!   `try_finish(deadline_passed)`, and older writers kept off the storage
+//!   by the fence mode the run selects (below).
 //! - **Guest and blkfront.** Each written sector encodes (sector, write id)
 //!   ([`payload`]). The guest never overlaps its own conflicting requests
 //!   (like a page cache), so "the last completed write" is well defined.
@@ -38,14 +39,61 @@
 //!   reads and writes possibly split or merged, flush/discard/write-zeroes
 //!   whole; answers for the old ring are lost.
 //!
+//! ## Fence modes (host-side)
+//!
+//! `--fence pr|sanlock|none` (the product's
+//! [`crate::storage::fencing::FenceMode`], default pr) selects what a
+//! host-side destination does before its first write; gateway runs ignore
+//! it. Each models what the product can actually rely on, not something
+//! better:
+//!
+//! - **pr**: the destination registers its epoch's key and preempts (and
+//!   aborts) every older key through
+//!   [`crate::storage::fencing::StorageFencing`] on the storage model; the
+//!   preempted source's later writes fail at the storage. Takes no time.
+//! - **sanlock**: a paxos lease per disk; the destination writes once it
+//!   holds it. A holder that handed its epoch over releases it once none of
+//!   its I/O is left at the storage (the taker acquires at once); otherwise
+//!   the taker waits host_dead after the holder's last renewal (as its
+//!   lockspace monitor saw it). A cut-off holder cannot renew: its writer is
+//!   killed at recovery (requests not yet submitted never are), and if the
+//!   kill fails (drawn per holder) or the writer is stuck on I/O the
+//!   watchdog resets the host by host_dead. A crashed host stops renewing
+//!   at its crash. The timeouts keep sanlock's ratios on a compressed clock
+//!   ([`Fencing`]: io_timeout 50 ticks stands for 10 s). **Its safety rests
+//!   on one assumption, modelled exactly and nothing more:** a host reset
+//!   (or dead) at host_dead has no I/O landing afterwards; the storage
+//!   model drops all it still holds of that host then. Storage that lands a
+//!   dead initiator's accepted write later would break sanlock (PR aborts
+//!   it at the target instead). The summary reports the failover time
+//!   (decision to first write allowed) it costs.
+//! - **none**: nothing fences. A destination writes only after a holder
+//!   that handed over a record that is current (none of the holder's I/O
+//!   can still reach the storage; the ledger publishes the record only
+//!   then), or after the operator confirmed the holder's host dead (`blkshim
+//!   ctl takeover DISK --source-dead`). The confirmation is a true
+//!   statement: given only for a host that crashed or lost power (its
+//!   requests not yet at the storage die with it), and effective only once
+//!   the storage holds none of its I/O (what it had accepted landed or
+//!   failed). A takeover from a live holder without a record (a cut-off
+//!   source, a takeover without a suspend) is refused and counted
+//!   (`refused takeovers`), never allowed and never a violation: the VM
+//!   stays where it was.
+//!
+//! `--no-storage-fencing` is the negative control: blkshim on, nothing
+//! fences and every takeover is allowed. It finds violations, which shows
+//! the fence is what makes host-side deployments safe.
+//!
 //! ## Cost and CI
 //!
 //! A seed costs about 0.3 ms of CPU in release and 2-3 ms in debug.
 //! `tests/sim_protected.rs` runs the full 20,000 seeds in the normal
 //! (debug) test build, spread over all cores (about 50 s of CPU; override
 //! with `BLKSHIM_SIM_SEEDS`): debug keeps overflow checks on, and no
-//! `[profile.test]` change is needed in the shared `Cargo.toml`. For
-//! bigger sweeps use the release binary: `blkshim sim --seeds 1000000`.
+//! `[profile.test]` change is needed in the shared `Cargo.toml`.
+//! `tests/sim_fence.rs` runs 20,000 host-side seeds per fence mode (three
+//! runs, about 90 s of CPU in debug; the same override). For bigger sweeps
+//! use the release binary: `blkshim sim --seeds 1000000`.
 
 pub mod checker;
 pub mod payload;
@@ -57,7 +105,12 @@ mod world;
 
 pub use checker::Violation;
 pub use scenario::{Deployment, Kind, Scenario};
-pub use world::{run_one, run_traced, Protection, RunReport};
+pub use world::{
+    run_one, run_one_with, run_traced, run_traced_with, Fencing, Protection, RunReport,
+};
+
+use crate::storage::fencing::FenceMode;
+use sched::Time;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -82,9 +135,20 @@ pub struct SimArgs {
     /// Switch blkshim off: backends pass requests straight to the storage.
     #[arg(long)]
     pub unprotected: bool,
-    /// Keep blkshim on but do not use the storage's reservations.
+    /// Keep blkshim on but do not use the storage's reservations, and allow
+    /// every takeover (the negative control: it finds violations).
     #[arg(long, conflicts_with = "unprotected")]
     pub no_storage_fencing: bool,
+    /// What host-side deployments keep older writers off the storage with,
+    /// as the product's `FenceMode`: pr (persistent reservations), sanlock
+    /// (a lease per disk), none (takeovers only after a current record or a
+    /// confirmed dead source; other takeovers refused).
+    #[arg(long, value_enum, default_value = "pr", conflicts_with_all = ["unprotected", "no_storage_fencing"])]
+    pub fence: FenceMode,
+    /// --fence sanlock: sanlock's io_timeout in ticks of the simulation's
+    /// clock (stands for 10 s; renewal 2x, kill 8x, host_dead 14x).
+    #[arg(long, default_value_t = Fencing::DEFAULT_IO_TIMEOUT, value_parser = clap::value_parser!(u64).range(1..))]
+    pub sanlock_io_timeout: u64,
     /// Print every violation of every failing seed.
     #[arg(long, short)]
     pub verbose: bool,
@@ -112,6 +176,16 @@ pub struct Row {
     /// Seeds with a stale landing or a stale read: the corruption itself,
     /// as opposed to other broken promises (a stuck request, a failed step).
     pub stale_seeds: u64,
+    /// Host-side takeovers refused by `--fence none`.
+    pub fence_refused: u64,
+    /// Host-side takeovers: ticks from the decision to the first write
+    /// allowed, one entry per takeover.
+    pub failover_times: Vec<Time>,
+    /// sanlock: acquires that waited out host_dead.
+    pub host_dead_waits: u64,
+    /// sanlock: writers killed, hosts reset by the watchdog.
+    pub writers_killed: u64,
+    pub hosts_reset: u64,
 }
 
 impl Row {
@@ -129,6 +203,11 @@ impl Row {
         self.violations += r.violations;
         self.stale_landings += r.stale_landings;
         self.stale_seeds += r.stale_seeds;
+        self.fence_refused += r.fence_refused;
+        self.failover_times.extend_from_slice(&r.failover_times);
+        self.host_dead_waits += r.host_dead_waits;
+        self.writers_killed += r.writers_killed;
+        self.hosts_reset += r.hosts_reset;
     }
 
     fn add(&mut self, r: &RunReport) {
@@ -143,6 +222,11 @@ impl Row {
         self.storage_ignored += r.storage_ignored;
         self.violations += r.violations.len() as u64;
         self.stale_landings += r.stale_landings;
+        self.fence_refused += r.fence_refused;
+        self.failover_times.extend_from_slice(&r.failover_times);
+        self.host_dead_waits += r.host_dead_waits;
+        self.writers_killed += r.writers_killed;
+        self.hosts_reset += r.hosts_reset;
         self.stale_seeds += u64::from(r.violations.iter().any(|v| {
             matches!(
                 v,
@@ -189,6 +273,17 @@ pub fn scenario_for(seed: u64, scenarios: &[Scenario]) -> Option<Scenario> {
 
 /// Run seeds `first..first + count`, seed i on scenario i mod len.
 pub fn run_seeds(first: u64, count: u64, scenarios: &[Scenario], p: Protection) -> Summary {
+    run_seeds_with(first, count, scenarios, p, Fencing::default())
+}
+
+/// [`run_seeds`] with host-side deployments fenced by `fence`.
+pub fn run_seeds_with(
+    first: u64,
+    count: u64,
+    scenarios: &[Scenario],
+    p: Protection,
+    fence: Fencing,
+) -> Summary {
     let mut s = Summary::default();
     for sc in scenarios {
         s.rows.insert(*sc, Row::default());
@@ -197,7 +292,7 @@ pub fn run_seeds(first: u64, count: u64, scenarios: &[Scenario], p: Protection) 
         let Some(sc) = scenario_for(seed, scenarios) else {
             break;
         };
-        let r = run_one(seed, sc, p);
+        let r = run_one_with(seed, sc, p, fence);
         s.rows.entry(sc).or_default().add(&r);
         if !r.violations.is_empty() {
             s.failures.push(Failure {
@@ -211,13 +306,31 @@ pub fn run_seeds(first: u64, count: u64, scenarios: &[Scenario], p: Protection) 
 }
 
 /// The command that replays one run.
-pub fn replay_command(seed: u64, scenario: Scenario, p: Protection) -> String {
+pub fn replay_command(seed: u64, scenario: Scenario, p: Protection, fence: Fencing) -> String {
     let flag = match p {
-        Protection::On => "",
-        Protection::Off => " --unprotected",
-        Protection::NoStorageFencing => " --no-storage-fencing",
+        Protection::On => {
+            let mut f = String::new();
+            if fence.mode != FenceMode::Pr {
+                f = format!(" --fence {}", fence.mode.name());
+            }
+            if fence.mode == FenceMode::Sanlock && fence.io_timeout != Fencing::DEFAULT_IO_TIMEOUT {
+                f.push_str(&format!(" --sanlock-io-timeout {}", fence.io_timeout));
+            }
+            f
+        }
+        Protection::Off => " --unprotected".to_string(),
+        Protection::NoStorageFencing => " --no-storage-fencing".to_string(),
     };
     format!("blkshim sim --seed {seed} --scenario {scenario}{flag}")
+}
+
+/// The `q`-quantile (0..=1) of sorted `v`.
+fn quantile(v: &[Time], q: f64) -> Time {
+    if v.is_empty() {
+        return 0;
+    }
+    let i = ((v.len() - 1) as f64 * q).round() as usize;
+    v[i.min(v.len() - 1)]
 }
 
 /// Print the table; the last line is exactly `violations: N`.
@@ -225,6 +338,7 @@ pub fn print_summary(
     out: &mut impl Write,
     s: &Summary,
     p: Protection,
+    fence: Fencing,
     verbose: bool,
     elapsed: f64,
 ) -> std::io::Result<()> {
@@ -250,7 +364,11 @@ pub fn print_summary(
                 writeln!(out, "     {v}")?;
             }
         }
-        writeln!(out, "  replay: {}", replay_command(f.seed, f.scenario, p))?;
+        writeln!(
+            out,
+            "  replay: {}",
+            replay_command(f.seed, f.scenario, p, fence)
+        )?;
     }
     if !verbose && s.failures.len() > SHOWN {
         writeln!(
@@ -321,6 +439,64 @@ pub fn print_summary(
         "{} seeds in {elapsed:.2}s ({rate:.0} seeds/s)",
         t.seeds
     )?;
+    if p == Protection::On {
+        let host_side = s
+            .rows
+            .keys()
+            .any(|sc| sc.deployment == Deployment::HostSide);
+        let timing = if fence.mode == FenceMode::Sanlock {
+            format!(
+                " (io_timeout {} ticks = 10 s: renewal {}, kill {}, host_dead {} ticks after the last renewal)",
+                fence.io_timeout,
+                fence.renewal(),
+                fence.recovery(),
+                fence.host_dead()
+            )
+        } else {
+            String::new()
+        };
+        writeln!(
+            out,
+            "fence mode (host-side): {}{timing}{}",
+            fence.mode.name(),
+            if host_side {
+                ""
+            } else {
+                "; no host-side scenario ran"
+            }
+        )?;
+        let mut f = t.failover_times.clone();
+        f.sort_unstable();
+        let max = f.last().copied().unwrap_or(0);
+        let secs = |x: Time| {
+            if fence.mode == FenceMode::Sanlock {
+                format!(" ({:.0} s)", fence.seconds(x))
+            } else {
+                String::new()
+            }
+        };
+        writeln!(
+            out,
+            "failover (host-side takeovers, decision to first write allowed, ticks): n {} p50 {}{} p90 {}{} p99 {}{} max {}{}",
+            f.len(),
+            quantile(&f, 0.5),
+            secs(quantile(&f, 0.5)),
+            quantile(&f, 0.9),
+            secs(quantile(&f, 0.9)),
+            quantile(&f, 0.99),
+            secs(quantile(&f, 0.99)),
+            max,
+            secs(max)
+        )?;
+        if fence.mode == FenceMode::Sanlock {
+            writeln!(
+                out,
+                "sanlock: acquires after host_dead {}, writers killed {}, hosts reset by the watchdog or dead {}",
+                t.host_dead_waits, t.writers_killed, t.hosts_reset
+            )?;
+        }
+        writeln!(out, "refused takeovers: {}", t.fence_refused)?;
+    }
     writeln!(
         out,
         "stale landings (older writers' data after newer): {}",
@@ -342,6 +518,10 @@ pub fn cli_main(args: SimArgs) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         Protection::On
     };
+    let fence = Fencing {
+        mode: args.fence,
+        io_timeout: args.sanlock_io_timeout,
+    };
     let selected = Scenario::select(&args.scenario);
     if selected.is_empty() {
         let names: Vec<String> = Scenario::all().iter().map(|s| s.to_string()).collect();
@@ -354,7 +534,7 @@ pub fn cli_main(args: SimArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     if let (Some(seed), true) = (args.seed, args.trace) {
         if let Some(sc) = scenario_for(seed, &selected) {
-            let (_, lines) = run_traced(seed, sc, p);
+            let (_, lines) = run_traced_with(seed, sc, p, fence);
             println!("trace of seed {seed} {sc}:");
             for l in lines {
                 println!("  {l}");
@@ -363,14 +543,15 @@ pub fn cli_main(args: SimArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     let started = Instant::now();
     let summary = match args.seed {
-        Some(seed) => run_seeds(seed, 1, &selected, p),
-        None => run_seeds(args.first_seed, args.seeds, &selected, p),
+        Some(seed) => run_seeds_with(seed, 1, &selected, p, fence),
+        None => run_seeds_with(args.first_seed, args.seeds, &selected, p, fence),
     };
     let elapsed = started.elapsed().as_secs_f64();
     let verbose = args.verbose || args.seed.is_some();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let printed = print_summary(&mut out, &summary, p, verbose, elapsed).and_then(|_| out.flush());
+    let printed =
+        print_summary(&mut out, &summary, p, fence, verbose, elapsed).and_then(|_| out.flush());
     match printed {
         // `blkshim sim ... | head` is not an error.
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}

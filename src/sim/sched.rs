@@ -25,6 +25,9 @@ pub enum Event {
     OrphanDeadline,
     /// A deferred fence (number `.0`) of an older epoch's requests.
     Fence(usize),
+    /// sanlock: the lease holder renews (when it can reach the storage);
+    /// recovery (kill) and the watchdog's reset are checked too.
+    LeaseTick,
 }
 
 /// Clock plus queue.

@@ -70,6 +70,9 @@ pub struct StorageStats {
     /// Writes that landed after a preempt had fenced their path's key
     /// (zero unless fencing is broken or unused).
     pub landed_after_preempt: u64,
+    /// I/O dropped because its host was powered off or reset before it
+    /// landed ([`StorageModel::drop_in_flight`]).
+    pub dropped: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -228,6 +231,48 @@ impl StorageModel {
         if let Some(p) = self.inner.lock().paths.get_mut(path as usize) {
             p.dead = true;
         }
+    }
+
+    /// I/O of `path` still in flight that may yet land or be read (aborted,
+    /// refused and ignored I/O is not counted).
+    pub fn in_flight_on(&self, path: u32) -> usize {
+        self.inner
+            .lock()
+            .ios
+            .values()
+            .filter(|p| p.path == path && p.fate == Fate::Normal)
+            .count()
+    }
+
+    /// Whether `path` is hung at `now` (its I/O, and a host's lease I/O
+    /// over it, cannot get through).
+    pub fn path_hung(&self, path: u32, now: Time) -> bool {
+        self.inner
+            .lock()
+            .paths
+            .get(path as usize)
+            .is_some_and(|p| p.hang_until > now)
+    }
+
+    /// The host behind `path` was powered off or reset: every I/O of it
+    /// that has not landed yet never will (its completions are lost).
+    /// Returns how many were dropped.
+    pub fn drop_in_flight(&self, path: u32) -> usize {
+        let mut g = self.inner.lock();
+        let ids: Vec<u64> = g
+            .ios
+            .iter()
+            .filter(|(_, p)| p.path == path)
+            .map(|(&id, _)| id)
+            .collect();
+        let gone: Vec<Pending> = ids.iter().filter_map(|id| g.ios.remove(id)).collect();
+        g.stats.dropped += gone.len() as u64;
+        if let Some(p) = g.paths.get_mut(path as usize) {
+            p.dead = true;
+        }
+        drop(g);
+        // Their completions are dropped uncalled, outside the lock.
+        gone.len()
     }
 
     fn submit(&self, path: u32, epoch: Option<u64>, io: StorageIo, done: IoDone) {

@@ -15,7 +15,7 @@ use crate::handoff::{
     Disk, DiskError, DiskOptions, HandoffMethod, HandoffRecord, RequestFate, SuspendMode,
     Suspension, Writer,
 };
-use crate::storage::fencing::{take_over, StorageFencing};
+use crate::storage::fencing::{take_over, FenceMode, StorageFencing};
 use crate::storage::{AlignedBuf, BlockStorage, IoOutcome, StorageIo, SECTOR_SIZE};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
@@ -41,6 +41,106 @@ pub enum Protection {
     NoStorageFencing,
 }
 
+/// What host-side deployments keep older writers off the storage with, as
+/// the product does ([`FenceMode`]), and sanlock's timing on the
+/// simulation's clock. Gateway runs ignore it (one process owns all I/O).
+///
+/// sanlock's clock is compressed: `io_timeout` ticks stand for sanlock's
+/// default io_timeout of 10 s, and every other timeout keeps its ratio to
+/// it (renewal every 2 × io_timeout = 20 s; the holder's writer killed 8 ×
+/// = 80 s after its last renewal; host_dead 8 × + the watchdog's 60 s =
+/// 14 × = 140 s). With the default 50 ticks that is renewal 100, kill 400,
+/// host_dead 700 ticks, so that the storage's hangs (200-3000 ticks) end
+/// before, between and after those points. Absolute times are not
+/// meaningful (a tick of storage latency is ~10 µs); the order is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fencing {
+    pub mode: FenceMode,
+    /// sanlock's io_timeout in ticks (stands for 10 s).
+    pub io_timeout: Time,
+}
+
+impl Fencing {
+    pub const DEFAULT_IO_TIMEOUT: Time = 50;
+
+    pub fn new(mode: FenceMode) -> Fencing {
+        Fencing {
+            mode,
+            io_timeout: Fencing::DEFAULT_IO_TIMEOUT,
+        }
+    }
+
+    /// sanlock renews its lease every 2 × io_timeout (20 s).
+    pub fn renewal(&self) -> Time {
+        2 * self.io_timeout.max(1)
+    }
+
+    /// 8 × io_timeout (80 s) after its last renewal a holder that could not
+    /// renew has lost the lease: sanlock kills its writer.
+    pub fn recovery(&self) -> Time {
+        8 * self.io_timeout.max(1)
+    }
+
+    /// 14 × io_timeout (140 s: recovery plus the watchdog's 60 s) after
+    /// its last renewal the holder is dead or reset by its watchdog; only
+    /// then may another host take a lease it did not release.
+    pub fn host_dead(&self) -> Time {
+        14 * self.io_timeout.max(1)
+    }
+
+    /// `t` ticks as seconds of a sanlock with io_timeout 10 s.
+    pub fn seconds(&self, t: Time) -> f64 {
+        t as f64 * 10.0 / self.io_timeout.max(1) as f64
+    }
+}
+
+impl Default for Fencing {
+    fn default() -> Fencing {
+        Fencing::new(FenceMode::Pr)
+    }
+}
+
+/// Who has the disk when the host-side fence is sanlock or none (with PR
+/// the storage model's reservation says it).
+#[derive(Debug, Clone)]
+struct Holder {
+    host: usize,
+    /// Its writer's epoch.
+    epoch: u64,
+    /// The path its writer's I/O went through (kept after the host dies).
+    path: u32,
+    /// sanlock: its last successful lease renewal.
+    renewed: Time,
+    /// The host crashed or lost power (it renews nothing any more).
+    crashed: bool,
+    /// Its epoch was handed over (a record, or its own fence after a
+    /// takeover): it gives the disk up once none of its I/O can still
+    /// reach the storage.
+    handed_over: bool,
+    /// sanlock: it released the lease (clean hand-off).
+    released: bool,
+    /// sanlock: its writer was killed (the lease was lost).
+    killed: bool,
+    /// sanlock: dead or reset by its watchdog; nothing of it lands any more.
+    reset: bool,
+    /// sanlock: killing its writer fails (drawn per holder), so the
+    /// watchdog resets the host at host_dead.
+    kill_fails: bool,
+}
+
+/// A destination admitted at its epoch that may not write before its fence
+/// lets it (sanlock's acquire, or none's record / confirmation).
+#[derive(Debug, Clone)]
+struct Starting {
+    to: usize,
+    epoch: u64,
+    ep: usize,
+    decided: Time,
+    /// A restart after a crash (the VM boots) rather than a migration.
+    boot: bool,
+    waiting_noted: bool,
+}
+
 /// What one run did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunReport {
@@ -63,6 +163,20 @@ pub struct RunReport {
     pub rogue_landed: u64,
     /// Older writers' data landing after newer data (the checker's count).
     pub stale_landings: u64,
+    /// Host-side takeovers the fence refused (`--fence none`: the holder is
+    /// alive and handed over no record, and nobody can confirm it dead).
+    pub fence_refused: u64,
+    /// Host-side takeovers: ticks from the decision to the destination's
+    /// permission to write (0 with PR; sanlock may wait out host_dead).
+    pub failover_times: Vec<Time>,
+    /// sanlock: acquires that waited out host_dead (the holder did not
+    /// release).
+    pub host_dead_waits: u64,
+    /// sanlock: writers killed because their host lost the lease.
+    pub writers_killed: u64,
+    /// sanlock: hosts reset by the watchdog (or found dead) at host_dead,
+    /// their I/O not yet landed dropped.
+    pub hosts_reset: u64,
     pub events: u64,
     pub end_time: Time,
     pub violations: Vec<Violation>,
@@ -183,6 +297,8 @@ enum ActState {
     Restarting {
         to: usize,
     },
+    /// The destination waits for its fence (see [`Starting`]).
+    Acquiring,
     Done,
 }
 
@@ -233,6 +349,16 @@ pub struct World {
     report: RunReport,
     /// What happened, step by step (single-seed replays only).
     trace: Option<Vec<String>>,
+    fence: Fencing,
+    /// Draws of the fence model (kill failures, monitor phases): its own
+    /// generator, so PR runs draw exactly what they did before it existed.
+    frng: SimRng,
+    /// sanlock: when each host's lockspace monitor reads the other hosts'
+    /// renewals (offset within a renewal period).
+    monitor_phase: Vec<Time>,
+    holder: Option<Holder>,
+    starting: Option<Starting>,
+    lease_ticking: bool,
 }
 
 fn errno_of(r: &std::io::Result<()>) -> Result<(), i32> {
@@ -244,7 +370,9 @@ fn errno_of(r: &std::io::Result<()>) -> Result<(), i32> {
 
 impl World {
     /// Set a run up: everything below depends on `seed` only.
-    pub fn new(seed: u64, scenario: Scenario, protection: Protection) -> World {
+    pub fn new(seed: u64, scenario: Scenario, protection: Protection, fence: Fencing) -> World {
+        let mut frng = SimRng::new(seed ^ 0x5A4E_4C4F_434B_F00D);
+        let monitor_phase = (0..3).map(|_| frng.below(fence.renewal())).collect();
         let mut rng = SimRng::new(seed);
         let mut prng = rng.fork();
         let params = StorageParams {
@@ -320,6 +448,12 @@ impl World {
             disks: Vec::new(),
             report: RunReport::default(),
             trace: None,
+            fence,
+            frng,
+            monitor_phase,
+            holder: None,
+            starting: None,
+            lease_ticking: false,
         }
     }
 
@@ -347,6 +481,19 @@ impl World {
 
     fn host_side(&self) -> bool {
         self.scenario.deployment == Deployment::HostSide
+    }
+
+    /// Host-side with the fence sanlock or none: a destination may write
+    /// only when [`World::poll_start`] says so.
+    fn gated(&self) -> bool {
+        self.host_side() && self.protection == Protection::On && self.fence.mode != FenceMode::Pr
+    }
+
+    /// A host-side takeover that writes at once (PR, or no fencing at all).
+    fn started_at_once(&mut self) {
+        if self.host_side() && self.protection == Protection::On {
+            self.report.failover_times.push(0);
+        }
     }
 
     /// The path a host's I/O takes (the gateway has one for everybody).
@@ -401,9 +548,13 @@ impl World {
         self.endpoints.len() - 1
     }
 
-    /// Host-side: fence the storage for `epoch` (unless that part is off).
+    /// Host-side with `--fence pr`: fence the storage for `epoch` (sanlock
+    /// and none leave the reservations unused).
     fn fence_storage(&mut self, host: usize, epoch: u64) -> Result<(), String> {
-        if !self.host_side() || self.protection != Protection::On {
+        if !self.host_side()
+            || self.protection != Protection::On
+            || self.fence.mode != FenceMode::Pr
+        {
             return Ok(());
         }
         let path = self.path_of(host);
@@ -483,7 +634,28 @@ impl World {
                 let zpath = self.path_of(HOST_Z);
                 zpath.register(1).map_err(|e| e.to_string())?;
             }
-            self.stale_ep = Some(self.disk_endpoint(HOST_Z, 1, "Z")?);
+            let zep = self.disk_endpoint(HOST_Z, 1, "Z")?;
+            self.stale_ep = Some(zep);
+            if self.gated() {
+                // Without reservations Z's old writer cannot have outlived
+                // its epoch: X could take the disk only after Z handed it
+                // over (none) or released its lease (sanlock), and both
+                // close Z's writer. Its later writes fail at Z's blkshim;
+                // its takeover attempts still run (and must be refused).
+                self.close_endpoint(zep);
+                self.note(|| {
+                    "host 2 (Z) handed the disk over at epoch 1; its writer is closed".into()
+                });
+            }
+        }
+        if self.gated() {
+            let now = self.now();
+            self.holder = Some(self.new_holder(HOST_X, 1, now));
+            let mode = self.fence.mode.name();
+            self.note(|| format!("fence {mode}: host 0 takes the free disk at epoch 1"));
+            if self.fence.mode == FenceMode::Sanlock {
+                self.start_lease_ticks();
+            }
         }
         Ok(ep)
     }
@@ -514,6 +686,7 @@ impl World {
                 Event::RogueTick => self.rogue_tick(),
                 Event::OrphanDeadline => self.finish_orphans(),
                 Event::Fence(k) => self.run_fence(k),
+                Event::LeaseTick => self.lease_tick(),
             }
             self.drain_inbox();
         }
@@ -940,7 +1113,18 @@ impl World {
             let host = self.vm_host;
             self.note(|| format!("action {i}: {:?} (VM on host {host})", action.kind));
         }
+        if let (ActState::Idle, ActionKind::Migrate { to, .. } | ActionKind::Takeover { to, .. }) =
+            (&state, action.kind)
+        {
+            if to == self.vm_host {
+                // Only after a refused takeover: the VM never left.
+                self.note(|| format!("action {i}: the VM is already on host {to}: nothing to do"));
+                self.action_done(i);
+                return;
+            }
+        }
         match (state, action.kind) {
+            (ActState::Acquiring, _) => self.poll_start(i),
             (
                 ActState::Idle,
                 ActionKind::Migrate {
@@ -988,6 +1172,14 @@ impl World {
                 // first write or flush): wait for that.
                 self.states[i] = ActState::Idle;
                 self.after(5, Event::Control(i));
+            }
+            (ActState::Idle, ActionKind::Zombie { .. })
+                if self.retired.is_none() && self.report.fence_refused > 0 =>
+            {
+                self.note(|| {
+                    "the VM never moved (its takeover was refused): no old copy to write".into()
+                });
+                self.action_done(i);
             }
             (ActState::Idle, ActionKind::Zombie { writes }) => {
                 if let Some(ep) = self.retired {
@@ -1127,10 +1319,25 @@ impl World {
             self.report.drains_timed_out += 1;
         }
         self.retired = self.source_ep();
+        if self.gated() {
+            let from = self.vm_host;
+            if let Some(h) = self.holder.as_mut().filter(|h| h.host == from) {
+                h.handed_over = true;
+            }
+            match self.resume_on(to, &record) {
+                Ok((ep, epoch)) => self.start_writer(i, to, epoch, ep, false),
+                Err(e) => {
+                    self.fail(e);
+                    self.action_done(i);
+                }
+            }
+            return;
+        }
         match self.resume_on(to, &record) {
-            Ok(ep) => {
+            Ok((ep, _)) => {
                 self.vm_host = to;
                 self.report.migrations += 1;
+                self.started_at_once();
                 self.recover(ep);
             }
             Err(e) => self.fail(e),
@@ -1148,6 +1355,23 @@ impl World {
             let path = self.path_of(from).id();
             self.storage.hang_in_flight(path, now + h);
         }
+        if self.gated() && self.fence.mode == FenceMode::None {
+            // No record, a holder that is alive (only cut off, if at all),
+            // and nobody may confirm a live host dead: refused. The disk
+            // stays with the source and the VM goes on there.
+            self.report.fence_refused += 1;
+            self.note(|| {
+                format!(
+                    "fence none: takeover by host {to} REFUSED: holder host {from} is alive and \
+                     handed over no record (not confirmed dead); the VM stays on host {from}"
+                )
+            });
+            self.front.paused = false;
+            self.guest.running = true;
+            self.schedule_tick(1);
+            self.action_done(i);
+            return;
+        }
         let src = self.source_ep();
         let next = if self.protected() {
             self.takeover_protected(from, to)
@@ -1163,8 +1387,18 @@ impl World {
             }
         };
         self.retired = src;
+        if self.gated() {
+            // The source's own backend fences its requests in flight
+            // `fence_after` from now; sanlock: then, once its I/O has
+            // finished, it releases the lease the destination waits for.
+            self.fences.push(Some((epoch, from)));
+            self.after(fence_after, Event::Fence(self.fences.len() - 1));
+            self.start_writer(i, to, epoch, ep, false);
+            return;
+        }
         self.vm_host = to;
         self.report.migrations += 1;
+        self.started_at_once();
         self.recover(ep);
         if self.protected() {
             // The old epoch's requests drain until the fence, on the clock;
@@ -1199,6 +1433,7 @@ impl World {
             self.hosts[from].disk = None;
             self.hosts[from].path = self.storage.path();
         }
+        self.holder_crashed(from);
         let (ep, epoch) = match self.takeover_protected(from, to) {
             Ok(x) => x,
             Err(e) => {
@@ -1207,6 +1442,11 @@ impl World {
                 return;
             }
         };
+        if self.gated() {
+            self.start_writer(i, to, epoch, ep, false);
+            return;
+        }
+        self.started_at_once();
         self.vm_host = to;
         self.report.migrations += 1;
         self.recover(ep);
@@ -1299,6 +1539,16 @@ impl World {
                 format!("fence below epoch {epoch}: {c} cancelled, {f} fenced at the storage")
             });
         }
+        if self.gated() {
+            // The holder's own fence after a takeover hands its epoch over.
+            if let Some(h) = self
+                .holder
+                .as_mut()
+                .filter(|h| h.host == host && h.epoch < epoch)
+            {
+                h.handed_over = true;
+            }
+        }
     }
 
     fn finish_orphans(&mut self) {
@@ -1325,13 +1575,14 @@ impl World {
 
     /// The destination's side: resume from the record, fence the storage,
     /// admit the writer.
-    fn resume_on(&mut self, to: usize, record: &HandoffRecord) -> Result<usize, String> {
+    fn resume_on(&mut self, to: usize, record: &HandoffRecord) -> Result<(usize, u64), String> {
         let disk = self.disk_of(to).map_err(|e| e.to_string())?;
         let epoch = disk
             .resume(record)
             .map_err(|e| format!("resume on host {to}: {e}"))?;
         self.fence_storage(to, epoch)?;
-        self.disk_endpoint(to, epoch, "destination")
+        let ep = self.disk_endpoint(to, epoch, "destination")?;
+        Ok((ep, epoch))
     }
 
     fn crash_host(&mut self, hang: Option<Time>) {
@@ -1351,6 +1602,7 @@ impl World {
             // When the host comes back it has a new connection.
             self.hosts[dead].path = self.storage.path();
         }
+        self.holder_crashed(dead);
         self.crash_vm();
     }
 
@@ -1364,7 +1616,9 @@ impl World {
             return;
         }
         match self.take_over_after_crash(to) {
+            Ok((ep, epoch)) if self.gated() => self.start_writer(i, to, epoch, ep, true),
             Ok((ep, epoch)) => {
+                self.started_at_once();
                 self.boot_on(ep);
                 if self.host_side() {
                     self.action_done(i);
@@ -1463,9 +1717,25 @@ impl World {
         let r = disk.register(Some(1), "stale").is_ok();
         attempt(r, "writer registered at epoch 1", self);
         if self.host_side() && self.protection == Protection::On {
-            let path = self.path_of(host);
-            let r = take_over(&*path, 1).is_ok();
-            attempt(r, "storage reservation taken with key 1", self);
+            match self.fence.mode {
+                FenceMode::Pr => {
+                    let path = self.path_of(host);
+                    let r = take_over(&*path, 1).is_ok();
+                    attempt(r, "storage reservation taken with key 1", self);
+                }
+                FenceMode::Sanlock => {
+                    let r = self.lease_free_for(host);
+                    attempt(r, "sanlock lease acquired from its live holder", self);
+                }
+                FenceMode::None => {
+                    // Nobody confirms it (the holder is alive), and the
+                    // holder handed no current record to it.
+                    let r = self.holder.as_ref().is_none_or(|h| {
+                        h.crashed || (h.handed_over && self.storage.in_flight_on(h.path) == 0)
+                    });
+                    attempt(r, "fence none: takeover without a current record", self);
+                }
+            }
         }
     }
 
@@ -1505,6 +1775,352 @@ impl World {
         );
         let d = self.rng.range(5, 40);
         self.after(d, Event::RogueTick);
+    }
+}
+
+// ---- host-side fences other than PR: sanlock and none -----------------
+//
+// PR lives in the storage model (register, preempt-and-abort). The other
+// two decide *when* a destination admitted at its epoch may write, which is
+// all they can do: neither stops a write the storage has accepted.
+//
+// sanlock (a paxos lease per disk, [`Fencing`] for the timing):
+// - the holder renews every renewal period while it reaches the storage
+//   (a hung path blocks its lease I/O as it blocks its writes);
+// - a holder whose epoch is handed over releases the lease once none of
+//   its I/O is left at the storage and it can write the lease; the taker
+//   acquires at once;
+// - otherwise the taker acquires only host_dead after the holder's last
+//   renewal, as its lockspace monitor saw it (monitors read every renewal
+//   period, at their own phase, so up to a period later);
+// - recovery: 8 × io_timeout after its last renewal a cut-off holder's
+//   writer is killed: requests not yet submitted to the storage never are
+//   (its completions are lost, its writers closed). A kill that fails
+//   (drawn per holder), or a writer still waiting on I/O at the storage
+//   (stuck in the kernel, it cannot exit), leaves it to the watchdog,
+//   which resets the host by host_dead;
+// - a crashed host stops renewing at its crash.
+// **The assumption sanlock's safety rests on, modelled exactly:** a host
+// that is reset (or dead) at host_dead has no I/O landing afterwards; every
+// I/O of it the storage model still holds then is dropped. Real storage
+// that completes a dead initiator's accepted write later breaks sanlock;
+// PR aborts such a write at the target instead.
+//
+// none: a destination may write only after a holder that handed over a
+// record that is current (none of the holder's I/O can reach the storage
+// any more: the ledger publishes the record only then), or after an
+// operator confirmed the holder's host dead (`blkshim ctl takeover DISK
+// --source-dead`). The confirmation is modelled as a true statement: it is
+// made only for a host that crashed or lost power (its requests not yet at
+// the storage die with it), and it takes effect only once the storage
+// model holds none of that host's I/O (everything it had accepted landed
+// or failed), so nothing of the dead host lands after the new writer's
+// data. A takeover from a live holder without a record (a cut-off source,
+// a takeover without a suspend) is refused and counted, never allowed: the
+// VM stays where it is.
+impl World {
+    fn new_holder(&mut self, host: usize, epoch: u64, now: Time) -> Holder {
+        Holder {
+            host,
+            epoch,
+            path: self.hosts[host].path.id(),
+            renewed: now,
+            crashed: false,
+            handed_over: false,
+            released: false,
+            killed: false,
+            reset: false,
+            kill_fails: self.frng.chance(25),
+        }
+    }
+
+    /// The holder's host crashed or lost power: it renews nothing more.
+    fn holder_crashed(&mut self, host: usize) {
+        if !self.gated() {
+            return;
+        }
+        let now = self.now();
+        if let Some(h) = self.holder.as_mut().filter(|h| h.host == host) {
+            h.crashed = true;
+            let renewed = h.renewed;
+            self.note(|| {
+                format!(
+                    "holder host {host} is down (last lease renewal t={renewed}, crash t={now})"
+                )
+            });
+        }
+    }
+
+    fn start_lease_ticks(&mut self) {
+        if !self.lease_ticking {
+            self.lease_ticking = true;
+            let r = self.fence.renewal();
+            self.after(r, Event::LeaseTick);
+        }
+    }
+
+    /// sanlock's renewal period: the holder renews if it can, then
+    /// recovery and the watchdog are checked.
+    fn lease_tick(&mut self) {
+        let now = self.now();
+        if let Some(h) = self.holder.as_mut() {
+            let alive = !h.crashed && !h.killed && !h.released && !h.reset;
+            if alive && !self.storage.path_hung(h.path, now) {
+                h.renewed = now;
+            }
+        }
+        self.lease_update(now);
+        // Tick while anything else may still happen (an event other than
+        // this one, or a destination waiting for the lease).
+        if self.starting.is_some() || !self.sched.lock().is_empty() {
+            let r = self.fence.renewal();
+            self.after(r, Event::LeaseTick);
+        } else {
+            self.lease_ticking = false;
+        }
+    }
+
+    /// sanlock: bring the holder's lease up to `now`: release, kill,
+    /// watchdog reset.
+    fn lease_update(&mut self, now: Time) {
+        if self.fence.mode != FenceMode::Sanlock {
+            return;
+        }
+        let Some(h) = self.holder.clone() else {
+            return;
+        };
+        if h.released || h.reset {
+            return;
+        }
+        let (rec, dead) = (self.fence.recovery(), self.fence.host_dead());
+        let host = h.host;
+        if h.crashed {
+            if now >= h.renewed + dead {
+                let n = self.storage.drop_in_flight(h.path);
+                self.report.hosts_reset += 1;
+                self.set_holder(|h| h.reset = true);
+                self.note(|| {
+                    format!(
+                        "sanlock: host {host} (down) is dead by host_dead (t={}): its {n} I/O \
+                         still at the storage never land",
+                        h.renewed + dead
+                    )
+                });
+            }
+            return;
+        }
+        if !h.killed && now >= h.renewed + rec {
+            self.kill_writer(host, h.path);
+            self.report.writers_killed += 1;
+            self.set_holder(|h| h.killed = true);
+            let left = self.storage.in_flight_on(h.path);
+            let fails = h.kill_fails;
+            self.note(|| {
+                format!(
+                    "sanlock: host {host} could not renew since t={} (cut off): lease lost, its \
+                     writer KILLED ({left} I/O still at the storage{})",
+                    h.renewed,
+                    if fails { "; the kill fails" } else { "" }
+                )
+            });
+        }
+        if h.killed || now >= h.renewed + rec {
+            let left = self.storage.in_flight_on(h.path);
+            if now >= h.renewed + dead && (h.kill_fails || left > 0) {
+                let n = self.storage.drop_in_flight(h.path);
+                self.report.hosts_reset += 1;
+                self.set_holder(|h| h.reset = true);
+                self.note(|| {
+                    format!(
+                        "sanlock: the watchdog RESETS host {host} at host_dead (t={}): {n} of its \
+                         I/O never land",
+                        h.renewed + dead
+                    )
+                });
+            }
+            return;
+        }
+        if h.handed_over
+            && !self.storage.path_hung(h.path, now)
+            && self.storage.in_flight_on(h.path) == 0
+        {
+            self.set_holder(|h| h.released = true);
+            self.note(|| format!("sanlock: host {host} releases the lease (its epoch is handed over, its I/O done)"));
+        }
+    }
+
+    fn set_holder(&mut self, f: impl FnOnce(&mut Holder)) {
+        if let Some(h) = self.holder.as_mut() {
+            f(h);
+        }
+    }
+
+    /// sanlock's recovery: the writer process of `host` is killed. Its
+    /// completions are lost (so its backend submits nothing more) and its
+    /// writers are closed; what it already put on the storage is not
+    /// called back.
+    fn kill_writer(&mut self, host: usize, path: u32) {
+        self.storage.kill_path(path);
+        if let Some(d) = self.hosts[host].disk.take() {
+            for e in &mut self.endpoints {
+                if let EpKind::Disk { disk, writer } = &mut e.kind {
+                    if Arc::ptr_eq(disk, &d) {
+                        *writer = None;
+                    }
+                }
+            }
+        }
+        if self.hosts[host].path.id() == path {
+            self.hosts[host].path = self.storage.path();
+        }
+    }
+
+    /// When `host`'s lockspace monitor saw a renewal made at `renewed`.
+    fn seen_at(&self, host: usize, renewed: Time) -> Time {
+        let r = self.fence.renewal();
+        let phase = self.monitor_phase.get(host).copied().unwrap_or(0) % r;
+        renewed + (phase + r - renewed % r) % r
+    }
+
+    /// sanlock: may `host` acquire the lease now?
+    fn lease_free_for(&mut self, host: usize) -> bool {
+        let now = self.now();
+        self.lease_update(now);
+        let Some(h) = self.holder.as_ref() else {
+            return true;
+        };
+        h.released || now >= self.seen_at(host, h.renewed) + self.fence.host_dead()
+    }
+
+    /// The destination at `epoch` (endpoint `ep`) is admitted; it writes
+    /// when its fence lets it.
+    fn start_writer(&mut self, i: usize, to: usize, epoch: u64, ep: usize, boot: bool) {
+        let now = self.now();
+        self.starting = Some(Starting {
+            to,
+            epoch,
+            ep,
+            decided: now,
+            boot,
+            waiting_noted: false,
+        });
+        self.poll_start(i);
+    }
+
+    fn poll_start(&mut self, i: usize) {
+        let Some(s) = self.starting.clone() else {
+            return;
+        };
+        let to = s.to;
+        let ready = match self.fence.mode {
+            FenceMode::Pr => true,
+            FenceMode::Sanlock => {
+                let free = self.lease_free_for(to);
+                if let (true, Some(h)) = (free, self.holder.clone()) {
+                    let from = h.host;
+                    if h.released {
+                        self.note(|| {
+                            format!("sanlock: host {to} ACQUIRES the lease host {from} released")
+                        });
+                    } else {
+                        let seen = self.seen_at(to, h.renewed);
+                        let dead = self.fence.host_dead();
+                        self.report.host_dead_waits += 1;
+                        self.note(|| {
+                            format!(
+                                "sanlock: host {to} ACQUIRES the lease after host_dead: host \
+                                 {from} last renewed at t={} (seen t={seen}), +{dead}",
+                                h.renewed
+                            )
+                        });
+                    }
+                } else if !free && !s.waiting_noted {
+                    let from = self.holder.as_ref().map_or(usize::MAX, |h| h.host);
+                    self.note(|| {
+                        format!("sanlock: host {to} waits for the lease held by host {from}")
+                    });
+                }
+                free
+            }
+            FenceMode::None => match self.holder.clone() {
+                None => true,
+                Some(h) => {
+                    let left = self.storage.in_flight_on(h.path);
+                    let from = h.host;
+                    if h.crashed {
+                        if left == 0 {
+                            self.note(|| {
+                                format!(
+                                    "fence none: the operator's CONFIRMATION that host {from} is \
+                                     dead (powered off) takes effect: none of its I/O is left at the storage"
+                                )
+                            });
+                        } else if !s.waiting_noted {
+                            self.note(|| {
+                                format!(
+                                    "fence none: operator confirms host {from} dead (powered off); \
+                                     {left} I/O it had put on the storage must finish first"
+                                )
+                            });
+                        }
+                        left == 0
+                    } else if h.handed_over {
+                        if left == 0 {
+                            self.note(|| format!("fence none: host {from}'s record is current (none of its I/O can reach the storage)"));
+                        } else if !s.waiting_noted {
+                            self.note(|| format!("fence none: host {from}'s record waits for {left} of its I/O at the storage"));
+                        }
+                        left == 0
+                    } else {
+                        // Refused up front (takeover()); reaching here is a
+                        // bug of the simulation.
+                        self.fail(format!(
+                            "fence none: host {to} started from live holder {from} without a record"
+                        ));
+                        true
+                    }
+                }
+            },
+        };
+        if ready {
+            self.finish_start(i);
+        } else {
+            if let Some(st) = self.starting.as_mut() {
+                st.waiting_noted = true;
+            }
+            self.states[i] = ActState::Acquiring;
+            self.after(5, Event::Control(i));
+        }
+    }
+
+    /// The fence let the destination write: the VM goes on there.
+    fn finish_start(&mut self, i: usize) {
+        let Some(s) = self.starting.take() else {
+            return;
+        };
+        let now = self.now();
+        let waited = now - s.decided;
+        self.report.failover_times.push(waited);
+        let h = self.new_holder(s.to, s.epoch, now);
+        self.holder = Some(h);
+        if self.fence.mode == FenceMode::Sanlock {
+            self.start_lease_ticks();
+        }
+        let to = s.to;
+        self.note(|| {
+            format!(
+                "host {to} may write at epoch {} ({waited} ticks after the decision)",
+                s.epoch
+            )
+        });
+        self.vm_host = s.to;
+        if s.boot {
+            self.boot_on(s.ep);
+        } else {
+            self.report.migrations += 1;
+            self.recover(s.ep);
+        }
+        self.action_done(i);
     }
 }
 
@@ -1555,7 +2171,17 @@ fn wire_io(w: &Wire) -> StorageIo {
 /// assert_eq!(run_one(7, s, Protection::On).requests, on.requests);
 /// ```
 pub fn run_one(seed: u64, scenario: Scenario, protection: Protection) -> RunReport {
-    World::new(seed, scenario, protection).run()
+    run_one_with(seed, scenario, protection, Fencing::default())
+}
+
+/// [`run_one`] with host-side deployments fenced by `fence`.
+pub fn run_one_with(
+    seed: u64,
+    scenario: Scenario,
+    protection: Protection,
+    fence: Fencing,
+) -> RunReport {
+    World::new(seed, scenario, protection, fence).run()
 }
 
 /// Run one seed and also return a step-by-step trace of the scenario's
@@ -1565,7 +2191,17 @@ pub fn run_traced(
     scenario: Scenario,
     protection: Protection,
 ) -> (RunReport, Vec<String>) {
-    let mut w = World::new(seed, scenario, protection);
+    run_traced_with(seed, scenario, protection, Fencing::default())
+}
+
+/// [`run_traced`] with host-side deployments fenced by `fence`.
+pub fn run_traced_with(
+    seed: u64,
+    scenario: Scenario,
+    protection: Protection,
+    fence: Fencing,
+) -> (RunReport, Vec<String>) {
+    let mut w = World::new(seed, scenario, protection, fence);
     w.trace = Some(Vec::new());
     w.run_traced()
 }

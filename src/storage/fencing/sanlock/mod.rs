@@ -29,6 +29,16 @@
 //! failed host waits up to host_dead_seconds; a clean hand-off (the source
 //! released its lease) does not wait.
 //!
+//! **Use io_timeout ≥ 3 with wdmd.** wdmd (3.8.5) checks its clients every
+//! 10 s and closes `/dev/watchdog` uncleanly (so it fires 60 s later) as
+//! soon as a client's expiry (last renewal + 8 × io_timeout) is less than
+//! about 10 s away; it reopens it when the failing client is gone. With
+//! io_timeout 1 the expiry is never more than 8 s away, so a perfectly
+//! healthy host is reset ~60 s after joining (observed in the qemu guest);
+//! 2 leaves a margin of ~2 s. The guest test runs with 3: renewal 6 s,
+//! kill 24 s, host_dead 84 s (measured: cut-off → writer SIGKILLed 22.7 s,
+//! last renewal → the other host acquires ≈ 88 s under TCG).
+//!
 //! # lver = epoch
 //!
 //! sanlock advances a lease's version (`lver`) by one at each acquisition

@@ -127,12 +127,14 @@ pub struct SanlockArgs {
     /// sanlock lockspace name (the same on every host).
     #[arg(long = "sanlock-lockspace", default_value = "blkshim")]
     pub lockspace: String,
-    /// This host's id in the lockspace, 1..=2000, unique per host.
+    /// This host's id in the lockspace, 1..=2000, unique per host
+    /// (required with the sanlock fence; optional here so that the flags
+    /// can sit on commands where the fence is another).
     #[arg(long = "sanlock-host-id")]
-    pub host_id: u64,
-    /// This host's path to the lease device.
+    pub host_id: Option<u64>,
+    /// This host's path to the lease device (required with the sanlock fence).
     #[arg(long = "sanlock-path")]
-    pub path: PathBuf,
+    pub path: Option<PathBuf>,
     /// Offset of the lockspace on the lease device (multiple of 1 MiB).
     #[arg(long = "sanlock-lockspace-offset", value_parser = crate::nbd::config::parse_size, default_value = "0")]
     pub lockspace_offset: u64,
@@ -152,7 +154,14 @@ pub struct SanlockArgs {
 
 impl SanlockArgs {
     pub fn to_options(&self) -> Result<SanlockOptions, FenceError> {
-        let mut o = SanlockOptions::new(&self.lockspace, self.host_id, self.path.clone());
+        let host_id = self.host_id.ok_or_else(|| {
+            FenceError::Config("the sanlock fence needs --sanlock-host-id".into())
+        })?;
+        let path = self
+            .path
+            .clone()
+            .ok_or_else(|| FenceError::Config("the sanlock fence needs --sanlock-path".into()))?;
+        let mut o = SanlockOptions::new(&self.lockspace, host_id, path);
         o.lockspace_offset = self.lockspace_offset;
         o.io_timeout = self.io_timeout;
         o.max_catch_up = self.max_catch_up;
@@ -201,6 +210,47 @@ mod tests {
             Err(FenceError::Config(_))
         ));
         assert_eq!(opts().timings().host_dead, 140);
+    }
+
+    #[test]
+    fn args_need_host_and_path() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            s: SanlockArgs,
+        }
+        let none = Cli::parse_from(["x"]);
+        assert!(matches!(none.s.to_options(), Err(FenceError::Config(_))));
+        let ok = Cli::parse_from([
+            "x",
+            "--sanlock-host-id",
+            "2",
+            "--sanlock-path",
+            "/dev/mapper/lease",
+            "--sanlock-resource",
+            "vm1=1M",
+            "--sanlock-io-timeout",
+            "3",
+        ]);
+        let o = ok.s.to_options().unwrap();
+        assert_eq!(
+            (o.host_id, o.io_timeout, o.lockspace.as_str()),
+            (2, 3, "blkshim")
+        );
+        assert_eq!(o.resource_offset("vm1").unwrap(), 1 << 20);
+        let twice = Cli::parse_from([
+            "x",
+            "--sanlock-host-id",
+            "1",
+            "--sanlock-path",
+            "/d",
+            "--sanlock-resource",
+            "vm1=1M",
+            "--sanlock-resource",
+            "vm1=2M",
+        ]);
+        assert!(twice.s.to_options().is_err());
     }
 
     #[test]

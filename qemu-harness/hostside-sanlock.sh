@@ -246,6 +246,14 @@ else
     result lver-advanced FAIL "$(oneline /tmp/read2.out)"
 fi
 
+# --- a lagging lease is advanced to the epoch (lver 2 -> epoch 5: two catch-up cycles) ---
+if lease_b acquire --disk vm1 --epoch 5 >/tmp/b5.out 2>/tmp/b5.err && grep -q '"lver":5' /tmp/b5.out &&
+    lease_b read --disk vm1 >/tmp/read5.out 2>&1 && grep -q '"lver":5' /tmp/read5.out; then
+    result catch-up PASS "$(grep '"command":"acquire"' /tmp/b5.out | cut -c1-300) | $(grep -o 'acquired at lver.*' /tmp/b5.err | head -1)"
+else
+    result catch-up FAIL "$(oneline /tmp/b5.out) $(oneline /tmp/b5.err)"
+fi
+
 # --- the watchdog never fired ---------------------------------------------------------------------------
 if dmesg | grep -qiE 'softdog: (Triggered|Initiating)'; then
     result watchdog-quiet FAIL "$(dmesg | grep -iE 'softdog|watchdog' | tail -3 | tr '\n' ' ')"

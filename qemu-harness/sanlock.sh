@@ -46,7 +46,7 @@ T0=$(date +%s.%N)
 elapsed() { awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}'; }
 
 EXPECTED="lio-setup modules dm-paths wdmd daemons init a-acquires b-refused-live
-b-stale-epoch-refused cut-off a-killed b-acquires lver-advanced b-release watchdog-quiet"
+b-stale-epoch-refused cut-off a-killed b-acquires lver-advanced b-release catch-up watchdog-quiet"
 
 # --- the guest image (shared with hostside.sh) and its packages -------------------
 GUEST=$(bash "$HERE/hostside-build.sh" | tail -1)

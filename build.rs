@@ -4,7 +4,7 @@
 //! and userspace headers. When libclang or the headers are missing, it copies
 //! the pre-generated files from `vendor/` instead (and says so), so a plain
 //! `cargo build` works anywhere. With feature `xen` it links the Xen
-//! userspace libraries.
+//! userspace libraries; with feature `sanlock`, libsanlock_client.
 
 use std::env;
 use std::fs;
@@ -50,6 +50,10 @@ fn main() {
         for lib in ["xenstore", "xengnttab", "xenevtchn"] {
             println!("cargo:rustc-link-lib={lib}");
         }
+    }
+    // The sanlock lease fence's client library (src/storage/fencing/sanlock/ffi.rs).
+    if env::var_os("CARGO_FEATURE_SANLOCK").is_some() {
+        println!("cargo:rustc-link-lib=sanlock_client");
     }
 
     let blocker = match generation_blocker() {

@@ -31,6 +31,9 @@ enum Command {
     // --- host-side fencing (src/storage/fencing/cli.rs) ---
     /// Persistent reservations of a block device by hand (JSON out).
     Pr(crate::storage::fencing::cli::PrArgs),
+    /// sanlock leases by hand (JSON out; feature `sanlock`).
+    #[cfg(feature = "sanlock")]
+    Lease(crate::storage::fencing::sanlock::cli::LeaseArgs),
 }
 
 /// What `blkshim serve` serves when given no disk and no config file.
@@ -276,6 +279,8 @@ pub fn run() -> Result<(), Box<dyn std::error::Error>> {
         Command::Sim(args) => crate::sim::cli_main(args)?,
         Command::XenBackend(args) => crate::xen::daemon::run(args)?,
         Command::Pr(args) => crate::storage::fencing::cli::run(args)?,
+        #[cfg(feature = "sanlock")]
+        Command::Lease(args) => crate::storage::fencing::sanlock::cli::run(args)?,
     }
     Ok(())
 }

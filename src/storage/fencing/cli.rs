@@ -91,7 +91,8 @@ fn reservation_json(r: &Option<Reservation>) -> Value {
     }
 }
 
-fn error_json(e: &FenceError) -> Value {
+/// The JSON of a failed command (shared with `blkshim lease`).
+pub(crate) fn error_json(e: &FenceError) -> Value {
     let mut v = json!({ "ok": false, "kind": e.kind(), "error": e.to_string() });
     match e {
         FenceError::HeldByNewer { key, holder } => {
@@ -109,7 +110,15 @@ fn error_json(e: &FenceError) -> Value {
         }
         FenceError::Foreign { key } => v["key"] = json!(key_hex(*key)),
         FenceError::Io(err) => v["errno"] = json!(err.raw_os_error()),
-        FenceError::BadResponse(_) => {}
+        FenceError::BadResponse(_) | FenceError::Config(_) => {}
+        FenceError::Sanlock { op, rv } => {
+            v["failed_command"] = json!(op);
+            v["rv"] = json!(rv);
+        }
+        FenceError::LeaseBusy { resource, rv } => {
+            v["resource"] = json!(resource);
+            v["rv"] = json!(rv);
+        }
     }
     v
 }

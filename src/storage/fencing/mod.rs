@@ -34,12 +34,14 @@ pub mod key;
 pub(crate) mod model;
 pub mod parse;
 pub mod pr;
+pub mod sanlock;
 pub mod status;
 pub mod writer;
 
 pub use key::{decode_key, encode_key, KeyOwner, BLKSHIM_KEY_MARKER, MAX_KEY_EPOCH};
 pub use parse::{ReservationType, ScsiReservation};
 pub use pr::{PrFencing, PrOptions, PreemptMode};
+pub use sanlock::{SanlockFence, SanlockOptions};
 pub use status::{PrStatus, Transport};
 pub use writer::{FenceMode, PrWriterFence, WriterFence};
 
@@ -83,6 +85,16 @@ pub enum FenceError {
     /// The device sent a reservation report blkshim cannot trust (too
     /// short, inconsistent lengths); nothing was decided from it.
     BadResponse(String),
+    /// The sanlock daemon (or its client library) refused a call; `rv` is
+    /// a negative errno or one of sanlock's `SANLK_*` codes.
+    Sanlock { op: &'static str, rv: i32 },
+    /// A host that is still renewing its lockspace holds the disk's lease:
+    /// the lease becomes free only when that host releases it or
+    /// host_dead_seconds after it stops renewing. Retrying now is futile.
+    LeaseBusy { resource: String, rv: i32 },
+    /// The fence is configured wrongly (or not built in); nothing was
+    /// sent anywhere.
+    Config(String),
 }
 
 impl fmt::Display for FenceError {
@@ -109,6 +121,17 @@ impl fmt::Display for FenceError {
                 write!(f, "{command} failed at the storage: {status}")
             }
             FenceError::BadResponse(why) => write!(f, "untrusted reservation report: {why}"),
+            FenceError::Sanlock { op, rv } => {
+                write!(f, "sanlock {op} failed: {}", sanlock::SanlockRv(*rv))
+            }
+            FenceError::LeaseBusy { resource, rv } => write!(
+                f,
+                "lease {resource:?} is held by another host that is still alive ({}): it is \
+                 free only once that host releases it or host_dead_seconds after it stops \
+                 renewing its lockspace",
+                sanlock::SanlockRv(*rv)
+            ),
+            FenceError::Config(why) => write!(f, "fence configuration: {why}"),
         }
     }
 }
@@ -127,6 +150,9 @@ impl FenceError {
             FenceError::Foreign { .. } => "foreign",
             FenceError::Device { .. } => "device",
             FenceError::BadResponse(_) => "bad-response",
+            FenceError::Sanlock { .. } => "sanlock",
+            FenceError::LeaseBusy { .. } => "lease-busy",
+            FenceError::Config(_) => "config",
         }
     }
 }

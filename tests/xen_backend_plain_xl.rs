@@ -241,12 +241,17 @@ fn same_host_restore_without_hook_is_ordered_behind_the_held_source() {
 
 #[test]
 fn same_host_restore_with_a_disk_per_vbd_corrupts() {
-    // Negative control: the same runs with the earlier design.
+    // Negative control: the same runs with the earlier design. The race
+    // is timing-dependent (a loaded machine may close it in one run), so
+    // it stops at the first seed that shows it, up to 12.
     let mut found = 0;
-    for seed in 1..=4 {
+    for seed in 1..=12 {
         let r = plain_xl_handoff(Design::DiskPerVbd, true, seed);
         assert!(r.resent > 0);
         found += r.stale.len();
+        if found > 0 {
+            break;
+        }
     }
     assert!(found > 0, "the earlier design must show seeds/003 here");
 }

@@ -91,6 +91,9 @@ struct ServeArgs {
     /// abort).
     #[arg(long, value_parser = config::parse_preempt, default_value = "preempt-and-abort", requires = "fence")]
     pr_preempt: crate::storage::fencing::PreemptMode,
+    /// --fence sanlock: lockspace, host id, lease device, per-disk leases.
+    #[command(flatten)]
+    sanlock: crate::storage::fencing::sanlock::SanlockArgs,
     /// TOML config file naming several disks.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -168,6 +171,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
                 .map(|s| config::parse_pr_device(s))
                 .collect(),
             pr_preempt: a.pr_preempt,
+            sanlock: a.sanlock.clone(),
         }),
     };
     if let Some(p) = &a.config {
@@ -283,4 +287,18 @@ pub fn run() -> Result<(), Box<dyn std::error::Error>> {
         Command::Lease(args) => crate::storage::fencing::sanlock::cli::run(args)?,
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// clap's own consistency checks (unique argument ids across flattened
+    /// option groups, valid defaults), which otherwise fire only when a
+    /// subcommand is first parsed.
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
 }

@@ -184,8 +184,8 @@ struct State {
     next_writer: u64,
     /// Writers at or below this epoch lost the disk: the storage refused
     /// one of their writes as fenced (EBADE, a newer host preempted this
-    /// one). Every request of theirs fails with EIO. 0: none.
-    lost: Epoch,
+    /// one). Every request of theirs fails with EIO.
+    lost: Option<Epoch>,
 }
 
 /// Fates of the requests in flight when a suspend began.
@@ -345,7 +345,7 @@ impl Disk {
                 gate: None,
                 writers: BTreeMap::new(),
                 next_writer: 1,
-                lost: 0,
+                lost: None,
             }),
             host_side: OnceLock::new(),
             advancing: Mutex::new(()),
@@ -628,7 +628,8 @@ impl Disk {
             );
         }
         for f in report.cancelled {
-            f.token.fail(errno(libc::EPERM));
+            let code = self.refusal_errno(f.request.epoch);
+            f.token.fail(errno(code));
         }
         for w in woken {
             self.start(w.ticket);
@@ -862,7 +863,7 @@ impl Disk {
             (st.gate, st.current, st.lost)
         };
         let w_epoch = w.epoch();
-        if w_epoch <= lost {
+        if let Some(lost) = lost.filter(|&l| w_epoch <= l) {
             log::debug!(
                 "disk {:?}: {kind:?} from writer {} (epoch {w_epoch}) failed: this host lost the disk at epoch {lost}",
                 self.name,
@@ -934,14 +935,25 @@ impl Disk {
         }
     }
 
+    /// What a request of `epoch` that will not be acknowledged fails
+    /// with: EIO once this host lost the disk to a fence (it stops
+    /// writing it), else EPERM (a newer writer of this process took over).
+    fn refusal_errno(&self, epoch: Epoch) -> i32 {
+        if self.state.lock().lost.is_some_and(|l| epoch <= l) {
+            libc::EIO
+        } else {
+            libc::EPERM
+        }
+    }
+
     /// The storage refused a write of `epoch` as fenced (EBADE): a newer
     /// writer preempted this host's path. Every request of `epoch` and
     /// older fails from now on, and what still waits is cancelled.
     fn lost_to_fence(self: &Arc<Self>, epoch: Epoch) {
         let news = {
             let mut st = self.state.lock();
-            let news = st.lost < epoch;
-            st.lost = st.lost.max(epoch);
+            let news = st.lost.is_none_or(|l| l < epoch);
+            st.lost = Some(st.lost.map_or(epoch, |l| l.max(epoch)));
             news
         };
         if !news {
@@ -1001,14 +1013,22 @@ impl Disk {
             }
             Outcome::Fenced | Outcome::Cancelled => {
                 self.counters.fenced.fetch_add(1, Ordering::Relaxed);
+                let at_storage = match &out.result {
+                    Ok(()) => "completed at storage".to_string(),
+                    Err(e) if crate::storage::fencing::is_fenced(e) => {
+                        self.lost_to_fence(f.request.epoch);
+                        "refused by the storage's fence (not written)".to_string()
+                    }
+                    Err(e) => format!("failed at storage ({e})"),
+                };
                 log::warn!(
-                    "disk {:?}: fenced {:?} {} of epoch {} completed at storage; not acknowledged",
+                    "disk {:?}: fenced {:?} {} of epoch {} {at_storage}; not acknowledged",
                     self.name,
                     f.request.kind,
                     f.request.range,
                     f.request.epoch
                 );
-                Err(errno(libc::EPERM))
+                Err(errno(self.refusal_errno(f.request.epoch)))
             }
         };
         if self.suspending.load(Ordering::Acquire) {

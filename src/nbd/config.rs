@@ -60,6 +60,8 @@ pub struct HostSideConfig {
     /// stack that has no PR support of its own).
     pub pr_devices: Vec<(String, PathBuf)>,
     pub pr_preempt: crate::storage::fencing::PreemptMode,
+    /// `--fence sanlock`: the lockspace, this host's id and lease device.
+    pub sanlock: crate::storage::fencing::sanlock::SanlockArgs,
 }
 
 impl HostSideConfig {

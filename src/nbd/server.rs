@@ -11,7 +11,9 @@ use super::handshake::{handshake, Exports};
 use crate::control::ctl::{self, CtlRequest};
 use crate::epoch::{EpochStore, FileEpochStore};
 use crate::handoff::{Disk, DiskOptions, HandoffLedger, HostSide, HostSidePolicy};
-use crate::storage::fencing::{FenceMode, PrFencing, PrOptions, PrWriterFence, WriterFence};
+use crate::storage::fencing::{
+    FenceMode, PrFencing, PrOptions, PrWriterFence, SanlockFence, WriterFence,
+};
 use crate::storage::{BlockStorage, StorageIo};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
@@ -98,7 +100,11 @@ fn abs(p: &Path) -> PathBuf {
 }
 
 /// The fence a host-side disk takes before its first write.
-fn writer_fence(hs: &HostSideConfig, d: &DiskSpec) -> Result<Option<Arc<dyn WriterFence>>, String> {
+fn writer_fence(
+    hs: &HostSideConfig,
+    d: &DiskSpec,
+    sanlock: &mut Option<Arc<SanlockFence>>,
+) -> Result<Option<Arc<dyn WriterFence>>, String> {
     match hs.fence {
         FenceMode::None => Ok(None),
         FenceMode::Pr => {
@@ -113,10 +119,20 @@ fn writer_fence(hs: &HostSideConfig, d: &DiskSpec) -> Result<Option<Arc<dyn Writ
             .map_err(|e| format!("disk {:?}: --fence pr on {}: {e}", d.name, dev.display()))?;
             Ok(Some(Arc::new(PrWriterFence::new(pr))))
         }
-        FenceMode::Sanlock => Err(format!(
-            "disk {:?}: --fence sanlock needs a blkshim built with --features sanlock",
-            d.name
-        )),
+        FenceMode::Sanlock => {
+            if sanlock.is_none() {
+                let opts = hs
+                    .sanlock
+                    .to_options()
+                    .map_err(|e| format!("--fence sanlock: {e}"))?;
+                // Joins the lockspace (seconds) and registers this process:
+                // sanlock kills it if this host's lease renewal fails.
+                let fence =
+                    SanlockFence::open(opts).map_err(|e| format!("--fence sanlock: {e}"))?;
+                *sanlock = Some(Arc::new(fence));
+            }
+            Ok(sanlock.clone().map(|f| f as Arc<dyn WriterFence>))
+        }
     }
 }
 
@@ -150,6 +166,8 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
         }
         None => None,
     };
+    // One sanlock registration for the process, shared by its disks.
+    let mut sanlock: Option<Arc<SanlockFence>> = None;
     let mut exports = Exports::default();
     let mut storages = Vec::new();
     for d in &cfg.disks {
@@ -168,7 +186,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
         if let (Some(hs), Some(ledger)) = (&cfg.host_side, &ledger) {
             let policy = HostSidePolicy {
                 ledger: Arc::clone(ledger),
-                fence: writer_fence(hs, d)?,
+                fence: writer_fence(hs, d, &mut sanlock)?,
                 resume_wait: hs.resume_wait,
             };
             log::info!("disk {:?}: host-side, {policy:?}", d.name);

@@ -40,7 +40,7 @@ use crate::handoff::{
     SuspendMode, Writer,
 };
 use crate::storage::fencing::{
-    FenceMode, PrFencing, PrOptions, PrWriterFence, PreemptMode, WriterFence,
+    FenceMode, PrFencing, PrOptions, PrWriterFence, PreemptMode, SanlockFence, WriterFence,
 };
 use crate::storage::{BlockStorage, SECTOR_SIZE};
 use crate::xen::abi::BlkifAbi;
@@ -95,6 +95,8 @@ pub struct BackendConfig {
     pub fence: FenceMode,
     /// `--fence pr`: PREEMPT or PREEMPT AND ABORT.
     pub pr_preempt: PreemptMode,
+    /// `--fence sanlock`: the daemon's one lease fence, shared by its vbds.
+    pub sanlock: Option<Arc<SanlockFence>>,
 }
 
 impl Default for BackendConfig {
@@ -113,6 +115,7 @@ impl Default for BackendConfig {
             resume_wait: DEFAULT_RESUME_WAIT,
             fence: FenceMode::None,
             pr_preempt: PreemptMode::default(),
+            sanlock: None,
         }
     }
 }
@@ -647,11 +650,10 @@ impl<S: XenStore> Vbd<S> {
                 .map_err(|e| Fail(format!("--fence pr on {}: {e}", self.device.display())))?;
                 Some(Arc::new(PrWriterFence::new(pr)))
             }
-            FenceMode::Sanlock => {
-                return Err(Fail(
-                    "--fence sanlock needs a blkshim built with --features sanlock".into(),
-                ))
-            }
+            FenceMode::Sanlock => match &self.config.sanlock {
+                Some(f) => Some(Arc::clone(f) as Arc<dyn WriterFence>),
+                None => return Err(Fail("--fence sanlock: no lease fence opened".into())),
+            },
         };
         Ok(Some(HostSidePolicy {
             ledger: Arc::clone(ledger),

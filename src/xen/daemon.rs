@@ -63,6 +63,9 @@ pub struct XenBackendArgs {
     /// --fence pr: preempt-and-abort or preempt.
     #[arg(long, value_parser = crate::nbd::config::parse_preempt, default_value = "preempt-and-abort")]
     pub pr_preempt: crate::storage::fencing::PreemptMode,
+    /// --fence sanlock: lockspace, host id, lease device, per-disk leases.
+    #[command(flatten)]
+    pub sanlock: crate::storage::fencing::sanlock::SanlockArgs,
 }
 
 impl XenBackendArgs {
@@ -80,6 +83,18 @@ impl XenBackendArgs {
             resume_wait: self.resume_wait,
             fence: self.fence,
             pr_preempt: self.pr_preempt,
+            sanlock: match self.fence {
+                crate::storage::fencing::FenceMode::Sanlock => {
+                    let opts = self.sanlock.to_options().map_err(io::Error::other)?;
+                    // One registration for the daemon: sanlock kills it if
+                    // this host's lease renewal fails.
+                    Some(Arc::new(
+                        crate::storage::fencing::SanlockFence::open(opts)
+                            .map_err(io::Error::other)?,
+                    ))
+                }
+                _ => None,
+            },
             ..BackendConfig::default()
         })
     }

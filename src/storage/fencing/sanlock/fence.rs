@@ -36,6 +36,18 @@ pub struct SanlockFence {
     held: Mutex<Held>,
 }
 
+impl std::fmt::Debug for SanlockFence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "SanlockFence(lockspace {:?}, host id {}, {})",
+            self.opts.lockspace,
+            self.opts.host_id,
+            self.opts.path.display()
+        )
+    }
+}
+
 impl SanlockFence {
     /// Join the lockspace (blocks until this host owns its host id: a few
     /// renewal intervals, longer if the slot's previous owner must time out

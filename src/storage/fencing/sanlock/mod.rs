@@ -99,6 +99,7 @@ pub use fence::SanlockFence;
 /// Without feature `sanlock`: the type exists so that callers can name it,
 /// but opening one fails.
 #[cfg(not(feature = "sanlock"))]
+#[derive(Debug)]
 pub struct SanlockFence {
     _private: (),
 }

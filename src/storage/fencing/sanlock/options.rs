@@ -125,30 +125,42 @@ pub fn parse_resource_arg(s: &str) -> Result<(String, u64), String> {
 #[derive(clap::Args, Debug, Clone)]
 pub struct SanlockArgs {
     /// sanlock lockspace name (the same on every host).
-    #[arg(long = "sanlock-lockspace", default_value = "blkshim")]
+    #[arg(
+        long = "sanlock-lockspace",
+        id = "sanlock_lockspace",
+        default_value = "blkshim"
+    )]
     pub lockspace: String,
     /// This host's id in the lockspace, 1..=2000, unique per host
     /// (required with the sanlock fence; optional here so that the flags
     /// can sit on commands where the fence is another).
-    #[arg(long = "sanlock-host-id")]
+    #[arg(long = "sanlock-host-id", id = "sanlock_host_id")]
     pub host_id: Option<u64>,
     /// This host's path to the lease device (required with the sanlock fence).
-    #[arg(long = "sanlock-path")]
+    #[arg(long = "sanlock-path", id = "sanlock_path")]
     pub path: Option<PathBuf>,
     /// Offset of the lockspace on the lease device (multiple of 1 MiB).
-    #[arg(long = "sanlock-lockspace-offset", value_parser = crate::nbd::config::parse_size, default_value = "0")]
+    #[arg(long = "sanlock-lockspace-offset", id = "sanlock_lockspace_offset", value_parser = crate::nbd::config::parse_size, default_value = "0")]
     pub lockspace_offset: u64,
     /// DISK=OFFSET: where DISK's 1 MiB lease is on the lease device
     /// (repeat per disk).
-    #[arg(long = "sanlock-resource", value_parser = parse_resource_arg)]
+    #[arg(long = "sanlock-resource", id = "sanlock_resource", value_parser = parse_resource_arg)]
     pub resources: Vec<(String, u64)>,
     /// sanlock io_timeout in seconds (0: the daemon's, 10). host_dead is
     /// 8 × io_timeout + 60 s.
-    #[arg(long = "sanlock-io-timeout", default_value_t = 0)]
+    #[arg(
+        long = "sanlock-io-timeout",
+        id = "sanlock_io_timeout",
+        default_value_t = 0
+    )]
     pub io_timeout: u32,
     /// Most acquire/release cycles that bring a lagging lease's lver up
     /// to the epoch.
-    #[arg(long = "sanlock-max-catch-up", default_value_t = 64)]
+    #[arg(
+        long = "sanlock-max-catch-up",
+        id = "sanlock_max_catch_up",
+        default_value_t = 64
+    )]
     pub max_catch_up: u64,
 }
 

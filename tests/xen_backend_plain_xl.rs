@@ -289,6 +289,17 @@ fn other_host_destination_advancing_by_itself_corrupts() {
 
 #[test]
 fn destination_refuses_a_live_holder_after_resume_wait_and_operator_can_take_over() {
+    refuses_then_operator_takes_over(false);
+}
+
+/// `blkshim ctl takeover DISK --source-dead` (the confirmation in the
+/// ledger) lets a plain vbd, with no node of its own, take the disk.
+#[test]
+fn destination_refuses_a_live_holder_until_the_source_is_confirmed_dead() {
+    refuses_then_operator_takes_over(true);
+}
+
+fn refuses_then_operator_takes_over(by_confirmation: bool) {
     let dir = tempfile::tempdir().unwrap();
     let storage = AdversarialStorage::new(DISK, 5, Duration::from_millis(1));
     let epochs: Arc<dyn EpochStore> = Arc::new(FileEpochStore::open(dir.path()).unwrap());
@@ -326,8 +337,10 @@ fn destination_refuses_a_live_holder_after_resume_wait_and_operator_can_take_ove
     w("state", "3");
     wait_phase(dst.vbd(), Phase::Failed);
     let err = dst.vbd().status().error.unwrap();
-    assert!(err.contains("refusing"), "{err}");
+    assert!(err.contains("refused"), "{err}");
     assert!(err.contains("blkshim-resume = takeover"), "{err}");
+    assert!(err.contains("--source-dead"), "{err}");
+    assert!(err.contains("--fence pr"), "{err}");
     assert_eq!(
         dst.xs
             .read_string(XBT_NULL, &format!("{BE}/blkshim-error"))
@@ -339,10 +352,16 @@ fn destination_refuses_a_live_holder_after_resume_wait_and_operator_can_take_ove
     // The operator knows the source host is dead: takeover is explicit.
     dst.destroy_vbd();
     let mut fe2 = frontend(6);
+    if by_confirmation {
+        HandoffLedger::open(dir.path())
+            .unwrap()
+            .confirm_source_dead("vm1", 1, "test@operator")
+            .unwrap();
+    }
     dst.create_vbd(
         opener("vm1", StoragePath::new(&storage), Arc::clone(&epochs)),
         short,
-        Some("takeover"),
+        (!by_confirmation).then_some("takeover"),
     );
     fe2.connect(&dst.xs, &dst.platform, FE, BE).unwrap();
     wait_phase(dst.vbd(), Phase::Connected);

@@ -5,7 +5,7 @@ use crate::control::ctl::{self, CtlRequest};
 use crate::nbd::config::CacheMode;
 use crate::nbd::config::{self, CliSet, ServeConfig};
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -64,6 +64,30 @@ struct ServeArgs {
     /// Directory of the persisted epoch store [default: .blkshim-epochs next to the first disk].
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Host-side mode: this server is one host's writer of disks on shared
+    /// storage, and this is what keeps an older host's writes off them
+    /// (none: take over only from a host that handed over, or one an
+    /// operator confirmed dead; pr: persistent reservations; sanlock:
+    /// leases). Omit for a gateway (one server for every writer).
+    #[arg(long, value_enum)]
+    fence: Option<crate::storage::fencing::FenceMode>,
+    /// Host-side: this host's name in the shared hand-off ledger
+    /// [default: the machine's identity].
+    #[arg(long, requires = "fence")]
+    host_id: Option<String>,
+    /// Host-side: how long a first write waits for the holder's hand-off
+    /// record before fencing it (or, with --fence none, refusing).
+    #[arg(long, value_parser = config::parse_duration, default_value = "30s", requires = "fence")]
+    resume_wait: std::time::Duration,
+    /// --fence pr: the block device to register through, NAME=DEV or DEV
+    /// [default: the disk's path].
+    #[arg(long, requires = "fence")]
+    pr_device: Vec<String>,
+    /// --fence pr: preempt-and-abort (also aborts the old host's commands
+    /// queued at the target) or preempt (Linux 6.1's tcm_loop hangs on the
+    /// abort).
+    #[arg(long, value_parser = config::parse_preempt, default_value = "preempt-and-abort", requires = "fence")]
+    pr_preempt: crate::storage::fencing::PreemptMode,
     /// TOML config file naming several disks.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -96,6 +120,23 @@ enum CtlAction {
         #[arg(long)]
         to: Option<u64>,
     },
+    /// Host-side: hand the disk over (drain, wait until this host's writes
+    /// left the storage, publish the record, stop writing).
+    Suspend { disk: String },
+    /// Host-side, `--fence none`: state that the host holding DISK is dead,
+    /// so that a new host may take the disk without its record. Needs no
+    /// running server; writes the confirmation into the shared state
+    /// directory. Only for a host that is powered off or otherwise cannot
+    /// write: its queued writes would land over the new host's.
+    Takeover {
+        disk: String,
+        /// Confirm the holder's host is dead (required).
+        #[arg(long)]
+        source_dead: bool,
+        /// The shared state directory (epochs and hand-off ledger).
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
 }
 
 fn serve(a: ServeArgs) -> Result<(), String> {
@@ -114,6 +155,17 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         cache: a.cache.unwrap_or(CacheMode::Writeback),
         engine: a.engine,
         disks: Vec::new(),
+        host_side: a.fence.map(|fence| config::HostSideConfig {
+            fence,
+            host_id: a.host_id,
+            resume_wait: a.resume_wait,
+            pr_devices: a
+                .pr_device
+                .iter()
+                .map(|s| config::parse_pr_device(s))
+                .collect(),
+            pr_preempt: a.pr_preempt,
+        }),
     };
     if let Some(p) = &a.config {
         config::load_file(p, &mut cfg, &set)?;
@@ -133,11 +185,56 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     crate::nbd::server::run(cfg)
 }
 
+/// `blkshim ctl takeover DISK --source-dead`: the operator's confirmation,
+/// written where every host's admission reads it.
+fn confirm_source_dead(disk: &str, source_dead: bool, state_dir: &Path) -> Result<(), String> {
+    use crate::epoch::EpochStore;
+    if !source_dead {
+        return Err(format!(
+            "refusing: say --source-dead only if the host holding {disk:?} is powered off or otherwise cannot write (its queued writes would land over the new host's); with --fence pr or sanlock no confirmation is needed"
+        ));
+    }
+    let epochs = crate::epoch::FileEpochStore::open(state_dir)
+        .map_err(|e| format!("epoch store {}: {e}", state_dir.display()))?;
+    let epoch = epochs.current(disk).map_err(|e| e.to_string())?;
+    if epoch == 0 {
+        return Err(format!("disk {disk:?} has no holder: nothing to confirm"));
+    }
+    let ledger = crate::handoff::HandoffLedger::open(state_dir)
+        .map_err(|e| format!("hand-off ledger {}: {e}", state_dir.display()))?;
+    let by = format!(
+        "{}@{}",
+        std::env::var("SUDO_USER")
+            .or_else(|_| std::env::var("USER"))
+            .unwrap_or_else(|_| "unknown".into()),
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    );
+    let c = ledger
+        .confirm_source_dead(disk, epoch, &by)
+        .map_err(|e| format!("writing the confirmation: {e}"))?;
+    log::warn!(
+        "disk {disk:?}: {by} confirmed the holder of epoch {epoch} ({}) dead",
+        c.holder
+            .as_ref()
+            .map_or("no claim".into(), |h| format!("{} on {}", h.label, h.host))
+    );
+    println!("{}", serde_json::to_string(&c).map_err(|e| e.to_string())?);
+    Ok(())
+}
+
 fn ctl(a: CtlArgs) -> Result<(), String> {
     let req = match a.action {
         CtlAction::Status => CtlRequest::Status,
         CtlAction::Fence { disk } => CtlRequest::Fence { disk },
         CtlAction::Handoff { disk, to } => CtlRequest::Handoff { disk, to },
+        CtlAction::Suspend { disk } => CtlRequest::Suspend { disk },
+        CtlAction::Takeover {
+            disk,
+            source_dead,
+            state_dir,
+        } => return confirm_source_dead(&disk, source_dead, &state_dir),
     };
     let v = ctl::request(&a.control, &req)?;
     if a.json {
@@ -151,6 +248,13 @@ fn ctl(a: CtlArgs) -> Result<(), String> {
                 v["epoch"],
                 v["cancelled"],
                 v["fenced"]
+            ),
+            CtlRequest::Suspend { .. } => println!(
+                "disk {}: handed over at epoch {} ({}); the next writer takes epoch {}",
+                v["disk"].as_str().unwrap_or("?"),
+                v["source_epoch"],
+                v["method"].as_str().unwrap_or("?"),
+                v["destination_epoch"]
             ),
             CtlRequest::Handoff { .. } => println!(
                 "disk {}: epoch {} -> {}",

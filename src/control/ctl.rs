@@ -2,7 +2,8 @@
 //! `./blkshim.ctl`). One request per line, one response per line.
 //!
 //! Requests: `{"cmd":"status"}`, `{"cmd":"fence","disk":"vm1"}`,
-//! `{"cmd":"handoff","disk":"vm1","to":7}` (`to` optional).
+//! `{"cmd":"handoff","disk":"vm1","to":7}` (`to` optional),
+//! `{"cmd":"suspend","disk":"vm1"}` (host-side mode).
 //! Responses: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
 
 use serde::{Deserialize, Serialize};
@@ -23,6 +24,8 @@ pub enum CtlRequest {
     /// Advance `disk` to epoch `to` (default: the highest registered
     /// writer's epoch if above the current one, else current + 1).
     Handoff { disk: String, to: Option<u64> },
+    /// Host-side: hand `disk` over (drain, settle, publish the record).
+    Suspend { disk: String },
 }
 
 /// Something that answers control requests (the NBD server).

@@ -246,6 +246,75 @@ impl HandoffLedger {
     }
 }
 
+/// An operator's statement that the host holding a disk at `epoch` is dead
+/// (powered off, fenced by hand): its writes can no longer reach the
+/// storage. With `--fence none` it is the only way to take a disk from a
+/// holder that did not hand it over, in the manner of Pacemaker's manual
+/// fencing confirmation (`stonith_admin --confirm`). It names the epoch, so
+/// it never carries over to a later holder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceDeadConfirmation {
+    pub disk: String,
+    /// The holder's epoch the statement is about.
+    pub epoch: Epoch,
+    /// The claim of that holder, as the operator saw it (if any).
+    pub holder: Option<WriterClaim>,
+    /// Who confirmed (`user@host`).
+    pub confirmed_by: String,
+    /// Seconds since the Unix epoch, for people reading the file.
+    pub confirmed_at: u64,
+}
+
+impl HandoffLedger {
+    pub fn confirmation_path(&self, disk: &str) -> PathBuf {
+        self.dir.join(format!("{disk}.source-dead.json"))
+    }
+
+    /// Records that the holder of `disk` at `epoch` is dead.
+    pub fn confirm_source_dead(
+        &self,
+        disk: &str,
+        epoch: Epoch,
+        confirmed_by: &str,
+    ) -> io::Result<SourceDeadConfirmation> {
+        let c = SourceDeadConfirmation {
+            disk: disk.to_string(),
+            epoch,
+            holder: self.claim_of(disk)?.filter(|c| c.epoch == epoch),
+            confirmed_by: confirmed_by.to_string(),
+            confirmed_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        let _lock = lock_file(&self.dir.join("handoff.lock"), true)?;
+        let json = serde_json::to_vec_pretty(&c).map_err(io::Error::other)?;
+        write_atomically(&self.confirmation_path(disk), &json)?;
+        Ok(c)
+    }
+
+    /// The operator's confirmation that the holder at `epoch` is dead, if
+    /// one names exactly that epoch.
+    pub fn source_dead(
+        &self,
+        disk: &str,
+        epoch: Epoch,
+    ) -> io::Result<Option<SourceDeadConfirmation>> {
+        let c: Option<SourceDeadConfirmation> = read_json(&self.confirmation_path(disk))?;
+        Ok(c.filter(|c| c.epoch == epoch))
+    }
+
+    /// This ledger as the host `id`: claims carry `id` as host and
+    /// machine, and a boot id of their own, so two daemons on one machine
+    /// (a test of two hosts, or containers sharing a kernel) see each other
+    /// as other hosts, whose liveness they cannot probe.
+    pub fn as_host(mut self, id: &str) -> HandoffLedger {
+        self.me.host = id.to_string();
+        self.me.machine_id = format!("host-id:{id}");
+        self.me.boot_id = format!("host-id:{id}:{}", self.me.boot_id);
+        self
+    }
+}
+
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
     match fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {

@@ -19,11 +19,13 @@
 //!   [`HandoffRecord`] over, and the destination calls [`Disk::resume`], which
 //!   advances the epoch only if the record is current.
 
+pub mod hostside;
 pub mod ledger;
 mod record;
 mod registry;
 
-pub use ledger::{HandoffLedger, Holder, WriterClaim};
+pub use hostside::{AdmitError, AdmittedBy, HostSide, HostSidePolicy, Tenure};
+pub use ledger::{HandoffLedger, Holder, SourceDeadConfirmation, WriterClaim};
 pub use record::{HandoffEntry, HandoffMethod, HandoffRecord, RequestFate};
 pub use registry::DiskRegistry;
 
@@ -40,7 +42,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Errors of disk-level operations (not of single I/Os: those go to the
@@ -70,6 +72,11 @@ pub enum DiskError {
         path_size: u64,
     },
     Epoch(EpochError),
+    /// A host-side disk's writers take the host's admitted epoch; none may
+    /// name one of its own.
+    HostSideEpoch {
+        requested: Epoch,
+    },
 }
 
 impl fmt::Display for DiskError {
@@ -94,6 +101,10 @@ impl fmt::Display for DiskError {
                 "a path of {path_size} bytes cannot reach disk {disk:?} of {disk_size} bytes: not the same disk"
             ),
             DiskError::Epoch(e) => write!(f, "{e}"),
+            DiskError::HostSideEpoch { requested } => write!(
+                f,
+                "epoch {requested} asked of a host-side disk: its writers take the epoch their host is admitted at (connect without @EPOCH)"
+            ),
         }
     }
 }
@@ -171,6 +182,10 @@ struct State {
     gate: Option<Epoch>,
     writers: BTreeMap<u64, WriterInfo>,
     next_writer: u64,
+    /// Writers at or below this epoch lost the disk: the storage refused
+    /// one of their writes as fenced (EBADE, a newer host preempted this
+    /// one). Every request of theirs fails with EIO. 0: none.
+    lost: Epoch,
 }
 
 /// Fates of the requests in flight when a suspend began.
@@ -216,13 +231,20 @@ pub struct Disk {
     suspension: Mutex<Option<Arc<SuspensionLog>>>,
     suspending: AtomicBool,
     counters: Counters,
+    /// Host-side admission at the first write ([`Disk::attach_host_side`]).
+    host_side: OnceLock<Arc<HostSide>>,
 }
 
 /// A writer of a disk at one epoch. Unregisters itself when dropped.
 pub struct Writer {
     disk: Arc<Disk>,
     id: u64,
-    epoch: Epoch,
+    /// Set once at registration, or at the first write of a host-side
+    /// writer registered before its host was admitted.
+    epoch: AtomicU64,
+    /// Registered on a host-side disk before admission: the first write
+    /// admits the host and moves this writer to its epoch.
+    admit_on_write: AtomicBool,
     /// This writer's path to the storage ([`Disk::register_on`]); `None`
     /// for the disk's own.
     path: Option<Arc<dyn BlockStorage>>,
@@ -230,7 +252,7 @@ pub struct Writer {
 
 impl Writer {
     pub fn epoch(&self) -> Epoch {
-        self.epoch
+        self.epoch.load(Ordering::Acquire)
     }
 
     pub fn id(&self) -> u64 {
@@ -249,7 +271,9 @@ impl fmt::Debug for Writer {
         write!(
             f,
             "Writer({} of {:?} at epoch {})",
-            self.id, self.disk.name, self.epoch
+            self.id,
+            self.disk.name,
+            self.epoch()
         )
     }
 }
@@ -321,12 +345,24 @@ impl Disk {
                 gate: None,
                 writers: BTreeMap::new(),
                 next_writer: 1,
+                lost: 0,
             }),
+            host_side: OnceLock::new(),
             advancing: Mutex::new(()),
             suspension: Mutex::new(None),
             suspending: AtomicBool::new(false),
             counters: Counters::default(),
         }))
+    }
+
+    /// Make this a host-side disk: writers registered without an epoch
+    /// admit the host at their first write ([`HostSide`]). Once per disk.
+    pub fn attach_host_side(&self, hs: Arc<HostSide>) -> Result<(), Arc<HostSide>> {
+        self.host_side.set(hs)
+    }
+
+    pub fn host_side(&self) -> Option<&Arc<HostSide>> {
+        self.host_side.get()
     }
 
     pub fn name(&self) -> &str {
@@ -399,9 +435,27 @@ impl Disk {
         path: Option<Arc<dyn BlockStorage>>,
     ) -> Result<Writer, DiskError> {
         let stored = self.epochs.current(&self.name)?;
+        // A host-side writer with no epoch of its own writes at its host's:
+        // the one admitted, or (not admitted yet) the first write admits.
+        if let (Some(requested), Some(hs)) = (epoch, self.host_side.get()) {
+            if !matches!(hs.tenure(), Tenure::Admitted { epoch, .. } if epoch == requested) {
+                return Err(DiskError::HostSideEpoch { requested });
+            }
+        }
+        let admitted = match (epoch, self.host_side.get()) {
+            (None, Some(hs)) => match hs.tenure() {
+                Tenure::Admitted { epoch, .. } => Some(Some(epoch)),
+                _ => Some(None),
+            },
+            _ => None,
+        };
         let mut st = self.state.lock();
         st.current = st.current.max(stored);
-        let epoch = epoch.unwrap_or(st.current);
+        let admit_on_write = admitted == Some(None);
+        let epoch = match admitted {
+            Some(Some(e)) => e,
+            _ => epoch.unwrap_or(st.current),
+        };
         if epoch < st.current {
             return Err(DiskError::StaleEpoch {
                 requested: epoch,
@@ -424,7 +478,8 @@ impl Disk {
         Ok(Writer {
             disk: Arc::clone(self),
             id,
-            epoch,
+            epoch: AtomicU64::new(epoch),
+            admit_on_write: AtomicBool::new(admit_on_write),
             path,
         })
     }
@@ -468,7 +523,7 @@ impl Disk {
             return fail(done, io, e);
         }
         self.counters.submitted.fetch_add(1, Ordering::Relaxed);
-        let req = Request::new(kind, range, writer.epoch);
+        let req = Request::new(kind, range, writer.epoch());
         let pending = Pending {
             tag,
             io: Some(io),
@@ -799,11 +854,23 @@ impl Disk {
     /// Gate and epoch checks before admission; advances the epoch for a
     /// registered newer writer's first modifying request.
     fn check_writer(self: &Arc<Self>, w: &Writer, kind: OpKind) -> Result<(), io::Error> {
-        let (gate, current) = {
+        if w.admit_on_write.load(Ordering::Acquire) && (kind.modifies() || kind == OpKind::Flush) {
+            self.admit_writer(w)?;
+        }
+        let (gate, current, lost) = {
             let st = self.state.lock();
-            (st.gate, st.current)
+            (st.gate, st.current, st.lost)
         };
-        if gate.is_some_and(|g| w.epoch <= g) {
+        let w_epoch = w.epoch();
+        if w_epoch <= lost {
+            log::debug!(
+                "disk {:?}: {kind:?} from writer {} (epoch {w_epoch}) failed: this host lost the disk at epoch {lost}",
+                self.name,
+                w.id
+            );
+            return Err(errno(libc::EIO));
+        }
+        if gate.is_some_and(|g| w_epoch <= g) {
             self.counters
                 .refused_suspended
                 .fetch_add(1, Ordering::Relaxed);
@@ -811,25 +878,25 @@ impl Disk {
                 "disk {:?}: {kind:?} from suspended writer {} (epoch {}) refused",
                 self.name,
                 w.id,
-                w.epoch
+                w_epoch
             );
             return Err(errno(libc::ESHUTDOWN));
         }
-        if (kind.modifies() || kind == OpKind::Flush) && w.epoch > current {
+        if (kind.modifies() || kind == OpKind::Flush) && w_epoch > current {
             if !self.options.auto_advance {
                 log::warn!(
                     "disk {:?}: writer {} at epoch {} not admitted yet (disk at {current})",
                     self.name,
                     w.id,
-                    w.epoch
+                    w_epoch
                 );
                 return Err(errno(libc::EAGAIN));
             }
-            if let Err(e) = self.advance_to(w.epoch) {
+            if let Err(e) = self.advance_to(w_epoch) {
                 log::error!(
                     "disk {:?}: advancing to epoch {} failed: {e}",
                     self.name,
-                    w.epoch
+                    w_epoch
                 );
                 return Err(match e {
                     DiskError::StaleEpoch { .. } => errno(libc::EPERM),
@@ -838,6 +905,56 @@ impl Disk {
             }
         }
         Ok(())
+    }
+
+    /// The first write of a writer registered before its host was
+    /// admitted: admit the host (this may wait for the holder's record),
+    /// then move the writer to the admitted epoch.
+    fn admit_writer(self: &Arc<Self>, w: &Writer) -> Result<(), io::Error> {
+        let Some(hs) = self.host_side.get() else {
+            return Ok(());
+        };
+        match hs.ensure_admitted(self) {
+            Ok(epoch) => {
+                w.epoch.store(epoch, Ordering::Release);
+                w.admit_on_write.store(false, Ordering::Release);
+                if let Some(info) = self.state.lock().writers.get_mut(&w.id) {
+                    info.epoch = epoch;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                log::error!(
+                    "disk {:?}: write from writer {} refused: {e}",
+                    self.name,
+                    w.id
+                );
+                Err(errno(libc::EIO))
+            }
+        }
+    }
+
+    /// The storage refused a write of `epoch` as fenced (EBADE): a newer
+    /// writer preempted this host's path. Every request of `epoch` and
+    /// older fails from now on, and what still waits is cancelled.
+    fn lost_to_fence(self: &Arc<Self>, epoch: Epoch) {
+        let news = {
+            let mut st = self.state.lock();
+            let news = st.lost < epoch;
+            st.lost = st.lost.max(epoch);
+            news
+        };
+        if !news {
+            return;
+        }
+        let why = format!(
+            "the storage refused a write of epoch {epoch} as fenced (reservation conflict): a newer writer took the disk; this host stops writing it"
+        );
+        log::error!("disk {:?}: {why}", self.name);
+        if let Some(hs) = self.host_side.get() {
+            hs.lose(epoch, why);
+        }
+        self.fence_below(epoch + 1);
     }
 
     /// Hand an admitted request to the storage.
@@ -871,7 +988,16 @@ impl Disk {
         let result = match f.outcome {
             Outcome::Completed => {
                 self.counters.completed.fetch_add(1, Ordering::Relaxed);
-                out.result
+                match out.result {
+                    Err(e)
+                        if f.request.kind.modifies() && crate::storage::fencing::is_fenced(&e) =>
+                    {
+                        self.lost_to_fence(f.request.epoch);
+                        // The frontend sees an I/O error: never retried as transient.
+                        Err(errno(libc::EIO))
+                    }
+                    r => r,
+                }
             }
             Outcome::Fenced | Outcome::Cancelled => {
                 self.counters.fenced.fetch_add(1, Ordering::Relaxed);

@@ -40,6 +40,54 @@ pub struct ServeConfig {
     /// Storage engine (auto: io_uring when the kernel allows it).
     pub engine: crate::storage::EngineKind,
     pub disks: Vec<DiskSpec>,
+    /// Host-side mode (`--fence`): this server is one host's writer of
+    /// shared disks, admitted at the first write. `None`: a gateway.
+    pub host_side: Option<HostSideConfig>,
+}
+
+/// `blkshim serve --fence ...`: one host of a host-side deployment.
+#[derive(Debug, Clone)]
+pub struct HostSideConfig {
+    pub fence: crate::storage::fencing::FenceMode,
+    /// This host's name in the shared ledger (default: the machine's own
+    /// identity). Two servers on one machine with different ids are two
+    /// hosts to each other.
+    pub host_id: Option<String>,
+    /// How long a first write waits for the holder's hand-off record.
+    pub resume_wait: Duration,
+    /// The device `--fence pr` registers through, per disk name (default:
+    /// the disk's own path; e.g. the SCSI device under a device-mapper
+    /// stack that has no PR support of its own).
+    pub pr_devices: Vec<(String, PathBuf)>,
+    pub pr_preempt: crate::storage::fencing::PreemptMode,
+}
+
+impl HostSideConfig {
+    /// The device `--fence pr` uses for `disk`.
+    pub fn pr_device<'a>(&'a self, disk: &'a DiskSpec) -> &'a Path {
+        self.pr_devices
+            .iter()
+            .find(|(n, _)| n == &disk.name || n.is_empty())
+            .map_or(disk.path.as_path(), |(_, p)| p.as_path())
+    }
+}
+
+/// `--pr-device NAME=DEV` or `--pr-device DEV` (every disk: meant for one).
+pub fn parse_pr_device(arg: &str) -> (String, PathBuf) {
+    match arg.split_once('=') {
+        Some((n, p)) if !n.contains('/') => (n.to_string(), PathBuf::from(p)),
+        _ => (String::new(), PathBuf::from(arg)),
+    }
+}
+
+/// `preempt` or `preempt-and-abort`.
+pub fn parse_preempt(s: &str) -> Result<crate::storage::fencing::PreemptMode, String> {
+    use crate::storage::fencing::PreemptMode;
+    match s {
+        "preempt" => Ok(PreemptMode::Preempt),
+        "preempt-and-abort" => Ok(PreemptMode::PreemptAndAbort),
+        _ => Err(format!("{s:?}: preempt or preempt-and-abort")),
+    }
 }
 
 impl ServeConfig {
@@ -309,6 +357,7 @@ mod tests {
             cache: CacheMode::Writeback,
             engine: crate::storage::EngineKind::Auto,
             disks: vec![],
+            host_side: None,
         };
         load_file(&p, &mut c, &CliSet::default()).unwrap();
         assert_eq!(c.fence_timeout, Duration::from_secs(1));

@@ -130,7 +130,9 @@ fn resolve<'a>(exports: &'a Exports, name: &str) -> Resolved<'a> {
 
 fn register(disk: &Arc<Disk>, epoch: Option<u64>, label: &str) -> Result<Writer, (u32, String)> {
     disk.register(epoch, label).map_err(|e| match e {
-        DiskError::StaleEpoch { .. } => (REP_ERR_POLICY, e.to_string()),
+        DiskError::StaleEpoch { .. } | DiskError::HostSideEpoch { .. } => {
+            (REP_ERR_POLICY, e.to_string())
+        }
         other => (REP_ERR_UNKNOWN, other.to_string()),
     })
 }

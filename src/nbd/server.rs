@@ -5,11 +5,13 @@
 use super::allocation::AllocationMap;
 use super::config::open_disk_storage;
 use super::config::ServeConfig;
+use super::config::{DiskSpec, HostSideConfig};
 use super::connection::{self, ConnStats, Sock};
 use super::handshake::{handshake, Exports};
 use crate::control::ctl::{self, CtlRequest};
 use crate::epoch::{EpochStore, FileEpochStore};
-use crate::handoff::{Disk, DiskOptions};
+use crate::handoff::{Disk, DiskOptions, HandoffLedger, HostSide, HostSidePolicy};
+use crate::storage::fencing::{FenceMode, PrFencing, PrOptions, PrWriterFence, WriterFence};
 use crate::storage::{BlockStorage, StorageIo};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
@@ -30,6 +32,8 @@ struct ConnEntry {
 }
 
 struct Server {
+    /// A host-side hand-over's drain deadline.
+    fence_timeout: Duration,
     exports: Exports,
     storages: Vec<(String, Arc<dyn BlockStorage>)>,
     conns: Mutex<BTreeMap<u64, ConnEntry>>,
@@ -93,6 +97,29 @@ fn abs(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
+/// The fence a host-side disk takes before its first write.
+fn writer_fence(hs: &HostSideConfig, d: &DiskSpec) -> Result<Option<Arc<dyn WriterFence>>, String> {
+    match hs.fence {
+        FenceMode::None => Ok(None),
+        FenceMode::Pr => {
+            let dev = hs.pr_device(d);
+            let pr = PrFencing::open(
+                dev,
+                PrOptions {
+                    preempt: hs.pr_preempt,
+                    ..PrOptions::default()
+                },
+            )
+            .map_err(|e| format!("disk {:?}: --fence pr on {}: {e}", d.name, dev.display()))?;
+            Ok(Some(Arc::new(PrWriterFence::new(pr))))
+        }
+        FenceMode::Sanlock => Err(format!(
+            "disk {:?}: --fence sanlock needs a blkshim built with --features sanlock",
+            d.name
+        )),
+    }
+}
+
 /// Serve until SIGTERM/SIGINT.
 pub fn run(cfg: ServeConfig) -> Result<(), String> {
     if cfg.disks.is_empty() {
@@ -106,9 +133,22 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
         FileEpochStore::open(&epoch_dir)
             .map_err(|e| format!("epoch store {}: {e}", epoch_dir.display()))?,
     );
+    // A gateway advances at a newer writer's first write; a host-side
+    // server only by admission (HostSide), never by an epoch a client asks.
     let options = DiskOptions {
-        auto_advance: true,
+        auto_advance: cfg.host_side.is_none(),
         fence_timeout: Some(cfg.fence_timeout),
+    };
+    let ledger = match &cfg.host_side {
+        Some(hs) => {
+            let l = HandoffLedger::open(&epoch_dir)
+                .map_err(|e| format!("hand-off ledger {}: {e}", epoch_dir.display()))?;
+            Some(Arc::new(match &hs.host_id {
+                Some(id) => l.as_host(id),
+                None => l,
+            }))
+        }
+        None => None,
     };
     let mut exports = Exports::default();
     let mut storages = Vec::new();
@@ -125,6 +165,18 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
             options.clone(),
         )
         .map_err(|e| format!("disk {:?}: {e}", d.name))?;
+        if let (Some(hs), Some(ledger)) = (&cfg.host_side, &ledger) {
+            let policy = HostSidePolicy {
+                ledger: Arc::clone(ledger),
+                fence: writer_fence(hs, d)?,
+                resume_wait: hs.resume_wait,
+            };
+            log::info!("disk {:?}: host-side, {policy:?}", d.name);
+            let _ = disk.attach_host_side(Arc::new(HostSide::new(
+                policy,
+                &format!("serve {}", d.name),
+            )));
+        }
         match AllocationMap::open(&d.path, disk.size()) {
             Ok(Some(m)) => {
                 exports.allocation.insert(d.name.clone(), Arc::new(m));
@@ -136,6 +188,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
         exports.disks.insert(d.name.clone(), disk);
     }
     let server = Arc::new(Server {
+        fence_timeout: cfg.fence_timeout,
         exports,
         storages,
         conns: Mutex::new(BTreeMap::new()),
@@ -272,14 +325,26 @@ fn print_banner(server: &Server, cfg: &ServeConfig, socket: &Path, tcp: Option<&
     );
     for (name, disk) in &server.exports.disks {
         let e = disk.current_epoch();
+        let export = match disk.host_side() {
+            Some(hs) => {
+                println!(
+                    "disk {name}: {} bytes, epoch {e}, host-side (fence {}): the first write admits this host",
+                    disk.size(),
+                    hs.policy().fence_mode().name()
+                );
+                name.clone()
+            }
+            None => {
+                println!(
+                    "disk {name}: {} bytes, epoch {e} (connect as {name}@{} to take over)",
+                    disk.size(),
+                    e + 1
+                );
+                format!("{name}@{}", e + 1)
+            }
+        };
         println!(
-            "disk {name}: {} bytes, epoch {e} (connect as {name}@{} to take over)",
-            disk.size(),
-            e + 1
-        );
-        let next = e + 1;
-        println!(
-            "  qemu:    -drive driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={sock},file.export={name}@{next},if=virtio"
+            "  qemu:    -drive driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={sock},file.export={export},if=virtio"
         );
         println!("  qemu-img/qemu-io: nbd+unix:///{name}?socket={sock}");
         println!(
@@ -395,11 +460,30 @@ fn control(server: &Server, req: CtlRequest) -> Result<serde_json::Value, String
                         .collect();
                     if let Some(o) = v.as_object_mut() {
                         o.insert("connections".into(), cs.into());
+                        if let Some(hs) = d.host_side() {
+                            o.insert(
+                                "host_side".into(),
+                                serde_json::json!({
+                                    "fence": hs.policy().fence_mode(),
+                                    "tenure": hs.tenure(),
+                                }),
+                            );
+                        }
                     }
                     v
                 })
                 .collect();
             Ok(serde_json::json!({ "disks": disks }))
+        }
+        CtlRequest::Suspend { disk } => {
+            let d = disk_named(&disk)?;
+            let hs = d
+                .host_side()
+                .ok_or_else(|| format!("disk {disk:?} is not served host-side (--fence): nothing to hand over; use handoff"))?;
+            let record = hs
+                .hand_over(d, server.fence_timeout)
+                .map_err(|e| format!("disk {disk:?}: {e}"))?;
+            serde_json::to_value(&record).map_err(|e| e.to_string())
         }
         CtlRequest::Fence { disk } => {
             let d = disk_named(&disk)?;

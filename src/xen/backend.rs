@@ -34,9 +34,13 @@
 //! its claim dies with the process.
 
 use crate::epoch::EpochStore;
+use crate::handoff::hostside::{self, AdmitError, HostSidePolicy};
 use crate::handoff::{
     Disk, DiskError, DiskOptions, DiskRegistry, HandoffLedger, HandoffMethod, HandoffRecord,
-    Holder, SuspendMode, Writer,
+    SuspendMode, Writer,
+};
+use crate::storage::fencing::{
+    FenceMode, PrFencing, PrOptions, PrWriterFence, PreemptMode, WriterFence,
 };
 use crate::storage::{BlockStorage, SECTOR_SIZE};
 use crate::xen::abi::BlkifAbi;
@@ -84,8 +88,13 @@ pub struct BackendConfig {
     /// The disks open in this process, shared by its vbds.
     pub registry: Arc<DiskRegistry>,
     /// How long a destination waits for the record of a writer that may
-    /// still write, before it refuses.
+    /// still write, before it fences it (or, with no fence, refuses).
     pub resume_wait: Duration,
+    /// What keeps an older host's writes off the storage when it did not
+    /// hand over ([`FenceMode`]).
+    pub fence: FenceMode,
+    /// `--fence pr`: PREEMPT or PREEMPT AND ABORT.
+    pub pr_preempt: PreemptMode,
 }
 
 impl Default for BackendConfig {
@@ -102,6 +111,8 @@ impl Default for BackendConfig {
             ledger: None,
             registry: DiskRegistry::new(),
             resume_wait: DEFAULT_RESUME_WAIT,
+            fence: FenceMode::None,
+            pr_preempt: PreemptMode::default(),
         }
     }
 }
@@ -250,6 +261,7 @@ pub fn spawn<S: XenStore + 'static>(
         rings: Arc::clone(&rings),
         disk: None,
         disk_name: String::new(),
+        device: PathBuf::new(),
         epochs: None,
         storage: None,
         writer: None,
@@ -324,6 +336,8 @@ struct Vbd<S: XenStore> {
     disk: Option<Arc<Disk>>,
     /// The opener's name for the disk (`disk-id` overrides it).
     disk_name: String,
+    /// The path in `params`: the device `--fence pr` registers through.
+    device: PathBuf,
     epochs: Option<Arc<dyn EpochStore>>,
     storage: Option<Arc<dyn BlockStorage>>,
     writer: Option<Arc<Writer>>,
@@ -391,6 +405,7 @@ impl<S: XenStore> Vbd<S> {
             .parse()
             .map_err(|_| Fail(format!("bad frontend-id {domid:?}")))?;
         self.read_only = mode.trim().starts_with('r');
+        self.device = params_path(&params);
         let opened = (self.opener)(&params)?;
         let size = opened.storage.size();
         let caps = opened.storage.capabilities();
@@ -600,10 +615,11 @@ impl<S: XenStore> Vbd<S> {
                 None => self.admit_plain(&disk)?,
             },
         };
-        if let Some(ledger) = &self.config.ledger {
-            ledger
-                .claim(disk.name(), epoch, &self.be)
-                .map_err(|e| Fail(format!("claiming disk {:?}: {e}", disk.name())))?;
+        if let Some(policy) = self.host_policy()? {
+            // Claim the epoch, then (pr, sanlock) make sure no older host
+            // can write before this vbd's first write.
+            hostside::establish(&disk, &policy, epoch, &self.be)
+                .map_err(|e| Fail(e.to_string()))?;
         }
         let writer = disk.register_on(Some(epoch), &label, storage)?;
         self.status.lock().epoch = epoch;
@@ -611,77 +627,61 @@ impl<S: XenStore> Vbd<S> {
         Ok(())
     }
 
-    /// Admission with no hook, as plain `xl restore`/`xl migrate` gives it:
-    /// take the next epoch only when nothing that may still write holds the
-    /// current one; wait for a live holder's record, and past
-    /// `resume_wait` refuse.
-    fn admit_plain(&self, disk: &Arc<Disk>) -> Result<u64, Fail> {
-        let end = Instant::now() + self.config.resume_wait;
-        let mut waiting_logged = false;
-        loop {
-            let current = disk.stored_epoch()?;
-            let holder = match &self.config.ledger {
-                Some(l) => l
-                    .holder(disk.name(), current)
-                    .map_err(|e| Fail(format!("hand-off ledger: {e}")))?,
-                None => Holder::Free,
-            };
-            let admitted = match &holder {
-                Holder::Released(record) => disk.resume(record),
-                Holder::Free => disk.take_over(current),
-                Holder::Local(c) => {
-                    log::info!(
-                        "vbd {}: disk {:?} epoch {current} is held in this process ({}); taking over, its writes in flight stay ordered first",
-                        self.be,
-                        disk.name(),
-                        c.label
-                    );
-                    disk.take_over(current)
-                }
-                Holder::Dead(c) => {
-                    log::warn!(
-                        "vbd {}: disk {:?} epoch {current} was held by pid {} ({}), which is gone; taking over",
-                        self.be,
-                        disk.name(),
-                        c.pid,
-                        c.label
-                    );
-                    disk.take_over(current)
-                }
-                Holder::Live(c) => {
-                    if Instant::now() > end || self.stopped() {
-                        return Err(Fail(format!(
-                            "disk {:?} is held at epoch {current} by {} on host {:?} (pid {}), which may still write and has not handed it over after {:?}: refusing to take it over. If that writer is dead, write blkshim-resume = takeover in this vbd's back-end directory",
-                            disk.name(),
-                            c.label,
-                            c.host,
-                            c.pid,
-                            self.config.resume_wait
-                        )));
-                    }
-                    if !waiting_logged {
-                        log::warn!(
-                            "vbd {}: disk {:?} epoch {current} is held by {} on host {:?} (pid {}); waiting up to {:?} for its hand-off record",
-                            self.be,
-                            disk.name(),
-                            c.label,
-                            c.host,
-                            c.pid,
-                            self.config.resume_wait
-                        );
-                        waiting_logged = true;
-                    }
-                    thread::sleep(Duration::from_millis(20));
-                    continue;
-                }
-            };
-            match admitted {
-                Ok(epoch) => return Ok(epoch),
-                // Someone else moved the epoch meanwhile: look again.
-                Err(DiskError::StaleEpoch { .. } | DiskError::StaleRecord { .. }) => {}
-                Err(e) => return Err(e.into()),
+    /// The host-side policy of this vbd's disk: the daemon's ledger and
+    /// fence, the fence opened on this vbd's device. `None` without a
+    /// ledger (single-process uses and tests).
+    fn host_policy(&self) -> Result<Option<HostSidePolicy>, Fail> {
+        let Some(ledger) = &self.config.ledger else {
+            return Ok(None);
+        };
+        let fence: Option<Arc<dyn WriterFence>> = match self.config.fence {
+            FenceMode::None => None,
+            FenceMode::Pr => {
+                let pr = PrFencing::open(
+                    &self.device,
+                    PrOptions {
+                        preempt: self.config.pr_preempt,
+                        ..PrOptions::default()
+                    },
+                )
+                .map_err(|e| Fail(format!("--fence pr on {}: {e}", self.device.display())))?;
+                Some(Arc::new(PrWriterFence::new(pr)))
             }
-        }
+            FenceMode::Sanlock => {
+                return Err(Fail(
+                    "--fence sanlock needs a blkshim built with --features sanlock".into(),
+                ))
+            }
+        };
+        Ok(Some(HostSidePolicy {
+            ledger: Arc::clone(ledger),
+            fence,
+            resume_wait: self.config.resume_wait,
+        }))
+    }
+
+    /// Admission with no hook, as plain `xl restore`/`xl migrate` gives it
+    /// ([`hostside::decide`]): take the next epoch when nothing that may
+    /// still write holds the current one; wait `resume_wait` for a live
+    /// holder's record; then fence it (`--fence pr|sanlock`) or refuse.
+    fn admit_plain(&self, disk: &Arc<Disk>) -> Result<u64, Fail> {
+        let Some(policy) = self.host_policy()? else {
+            let current = disk.stored_epoch()?;
+            return Ok(disk.take_over(current)?);
+        };
+        let (epoch, by) = hostside::decide(disk, &policy, &format!("vbd {}", self.be), &|| self.stopped(), &|| false)
+            .map_err(|e| match e {
+                AdmitError::Refused(why) => Fail(format!(
+                    "{why}. Or, if that writer is dead, write blkshim-resume = takeover in this vbd's back-end directory"
+                )),
+                e => Fail(e.to_string()),
+            })?;
+        log::info!(
+            "vbd {}: disk {:?} admitted at epoch {epoch} ({by:?})",
+            self.be,
+            disk.name()
+        );
+        Ok(epoch)
     }
 
     /// Waits for the source's record and resumes with it; older records

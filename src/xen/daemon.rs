@@ -54,6 +54,15 @@ pub struct XenBackendArgs {
     /// mounted at different paths). A vbd's `disk-id` node wins over it.
     #[arg(long = "disk-id", value_name = "PATH=ID")]
     pub disk_ids: Vec<String>,
+    /// What keeps an older host's writes off a disk whose holder did not
+    /// hand it over: none (refuse, unless `blkshim ctl takeover DISK
+    /// --source-dead` or `blkshim-resume = takeover`), pr (persistent
+    /// reservations through the vbd's device), sanlock (leases).
+    #[arg(long, value_enum, default_value = "none")]
+    pub fence: crate::storage::fencing::FenceMode,
+    /// --fence pr: preempt-and-abort or preempt.
+    #[arg(long, value_parser = crate::nbd::config::parse_preempt, default_value = "preempt-and-abort")]
+    pub pr_preempt: crate::storage::fencing::PreemptMode,
 }
 
 impl XenBackendArgs {
@@ -69,6 +78,8 @@ impl XenBackendArgs {
             persistent: !self.no_persistent,
             ledger: Some(Arc::new(HandoffLedger::open(&self.epoch_dir)?)),
             resume_wait: self.resume_wait,
+            fence: self.fence,
+            pr_preempt: self.pr_preempt,
             ..BackendConfig::default()
         })
     }

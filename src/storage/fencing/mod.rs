@@ -31,7 +31,7 @@ mod device;
 mod ioctl;
 pub mod key;
 #[cfg(test)]
-mod model;
+pub(crate) mod model;
 pub mod parse;
 pub mod pr;
 pub mod status;

@@ -44,7 +44,11 @@ L=$P/hostside_load
 HS_FENCE=${HS_FENCE:-pr}
 HS_SCENARIOS=${HS_SCENARIOS:-migrate-drain cut-off failover failback}
 HS_BLOCKS=${HS_BLOCKS:-64}
-DRAIN_DELAY_MS=${DRAIN_DELAY_MS:-500}
+# migrate-drain holds A's writes DRAIN_DELAY_MS, inside the drain deadline
+# HS_FENCE_TIMEOUT, and long enough (under TCG) for the script to see them
+# held before it asks for the suspend.
+DRAIN_DELAY_MS=${DRAIN_DELAY_MS:-2000}
+HS_FENCE_TIMEOUT=${HS_FENCE_TIMEOUT:-5s}
 CUT_DELAY_MS=${CUT_DELAY_MS:-8000}
 HS_RUST_LOG=${HS_RUST_LOG:-info}
 W=/tmp/hs
@@ -109,10 +113,10 @@ hs_start() {
     rm -f /run/$_l.sock /run/$_l.ctl
     if [ "$HS_FENCE" = gateway ]; then
         set -- serve --state-dir $STATE --socket /run/$_l.sock --control /run/$_l.ctl \
-            --fence-timeout 1s --cache none shared=/dev/mapper/$_l
+            --fence-timeout $HS_FENCE_TIMEOUT --cache none shared=/dev/mapper/$_l
     else
         set -- serve --fence "$HS_FENCE" --host-id "$_h" --state-dir $STATE \
-            --socket /run/$_l.sock --control /run/$_l.ctl --resume-wait 1s --fence-timeout 1s \
+            --socket /run/$_l.sock --control /run/$_l.ctl --resume-wait 1s --fence-timeout $HS_FENCE_TIMEOUT \
             --cache none
         # preempt, not preempt-and-abort: the abort hangs under tcm_loop on 6.1
         [ "$HS_FENCE" = pr ] && set -- "$@" --pr-device /dev/$_dev --pr-preempt preempt
@@ -265,10 +269,11 @@ sc_migrate_drain() {
         else
             sus=$(ctl a --json suspend shared 2>&1) || err="ctl suspend on A failed: $sus"
         fi
+        held_after=$(dm_inflight a)
     fi
     load_wait A "$LPID" || [ -n "$err" ] || err="A's writes not all acknowledged by the drain: $(wline A)"
     [ -z "$err" ] && { load_fg B b B || err="B's writes not all acknowledged: $(wline B)"; }
-    verdict $STEP "$err" b "queued=$q; A: $(wline A); suspend: $(echo "${sus:-}" | cut -c1-300); B: $(wline B); B log: $(hs_notes b)"
+    verdict $STEP "$err" b "A's writes held: $q before the suspend, ${held_after:-?} after it; A: $(wline A); suspend: $(echo "${sus:-}" | cut -c1-300); B: $(wline B); B log: $(hs_notes b)"
     hs_end
 }
 

@@ -141,7 +141,7 @@ cp "$HERE/hostside-guest.sh" "$PAY/payload/run.sh"
 cp "$HERE/hostside-scenarios.sh" "$PAY/payload/scenarios.sh"
 chmod 755 "$PAY/payload/"*
 printf 'HS_FENCE=%s\nHS_SCENARIOS="%s"\n' "$FENCE" "$SCENARIOS" >"$PAY/payload/hostside.conf"
-for v in HS_BLOCKS DRAIN_DELAY_MS CUT_DELAY_MS HS_RUST_LOG; do
+for v in HS_BLOCKS DRAIN_DELAY_MS CUT_DELAY_MS HS_FENCE_TIMEOUT HS_RUST_LOG; do
     if [ -n "${!v:-}" ]; then printf '%s=%q\n' "$v" "${!v}" >>"$PAY/payload/hostside.conf"; fi
 done
 for bin in "$PAY/payload/blkshim" "$PAY/payload/pr_lio" "$PAY/payload/hostside_load" "$PAY/sbin/dmsetup"; do

@@ -318,7 +318,7 @@ refusal_probe() {
     pw=$(grep -o 'WRITE .*' $W/$SCEN.probe.out)
     case "$prc $pw" in
     "4 "*acked=0*failed=1*)
-        if echo "$st" | grep -qi refus; then
+        if echo "$st" | grep -q '"tenure":{[^}]*"state":"refused"'; then
             result hs-refused-none PASS "B's write without confirmation: rc $prc $pw; status: $(echo "$st" | grep -o '"host_side":.*' | cut -c1-400)"
         else
             result hs-refused-none FAIL "B's write failed (rc $prc $pw) but status does not say refused: $(echo "$st" | cut -c1-400)"

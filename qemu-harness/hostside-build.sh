@@ -17,6 +17,11 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE=${CACHE:-$HERE/.cache}
 MODULES="configfs target_core_mod target_core_file tcm_loop sd_mod"
+# --- blkshim host-side scenarios (hostside-guest.sh): a device-mapper delay
+# target in front of /dev/sda and /dev/sdb holds writes "queued toward the
+# storage" (dmsetup itself comes from the host, with the binaries).
+MODULES="$MODULES dm_mod dm_delay"
+# ---
 
 log() { echo "hostside-build: $*" >&2; }
 
@@ -62,7 +67,7 @@ KCONF=$WORK/kernel/boot/config-$KREL
 for need in BLK_DEV_INITRD RD_GZIP DEVTMPFS SERIAL_8250_CONSOLE; do
     grep -q "^CONFIG_$need=y" "$KCONF" || { log "kernel lacks CONFIG_$need=y"; exit 1; }
 done
-for need in CONFIGFS_FS TARGET_CORE TCM_FILEIO LOOPBACK_TARGET BLK_DEV_SD; do
+for need in CONFIGFS_FS TARGET_CORE TCM_FILEIO LOOPBACK_TARGET BLK_DEV_SD BLK_DEV_DM DM_DELAY; do # DM_*: host-side scenarios
     grep -qE "^CONFIG_$need=(y|m)" "$KCONF" || { log "kernel lacks CONFIG_$need"; exit 1; }
 done
 MODROOT=$WORK/kernel/lib/modules/$KREL

@@ -3,7 +3,8 @@
 # there): LIO exports one fileio backstore through two tcm_loop targets, so
 # /dev/sda and /dev/sdb are two I_T nexuses onto one logical unit; then
 # seeds/002's sequence through PrFencing (/payload/pr_lio, the
-# tests/pr_lio.rs test binary) and the `blkshim pr` command line. Prints
+# tests/pr_lio.rs test binary) and the `blkshim pr` command line; then the
+# two-instance scenarios of /payload/scenarios.sh (hostside-scenarios.sh). Prints
 # HOSTSIDE-RESULT <step> PASS|FAIL <evidence>. Every wait is bounded.
 set -u
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
@@ -125,4 +126,9 @@ cli cli-stale-register-conflict 1 '"kind":"reservation-conflict"' '"status":"0x'
 cli cli-reservation 0 '"epoch":8' '"type":"write-exclusive"' -- /dev/sda reservation
 cli cli-clear 0 '"ok":true' -- /dev/sdb clear epoch:8
 cli cli-cleared 0 '"keys":[]' -- /dev/sda keys
+
+# --- two blkshim instances in host-side mode (hostside-scenarios.sh) ---------
+if [ -x $P/scenarios.sh ]; then
+    $P/scenarios.sh
+fi
 exit 0

@@ -3,26 +3,48 @@
 # exports one fileio backstore through two tcm_loop targets (/dev/sda and
 # /dev/sdb: two I_T nexuses onto one LU) and run seeds/002's SCSI-3
 # persistent-reservation validation through blkshim's PrFencing
-# (tests/pr_lio.rs) and the `blkshim pr` command line in it.
+# (tests/pr_lio.rs) and the `blkshim pr` command line in it; then two
+# blkshim instances in host-side mode (`serve --fence F`), A on /dev/sda and
+# B on /dev/sdb behind dm-delay devices, sharing one state directory, under
+# the stamped workload examples/hostside_load.rs: migrate-drain, cut-off,
+# failover, failback (hostside-scenarios.sh).
 #
-#   qemu-harness/hostside.sh [--accel tcg|kvm|auto] [--timeout S] [--keep]
+#   qemu-harness/hostside.sh [--fence pr|none|gateway] [--expect-unfenced]
+#                            [--scenarios LIST] [--accel tcg|kvm|auto] [--timeout S] [--keep]
+#
+# --fence pr (default): every step must PASS. --fence none: the scenarios
+# with `--fence none` (the operator confirms each takeover with `blkshim ctl
+# takeover shared --source-dead`); with --expect-unfenced the run passes only
+# when migrate-drain PASSes, B's unconfirmed takeover is refused, and each
+# fault scenario (cut-off, failover, failback) FAILs with verdict=stale (a
+# setup error or an unarmed race never counts). --fence gateway: the
+# harness's own negative control, the scenarios against plain gateway
+# `blkshim serve` (no host-side mode); use it with --expect-unfenced.
+# --scenarios: a comma list out of migrate-drain,cut-off,failover,failback.
 #
 # Prints the guest's `HOSTSIDE-RESULT <step> PASS|FAIL <evidence>` lines and
 # `N passed, M failed`; exits 0 only when every expected step passed. The
 # guest (kernel, busybox, LIO modules from Debian packages) is built once by
 # hostside-build.sh and cached in qemu-harness/.cache/; blkshim
-# (`cargo build`, HOSTSIDE_PROFILE=release for an optimised one) and the pr_lio test binary
-# (`cargo test --no-run --test pr_lio`) are built on the host and
+# (`cargo build`, HOSTSIDE_PROFILE=release for an optimised one), the pr_lio test binary
+# (`cargo test --no-run --test pr_lio`), the workload (`cargo build --example
+# hostside_load`) and the host's dmsetup are built/taken on the host and
 # appended to the initramfs with their ldd libraries at every run.
 #
-# env: ACCEL (default tcg), RUN_TIMEOUT (guest run bound, default 240 s),
+# env: ACCEL (default tcg), RUN_TIMEOUT (guest run bound, default 480 s),
 # GUEST_MEM (default 1024 MiB), GUEST_RUST_LOG (default warn), KEEP=1 keeps
-# the work directory.
+# the work directory; for the scenarios (passed to the guest): HS_BLOCKS
+# (64), CUT_DELAY_MS (8000: how long dm-delay holds the cut-off host's
+# writes), DRAIN_DELAY_MS (2000), HS_FENCE_TIMEOUT (5s), HS_RUST_LOG (info).
+# Under TCG: pr ~80 s, none ~110 s (boot, seeds/002 and the scenarios).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 ACCEL=${ACCEL:-tcg}
-RUN_TIMEOUT=${RUN_TIMEOUT:-240}
+RUN_TIMEOUT=${RUN_TIMEOUT:-480}
+FENCE=pr
+EXPECT_UNFENCED=0
+SCENARIOS="migrate-drain cut-off failover failback"
 GUEST_MEM=${GUEST_MEM:-1024}
 KEEP=${KEEP:-0}
 
@@ -31,13 +53,21 @@ while [ $# -gt 0 ]; do
     --accel) ACCEL=$2; shift ;;
     --timeout) RUN_TIMEOUT=$2; shift ;;
     --keep) KEEP=1 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    --fence) FENCE=$2; shift ;;
+    --expect-unfenced) EXPECT_UNFENCED=1 ;;
+    --scenarios) SCENARIOS=$(echo "$2" | tr ',' ' '); shift ;;
+    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
     *) echo "hostside.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
 done
 
 log() { echo "hostside: $*" >&2; }
+case "$FENCE" in pr|none|gateway) ;; *) log "bad --fence $FENCE"; exit 2 ;; esac
+if [ "$EXPECT_UNFENCED" = 1 ] && [ "$FENCE" = pr ]; then log "--expect-unfenced wants --fence none or gateway"; exit 2; fi
+for s in $SCENARIOS; do
+    case "$s" in migrate-drain|cut-off|failover|failback) ;; *) log "unknown scenario $s"; exit 2 ;; esac
+done
 T0=$(date +%s.%N)
 elapsed() { awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}'; }
 
@@ -47,7 +77,16 @@ register-b reserve-b-refused nonholder-write-ebade holder-write unregister-b def
 old-holder-write-ebade data-check old-holder-reregister-refused release clear access-restored
 foreign-key-untouched foreign-reservation cleanup pr_lio-binary cli-takeover cli-keys
 cli-stale-takeover-refused cli-preempt-newer cli-dd-fenced-write cli-stale-register-conflict
-cli-reservation cli-clear cli-cleared"
+cli-reservation cli-clear cli-cleared hs-plumbing hs-dm-ebade"
+# The two-instance scenarios: STEP=WANT, WANT being PASS or stale (a FAIL
+# whose verdict is stale: the unfenced run must really land stale blocks).
+HS_EXPECT=
+for s in $SCENARIOS; do
+    want=PASS
+    if [ "$EXPECT_UNFENCED" = 1 ] && [ "$s" != migrate-drain ]; then want=stale; fi
+    HS_EXPECT="$HS_EXPECT hs-$s-$FENCE=$want"
+done
+case " $SCENARIOS " in *" cut-off "*) [ "$FENCE" = none ] && HS_EXPECT="$HS_EXPECT hs-refused-none=PASS" ;; esac
 
 # --- host tools --------------------------------------------------------------
 need=()
@@ -55,6 +94,7 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v cpio >/dev/null || need+=(cpio)
 command -v python3 >/dev/null || need+=(python3)
 command -v strip >/dev/null || need+=(binutils)
+command -v dmsetup >/dev/null || need+=(dmsetup)
 if [ ${#need[@]} -gt 0 ]; then
     log "installing ${need[*]}"
     apt-get update -q >&2 || true
@@ -80,6 +120,9 @@ for l in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "pr_lio":
         print(m["executable"])' | tail -1)
 [ -x "$PR_LIO" ] || { log "cannot find the pr_lio test binary"; exit 1; }
+log "cargo build $PROFILE_FLAG --example hostside_load"
+(cd "$REPO" && cargo build $PROFILE_FLAG -q --example hostside_load) >&2
+LOAD_BIN=$REPO/target/${HOSTSIDE_PROFILE:-debug}/examples/hostside_load
 log "binaries built at $(elapsed) s"
 
 WORK=$(mktemp -d /tmp/hostside.XXXXXX)
@@ -94,9 +137,17 @@ PAY=$WORK/payload-root
 mkdir -p "$PAY/payload" "$PAY/lib64"
 strip -o "$PAY/payload/blkshim" "$BLKSHIM_BIN"
 strip -o "$PAY/payload/pr_lio" "$PR_LIO"
+strip -o "$PAY/payload/hostside_load" "$LOAD_BIN"
+mkdir -p "$PAY/sbin"
+cp -L "$(command -v dmsetup)" "$PAY/sbin/dmsetup"
 cp "$HERE/hostside-guest.sh" "$PAY/payload/run.sh"
+cp "$HERE/hostside-scenarios.sh" "$PAY/payload/scenarios.sh"
 chmod 755 "$PAY/payload/"*
-for bin in "$PAY/payload/blkshim" "$PAY/payload/pr_lio"; do
+printf 'HS_FENCE=%s\nHS_SCENARIOS="%s"\n' "$FENCE" "$SCENARIOS" >"$PAY/payload/hostside.conf"
+for v in HS_BLOCKS DRAIN_DELAY_MS CUT_DELAY_MS HS_FENCE_TIMEOUT HS_RUST_LOG; do
+    if [ -n "${!v:-}" ]; then printf '%s=%q\n' "$v" "${!v}" >>"$PAY/payload/hostside.conf"; fi
+done
+for bin in "$PAY/payload/blkshim" "$PAY/payload/pr_lio" "$PAY/payload/hostside_load" "$PAY/sbin/dmsetup"; do
     if ldd "$bin" | grep -q 'not found'; then ldd "$bin" >&2; log "missing libraries"; exit 1; fi
     for l in $(ldd "$bin" | awk '/=> \//{print $3} /^\t\/lib/{print $1}'); do
         mkdir -p "$PAY$(dirname "$l")"
@@ -136,13 +187,14 @@ GUEST_S=$(awk -v a="$BOOT_T" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')
 
 # --- verdict -------------------------------------------------------------------
 tr -d '\r' <"$CONSOLE" >"$WORK/console.txt"
-grep -E '^HOSTSIDE-(BOOTED|WARN|GUEST-DONE)' "$WORK/console.txt" >&2 || true
+grep -E '^HOSTSIDE-(BOOTED|WARN|LOG|GUEST-DONE)' "$WORK/console.txt" >&2 || true
 grep '^HOSTSIDE-RESULT ' "$WORK/console.txt" >"$WORK/results" || true
 if ! grep -q '^HOSTSIDE-GUEST-DONE' "$WORK/console.txt"; then
     log "no HOSTSIDE-GUEST-DONE: last console lines:"
     tail -30 "$WORK/console.txt" >&2
 fi
 cat "$WORK/results"
+grep '^HOSTSIDE-SUMMARY ' "$WORK/console.txt" || true
 passed=0 failed=0
 for step in $EXPECTED; do
     line=$(grep -m1 "^HOSTSIDE-RESULT $step " "$WORK/results" || true)
@@ -152,10 +204,25 @@ for step in $EXPECTED; do
     *) failed=$((failed + 1)) ;;
     esac
 done
-# A FAIL line for a step outside the list counts too.
+# The scenarios: PASS, or (expected unfenced) a FAIL with verdict=stale.
+hs_steps=
+for pair in $HS_EXPECT; do
+    step=${pair%=*} want=${pair#*=}
+    hs_steps="$hs_steps $step"
+    line=$(grep -m1 "^HOSTSIDE-RESULT $step " "$WORK/results" || true)
+    case "$want:$line" in
+    "PASS:HOSTSIDE-RESULT $step PASS"*) passed=$((passed + 1)) ;;
+    "stale:HOSTSIDE-RESULT $step FAIL verdict=stale"*)
+        echo "HOSTSIDE-EXPECTED $step: stale blocks, as expected without a fence"; passed=$((passed + 1)) ;;
+    *:) echo "HOSTSIDE-RESULT $step FAIL missing (the guest never reported it)"; failed=$((failed + 1)) ;;
+    stale:*) echo "HOSTSIDE-UNEXPECTED $step: wanted verdict=stale (an unfenced run must land stale blocks), got: $(echo "$line" | cut -d' ' -f3-4)"; failed=$((failed + 1)) ;;
+    *) failed=$((failed + 1)) ;;
+    esac
+done
+# A FAIL line for a step outside the lists counts too.
 extra=0
 for s in $(awk '$3 == "FAIL" {print $2}' "$WORK/results"); do
-    case " $(echo $EXPECTED) " in *" $s "*) ;; *) extra=$((extra + 1)) ;; esac
+    case " $(echo $EXPECTED $hs_steps) " in *" $s "*) ;; *) extra=$((extra + 1)) ;; esac
 done
 failed=$((failed + extra))
 log "guest ran ${GUEST_S} s, whole run $(elapsed) s"

@@ -1147,47 +1147,54 @@ impl EmulatedFrontend {
         // for larger limits than the new back end's is cut again.
         let waiting: Vec<Spec> = self.backlog.drain(..).collect();
         for spec in waiting {
-            if spec.segments() <= self.max_segments(spec.kind) {
+            let limit = self.max_segments(spec.kind);
+            if spec.segments() <= limit {
                 self.backlog.push_back(spec);
                 continue;
             }
+            let mut cur: Option<Spec> = None;
             let mut at = spec.sector;
-            for p in spec.pieces {
-                self.resplit(spec.kind, at, p, false);
-                at += p.nr_sectors;
+            for piece in spec.pieces {
+                let parts = split_piece(at, piece, limit);
+                at += piece.nr_sectors;
+                if let Some(b) = self.bios.get_mut(&piece.tag) {
+                    b.pending += parts.len() - 1;
+                }
+                for (sector, p) in parts {
+                    match cur.as_mut() {
+                        Some(c) if c.segments() + p.segments() <= limit => c.pieces.push(p),
+                        _ => {
+                            self.backlog.extend(cur.take());
+                            cur = Some(Spec {
+                                kind: spec.kind,
+                                sector,
+                                pieces: vec![p],
+                            });
+                        }
+                    }
+                }
             }
+            self.backlog.extend(cur);
         }
         self.resent_requests = requeue.len();
         self.backlog.extend(requeue);
         // `submit_bio` of every bio the shadow held.
         for (kind, sector, p) in resubmit {
-            self.resent_requests += self.resplit(kind, sector, p, true);
+            self.resent_requests += self.resplit(kind, sector, p);
         }
         self.pump()
     }
 
-    /// Queues `piece` again, cut to the current limits (`merge`: into the
-    /// last waiting request when it can). Returns the requests it added.
-    fn resplit(&mut self, kind: Kind, sector: u64, piece: Piece, merge: bool) -> usize {
+    /// Queues `piece` again, cut to the current limits and merged into the
+    /// last waiting request when it can. Returns the requests it added.
+    fn resplit(&mut self, kind: Kind, sector: u64, piece: Piece) -> usize {
         let parts = split_piece(sector, piece, self.max_segments(kind));
         if let Some(b) = self.bios.get_mut(&piece.tag) {
             b.pending += parts.len() - 1;
         }
-        let mut added = 0;
-        for (at, p) in parts {
-            if merge {
-                if !self.enqueue(kind, at, p) {
-                    added += 1;
-                }
-            } else {
-                self.backlog.push_back(Spec {
-                    kind,
-                    sector: at,
-                    pieces: vec![p],
-                });
-                added += 1;
-            }
-        }
-        added
+        parts
+            .into_iter()
+            .filter(|&(at, p)| !self.enqueue(kind, at, p))
+            .count()
     }
 }

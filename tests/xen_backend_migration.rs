@@ -19,8 +19,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::*;
 
-const BLOCKS: u64 = 48;
-const DISK: u64 = 1 << 20;
+const BLOCKS: u64 = 1024;
+const DISK: u64 = BLOCKS * 4096;
+
+/// Bios the guest keeps in flight: every ring full, and a backlog behind.
+fn depth(fe: &EmulatedFrontend) -> usize {
+    fe.ring_capacity() + 32
+}
+
+fn run_full(wl: &mut Workload, fe: &mut EmulatedFrontend, n: u64) {
+    let d = depth(fe);
+    wl.run(fe, d, n);
+}
+
+fn fill_full(wl: &mut Workload, fe: &mut EmulatedFrontend) {
+    let d = depth(fe);
+    wl.fill(fe, d);
+}
 
 struct Outcome {
     stale: Vec<(u64, u64, Option<u64>)>,
@@ -69,7 +84,7 @@ fn adversarial_run(protection: bool, rounds: usize, seed: u64, mode: &str) -> Ou
     );
     fe.connect(&hosts[0].xs, &hosts[0].platform, FE, BE)
         .unwrap();
-    wl.run(&mut fe, 12, 100);
+    run_full(&mut wl, &mut fe, 100);
     let mut resent = 0;
     let mut stale = Vec::new();
     let mut in_flight_at_suspend = 0;
@@ -77,7 +92,8 @@ fn adversarial_run(protection: bool, rounds: usize, seed: u64, mode: &str) -> Ou
         let (src, dst) = if round % 2 == 0 { (0, 1) } else { (1, 0) };
         // The guest's writes reach the storage and stay in flight there.
         storage.stall(Duration::from_millis(100));
-        wl.fill(&mut fe, 12);
+        fill_full(&mut wl, &mut fe);
+        assert!(fe.backlog_len() > 0, "the rings are full, requests wait");
         std::thread::sleep(Duration::from_millis(5));
         // Suspend: the guest is paused (the frontend is no longer polled).
         let record = hosts[src].suspend(mode);
@@ -110,13 +126,13 @@ fn adversarial_run(protection: bool, rounds: usize, seed: u64, mode: &str) -> Ou
         wait_phase(d.vbd(), Phase::Connected);
         resent += fe.resent_requests;
         s.destroy_vbd();
-        wl.run(&mut fe, 12, 40);
+        run_full(&mut wl, &mut fe, 40);
         // Check: once everything is done, every block holds what the guest
         // was last told it holds.
         wl.drain(&mut fe);
         assert!(storage.wait_idle(Duration::from_secs(10)));
         stale.extend(wl.stale_blocks(|b| storage.read_at(b * 4096, 4096)));
-        wl.run(&mut fe, 12, 60);
+        run_full(&mut wl, &mut fe, 60);
     }
     wl.drain(&mut fe);
     assert!(storage.wait_idle(Duration::from_secs(10)));
@@ -231,15 +247,16 @@ fn xen_backend_migration_real_shared_file() {
     };
     let mut hosts = [Host::new(), Host::new()];
     let mut fe = frontend(4);
-    let mut wl = Workload::new(BLOCKS * 4, 9);
+    let mut wl = Workload::new(BLOCKS, 9);
     hosts[0].create_vbd(open_host(), config.clone(), None);
     fe.connect(&hosts[0].xs, &hosts[0].platform, FE, BE)
         .unwrap();
-    wl.run(&mut fe, 16, 100);
+    run_full(&mut wl, &mut fe, 100);
     let mut resent = 0;
     for round in 0..6 {
         let src = round % 2;
-        wl.fill(&mut fe, 16);
+        fill_full(&mut wl, &mut fe);
+        assert!(fe.backlog_len() > 0, "the rings are full, requests wait");
         let [a, b] = &mut hosts;
         let (s, d) = if src == 0 { (a, b) } else { (b, a) };
         // The destination is created first and waits for the record on the
@@ -254,7 +271,7 @@ fn xen_backend_migration_real_shared_file() {
         assert_eq!(d.vbd().status().epoch, round as u64 + 2);
         resent += fe.resent_requests;
         s.destroy_vbd();
-        wl.run(&mut fe, 16, 150);
+        run_full(&mut wl, &mut fe, 150);
     }
     wl.drain(&mut fe);
     assert!(resent > 0);

@@ -68,8 +68,10 @@
 //!   `BUG_ON` in `blkif_queue_rw_req`.
 //! - With `feature-persistent` the frontend grants each data page once and
 //!   reuses it, but writes straight into it (no bounce copy); Linux copies
-//!   into a pool of persistent pages. Grants the back end still maps when a
-//!   request ends are leaked rather than reused; Linux reuses them.
+//!   into a pool of persistent pages. A grant the back end still maps when
+//!   it is ended is retried later (as gnttab's deferred list does) and its
+//!   page not reused meanwhile; without persistent grants Linux would reuse
+//!   such a grant as if persistent.
 //! - No extra request for a 64 KiB-page guest (`HAS_EXTRA_REQ`); no
 //!   `discard-granularity`/`discard-alignment`: discards are sent as
 //!   submitted, never split.
@@ -283,6 +285,8 @@ pub struct EmulatedFrontend {
     free_pages: Vec<usize>,
     /// Persistent grants: page -> gref, kept granted and reused.
     persistent_pool: Vec<(usize, GrantRef)>,
+    /// Pages whose grant the back end still maps.
+    deferred: Vec<(usize, GrantRef)>,
     bios: HashMap<u64, BioState>,
     /// Requests not on a ring yet, in dispatch order.
     backlog: VecDeque<Spec>,
@@ -382,6 +386,7 @@ impl EmulatedFrontend {
             next_queue: 0,
             free_pages: (0..n).rev().collect(),
             persistent_pool: Vec::new(),
+            deferred: Vec::new(),
             bios: HashMap::new(),
             backlog: VecDeque::new(),
             rng: seed | 1,
@@ -504,11 +509,10 @@ impl EmulatedFrontend {
             // A page the old back end still maps is never reused: on a real
             // migration it is the source host's memory.
             for (p, g) in q.ring_pages {
-                if self.guest.revoke(g).is_ok() {
-                    self.free_pages.push(p);
-                }
+                self.end_access(p, g);
             }
         }
+        self.retry_deferred();
         let domid = self.guest.domid();
         let mut published = Vec::new();
         for _ in 0..nq {
@@ -757,10 +761,26 @@ impl EmulatedFrontend {
     fn release_page(&mut self, page: usize, gref: GrantRef) {
         if self.neg.persistent {
             self.persistent_pool.push((page, gref));
-        } else if self.guest.revoke(gref).is_ok() {
-            self.free_pages.push(page);
+        } else {
+            self.end_access(page, gref);
         }
-        // A grant the back end still maps is leaked rather than reused.
+    }
+
+    /// `gnttab_end_foreign_access`: a page whose grant the back end still
+    /// maps is not reused until it lets go (deferred, retried later).
+    fn end_access(&mut self, page: usize, gref: GrantRef) {
+        if self.guest.revoke(gref).is_ok() {
+            self.free_pages.push(page);
+        } else {
+            self.deferred.push((page, gref));
+        }
+    }
+
+    /// `gnttab_handle_deferred`: retries the grants still mapped.
+    fn retry_deferred(&mut self) {
+        for (page, gref) in std::mem::take(&mut self.deferred) {
+            self.end_access(page, gref);
+        }
     }
 
     /// Dispatches waiting requests, in order, while a ring has a free slot
@@ -774,9 +794,18 @@ impl EmulatedFrontend {
             }) else {
                 break;
             };
+            // `gnttab_alloc_grant_references` failing: wait for pages.
             let pages_needed = spec.segments() + 2;
-            if !self.neg.persistent && self.free_pages.len() < pages_needed + 8 {
-                break;
+            let pool = if self.neg.persistent {
+                self.persistent_pool.len()
+            } else {
+                0
+            };
+            if self.free_pages.len() + pool < pages_needed + 8 || self.free_pages.len() < 4 {
+                self.retry_deferred();
+                if self.free_pages.len() + pool < pages_needed + 8 || self.free_pages.len() < 4 {
+                    break;
+                }
             }
             let spec = self.backlog.pop_front().expect("front exists");
             self.next_queue = q + 1;
@@ -1040,9 +1069,7 @@ impl EmulatedFrontend {
             self.release_page(p, g);
         }
         for (p, g) in sh.indirect_pages {
-            if self.guest.revoke(g).is_ok() {
-                self.free_pages.push(p);
-            }
+            self.end_access(p, g);
         }
         let mut at = 0usize;
         for piece in &sh.spec.pieces {
@@ -1135,9 +1162,7 @@ impl EmulatedFrontend {
         // its grants (a page it still maps is never reused).
         old_grants.extend(std::mem::take(&mut self.persistent_pool));
         for (p, g) in old_grants {
-            if self.guest.revoke(g).is_ok() {
-                self.free_pages.push(p);
-            }
+            self.end_access(p, g);
         }
         xs.write_str(XBT_NULL, &format!("{fe}/state"), "1")
             .map_err(|e| err(e.to_string()))?;

@@ -53,6 +53,9 @@
 //!
 //! - One global backlog, dispatched round-robin over the rings; blk-mq maps
 //!   each CPU to one hardware queue and keeps per-queue lists.
+//! - No tag limit: Linux's queue depth is the ring size, so bios beyond it
+//!   wait for a tag (already split to the limits) and only then become
+//!   requests; here they become waiting requests at once (and can merge).
 //! - No plug: bios are merged only into waiting requests (never into one
 //!   just dispatched), only at the back, and only with their neighbour in
 //!   the backlog; segments of two bios are never merged into one segment.

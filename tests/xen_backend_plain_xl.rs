@@ -27,8 +27,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::*;
 
-const BLOCKS: u64 = 48;
-const DISK: u64 = 1 << 20;
+const BLOCKS: u64 = 256;
+const DISK: u64 = BLOCKS * 4096;
 /// The restored domain's vbd on the same host.
 const BE2: &str = "/local/domain/0/backend/vbd/8/51712";
 const FE2: &str = "/local/domain/8/device/vbd/51712";
@@ -133,10 +133,13 @@ fn plain_xl_handoff(design: Design, same_host: bool, seed: u64) -> Run {
     );
     fe.connect(&hosts[0].xs, &hosts[0].platform, FE, BE)
         .unwrap();
-    wl.run(&mut fe, 12, 100);
+    // The ring full and requests waiting behind it at `xl save`.
+    let depth = fe.ring_capacity() + 16;
+    wl.run(&mut fe, depth, 100);
     // The guest's writes reach the storage and stay there.
     storage.stall(Duration::from_secs(60));
-    wl.fill(&mut fe, 12);
+    wl.fill(&mut fe, depth);
+    assert!(fe.backlog_len() > 0, "the ring is full, requests wait");
     std::thread::sleep(Duration::from_millis(10));
     // `xl save`: the domain is destroyed, its vbd nodes go.
     let source = hosts[0].remove_vbd_nodes().unwrap();
@@ -179,12 +182,12 @@ fn plain_xl_handoff(design: Design, same_host: bool, seed: u64) -> Run {
     // A few writes while the source's are (or, protected, may be) held,
     // then a check once the storage is idle: later writes would otherwise
     // overwrite a stale block before anyone looked.
-    wl.run(&mut fe, 12, 24);
+    wl.run(&mut fe, depth, 24);
     wl.drain(&mut fe);
     releaser.join().unwrap();
     assert!(storage.wait_idle(Duration::from_secs(10)));
     let mut stale = wl.stale_blocks(|b| storage.read_at(b * 4096, 4096));
-    wl.run(&mut fe, 12, 60);
+    wl.run(&mut fe, depth, 60);
     wl.drain(&mut fe);
     assert!(storage.wait_idle(Duration::from_secs(10)));
     wait_finished(&source);

@@ -224,3 +224,120 @@ fn xen_backend_flush_fua_discard_secure() {
     assert_eq!(wait_for(&mut fe, 6).status, Status::Error);
     assert_eq!(mem.read_at(DISK - 2048, 2048), vec![0; 2048]);
 }
+
+/// Flush and FUA as Linux blkfront maps them from the back end's offers
+/// (`blkfront_gather_backend_features`, `blkif_queue_rw_req`, blk-flush):
+/// `feature-flush-cache` wins over `feature-barrier` and gives a write
+/// cache without FUA, so a FUA write is a WRITE followed by an empty
+/// FLUSH_DISKCACHE; barrier alone gives FUA, so a FUA write is one
+/// WRITE_BARRIER with data (never indirect) and a flush an empty
+/// WRITE_BARRIER; with neither, a FUA write is a plain WRITE and a flush
+/// never reaches the ring.
+#[test]
+fn xen_backend_fua_and_flush_follow_the_negotiated_features() {
+    use blkshim::xen::blkif::{OP_FLUSH_DISKCACHE, OP_WRITE, OP_WRITE_BARRIER};
+    for (flush_cache, barrier) in [(true, true), (true, false), (false, true), (false, false)] {
+        let mem = Arc::new(MemStorage::new(DISK));
+        let storage: Arc<dyn BlockStorage> = mem.clone();
+        let mut host = Host::new();
+        host.create_vbd(
+            opener("vm1", storage, Arc::new(MemEpochStore::default())),
+            BackendConfig::default(),
+            None,
+        );
+        wait_phase(host.vbd(), Phase::InitWait);
+        // What an older (or a barrier-only) back end would have offered.
+        let offer = |k: &str, on: bool| {
+            host.xs
+                .write_str(XBT_NULL, &format!("{BE}/{k}"), if on { "1" } else { "0" })
+                .unwrap()
+        };
+        offer("feature-flush-cache", flush_cache);
+        offer("feature-barrier", barrier);
+        let mut fe = EmulatedFrontend::new(
+            EmulatedGuest::new(DOMID, 1024).unwrap(),
+            FrontendOptions {
+                max_indirect_segments: 32,
+                seed: 5,
+                ..FrontendOptions::default()
+            },
+        )
+        .unwrap();
+        fe.connect(&host.xs, &host.platform, FE, BE).unwrap();
+        let case = format!("flush-cache {flush_cache}, barrier {barrier}");
+        assert_eq!(fe.offers().0, flush_cache || barrier, "{case}");
+        assert_eq!(fe.fua(), barrier && !flush_cache, "{case}");
+        assert!(fe.max_indirect() > 0);
+        fe.set_trace(true);
+        let ops = |fe: &mut EmulatedFrontend| -> Vec<(u8, bool, bool)> {
+            fe.take_trace()
+                .iter()
+                .map(|r| (r.op, r.segments > 0, r.indirect))
+                .collect()
+        };
+
+        // A one-block FUA write.
+        fe.submit(Bio {
+            tag: 1,
+            op: BioOp::WriteFua,
+            sector: 16,
+            nr_sectors: 8,
+            data: vec![0xbb; 4096],
+        })
+        .unwrap();
+        assert_eq!(wait_for(&mut fe, 1).status, Status::Okay, "{case}");
+        assert_eq!(mem.read_at(16 * 512, 4096), vec![0xbb; 4096], "{case}");
+        let want = match (flush_cache, barrier) {
+            (true, _) => vec![(OP_WRITE, true, false), (OP_FLUSH_DISKCACHE, false, false)],
+            (false, true) => vec![(OP_WRITE_BARRIER, true, false)],
+            (false, false) => vec![(OP_WRITE, true, false)],
+        };
+        assert_eq!(ops(&mut fe), want, "{case}: FUA write");
+
+        // An empty flush.
+        fe.submit(Bio {
+            tag: 2,
+            op: BioOp::Flush,
+            sector: 0,
+            nr_sectors: 0,
+            data: Vec::new(),
+        })
+        .unwrap();
+        assert_eq!(wait_for(&mut fe, 2).status, Status::Okay, "{case}");
+        let want = match (flush_cache, barrier) {
+            (true, _) => vec![(OP_FLUSH_DISKCACHE, false, false)],
+            (false, true) => vec![(OP_WRITE_BARRIER, false, false)],
+            (false, false) => vec![],
+        };
+        assert_eq!(ops(&mut fe), want, "{case}: flush");
+
+        // A 20-block FUA write: more segments than a direct request holds.
+        let data: Vec<u8> = (0..20 * 4096).map(|i| (i / 4096) as u8 ^ 0x5a).collect();
+        fe.submit(Bio {
+            tag: 3,
+            op: BioOp::WriteFua,
+            sector: 64,
+            nr_sectors: 160,
+            data: data.clone(),
+        })
+        .unwrap();
+        assert_eq!(wait_for(&mut fe, 3).status, Status::Okay, "{case}");
+        assert_eq!(mem.read_at(64 * 512, 20 * 4096), data, "{case}");
+        let got = ops(&mut fe);
+        match (flush_cache, barrier) {
+            // The data as one indirect WRITE, then the post-flush.
+            (true, _) => assert_eq!(
+                got,
+                vec![(OP_WRITE, true, true), (OP_FLUSH_DISKCACHE, false, false)],
+                "{case}"
+            ),
+            // WRITE_BARRIERs of at most 11 segments.
+            (false, true) => {
+                assert!(got.len() >= 2, "{case}: {got:?}");
+                assert!(got.iter().all(|&o| o == (OP_WRITE_BARRIER, true, false)));
+            }
+            (false, false) => assert_eq!(got, vec![(OP_WRITE, true, true)], "{case}"),
+        }
+        assert_eq!(fe.bogus_responses, 0);
+    }
+}

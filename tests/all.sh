@@ -30,6 +30,9 @@ dpkg -s libxen-dev >/dev/null 2>&1 || pkgs+=(libxen-dev)
 command -v dmsetup >/dev/null || pkgs+=(dmsetup)
 dpkg -s libc6-dev >/dev/null 2>&1 || pkgs+=(libc6-dev)
 command -v strip >/dev/null || pkgs+=(binutils)
+# --features sanlock links libsanlock_client; its layout test compiles C
+# against the headers.
+dpkg -s libsanlock-dev >/dev/null 2>&1 || pkgs+=(libsanlock-dev)
 if [ ${#pkgs[@]} -gt 0 ]; then
   echo "installing: ${pkgs[*]}"
   apt-get update -qq
@@ -41,6 +44,7 @@ cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 # The FFI to the real Xen libraries is code too.
 cargo clippy --all-targets --features xen -- -D warnings
+cargo clippy --all-targets --features sanlock -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 
 section "unit, integration and doc tests (the simulation's 20,000 protected seeds among them)"
@@ -51,6 +55,9 @@ cargo test
 
 section "Xen: link and call the real libxenstore/libxengnttab/libxenevtchn"
 cargo test --features xen --test xen_real
+
+section "sanlock: the FFI's struct layouts against the C headers, linked"
+cargo test --features sanlock --lib storage::fencing::sanlock
 
 
 section "fuzz targets, briefly"
@@ -68,8 +75,14 @@ bash qemu-harness/run.sh
 section "qemu harness negative control: the fault scenarios against qemu-nbd must land stale data"
 bash qemu-harness/run.sh --nbd-server qemu-nbd --expect-unfenced --scenarios cutoff,failover,failback
 
-section "host-side fencing on a real kernel target: SCSI-3 persistent reservations on LIO in a qemu guest (seeds/002)"
+section "host-side fencing on a real kernel target: seeds/002 on LIO, then two blkshim hosts with --fence pr (migrate, cut-off, failover, failback)"
 bash qemu-harness/hostside.sh
+
+section "host-side negative control: --fence none with the source confirmed dead (falsely) must land stale blocks in every fault scenario"
+bash qemu-harness/hostside.sh --fence none --expect-unfenced
+
+section "sanlock leases on real sanlock daemons (softdog, wdmd) in the same guest: a cut-off holder is killed, the taker waits out host_dead"
+bash qemu-harness/sanlock.sh
 
 section "real Xen under qemu: seeds/003 on xen-blkback (must corrupt) and blkshim (must not)"
 # Two things here are the emulation's, not blkshim's, and get one rerun,

@@ -13,7 +13,9 @@
 //!   [`handoff::HandoffRecord`] ([`handoff::Disk`]).
 //!
 //! Storage engines live in [`storage`]; front ends ([`nbd`], [`xen`]) depend
-//! on the core, never the other way round.
+//! on the core, never the other way round. [`sys`] holds safe wrappers for
+//! the few system calls made directly (poll, eventfd, non-blocking
+//! send/recv).
 
 pub mod control;
 pub mod epoch;
@@ -21,5 +23,6 @@ pub mod handoff;
 pub mod nbd;
 pub mod sim;
 pub mod storage;
+pub mod sys;
 pub mod tracking;
 pub mod xen;

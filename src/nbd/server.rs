@@ -15,6 +15,7 @@ use crate::storage::fencing::{
     FenceMode, PrFencing, PrOptions, PrWriterFence, SanlockFence, WriterFence,
 };
 use crate::storage::{BlockStorage, StorageIo};
+use crate::sys::{self, PollFd};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::net::{Shutdown, TcpListener};
@@ -243,35 +244,16 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
 
     // Accept until a signal arrives.
     loop {
-        let mut fds = vec![
-            libc::pollfd {
-                fd: sig,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: unix.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
+        let mut fds = vec![PollFd::readable(sig), PollFd::readable(unix.as_raw_fd())];
         if let Some(t) = &tcp {
-            fds.push(libc::pollfd {
-                fd: t.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
+            fds.push(PollFd::readable(t.as_raw_fd()));
         }
-        // SAFETY: fds is a valid array of pollfd.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(format!("poll: {e}"));
+        match sys::poll(&mut fds, 1000) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("poll: {e}")),
         }
-        if fds[0].revents != 0 {
+        if fds[0].is_ready() {
             break;
         }
         while let Ok((s, _)) = unix.accept() {

@@ -28,11 +28,12 @@ use super::file::{take_buf, ImageFile, MAX_CHUNK, PUNCH, ZERO_CHUNK, ZERO_RANGE}
 use super::{
     AlignedBuf, BlockStorage, Capabilities, IoDone, IoOutcome, LocalQueue, OpenOptions, StorageIo,
 };
+use crate::sys::EventFd;
 use io_uring::{opcode, squeue, types, IoUring};
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
@@ -79,7 +80,7 @@ struct Shared {
     /// every push into the submission queue.
     overflow: Mutex<VecDeque<squeue::Entry>>,
     /// Written by a submitter to wake the reaper out of `io_uring_enter`.
-    wake_fd: OwnedFd,
+    wake_fd: EventFd,
     /// Where the ring reads the eventfd counter into.
     wake_buf: AtomicU64,
     /// The reaper is (about to be) blocked in the kernel.
@@ -139,13 +140,7 @@ impl UringStorage {
     pub fn open(path: &Path, opts: &OpenOptions) -> io::Result<Self> {
         let image = ImageFile::open(path, opts)?;
         let ring = IoUring::new(RING_ENTRIES)?;
-        // SAFETY: plain syscall; the result is checked before use.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh descriptor nobody else owns.
-        let wake_fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let wake_fd = EventFd::new(false)?;
         let shared = Arc::new(Shared {
             ring,
             image,
@@ -389,9 +384,7 @@ impl Shared {
         fence(SeqCst);
         if self.reaper_idle.load(SeqCst) && !self.wake_sent.swap(true, SeqCst) {
             self.stats.wakeups.fetch_add(1, Relaxed);
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a live u64 to our eventfd.
-            unsafe { libc::write(self.wake_fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            let _ = self.wake_fd.signal();
         }
     }
 
@@ -461,9 +454,7 @@ impl Shared {
         // before `Shared` (and the buffer) can be freed.
         if wake_armed {
             self.wake_sent.store(true, SeqCst);
-            let one: u64 = 1;
-            // SAFETY: as in `wake_reaper`.
-            unsafe { libc::write(self.wake_fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            let _ = self.wake_fd.signal();
             while wake_armed {
                 if let Err(e) = self.ring.submitter().submit_and_wait(1) {
                     log_enter_error(&e);

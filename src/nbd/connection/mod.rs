@@ -8,83 +8,34 @@
 //! connection's completion started them, or an engine without a local
 //! queue), go out directly when the socket is free or through a writer
 //! thread that may block.
+//!
+//! This file holds the reading side (requests, budget, buffers) and
+//! [`serve`]; `socket` the client socket and header reads; `reply` the
+//! reply encoding and both ways replies leave (directly or through the
+//! writer thread). The transmission phase ends with a [`ConnError`] unless
+//! the client disconnects.
+
+mod reply;
+mod socket;
+
+pub use socket::Sock;
+
+use reply::{outcome_error, reply_loop, Ctx, Reply, Sink, SinkState, BATCHING};
+use socket::read_header;
 
 use super::allocation::AllocationMap;
 use super::handshake::Negotiated;
 use super::proto::*;
 use crate::handoff::{Disk, Writer};
 use crate::storage::{AlignedBuf, IoOutcome, LocalQueue, StorageIo};
-use crossbeam_channel::{Receiver, Sender};
+use crate::sys::recv_nowait;
 use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
-use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::net::{Shutdown, TcpStream};
-use std::os::unix::net::UnixStream;
+use std::fmt;
+use std::io::{self, BufReader, BufWriter, Read};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
-
-/// A client socket, unix or TCP.
-#[derive(Debug)]
-pub enum Sock {
-    Unix(UnixStream),
-    Tcp(TcpStream),
-}
-
-impl Sock {
-    fn raw_fd(&self) -> std::os::unix::io::RawFd {
-        use std::os::unix::io::AsRawFd;
-        match self {
-            Sock::Unix(s) => s.as_raw_fd(),
-            Sock::Tcp(s) => s.as_raw_fd(),
-        }
-    }
-
-    pub fn try_clone(&self) -> io::Result<Sock> {
-        Ok(match self {
-            Sock::Unix(s) => Sock::Unix(s.try_clone()?),
-            Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
-        })
-    }
-
-    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
-        match self {
-            Sock::Unix(s) => s.shutdown(how),
-            Sock::Tcp(s) => s.shutdown(how),
-        }
-    }
-
-    pub fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
-        match self {
-            Sock::Unix(s) => s.set_read_timeout(d),
-            Sock::Tcp(s) => s.set_read_timeout(d),
-        }
-    }
-}
-
-impl Read for Sock {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Sock::Unix(s) => s.read(buf),
-            Sock::Tcp(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Sock {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Sock::Unix(s) => s.write(buf),
-            Sock::Tcp(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Sock::Unix(s) => s.flush(),
-            Sock::Tcp(s) => s.flush(),
-        }
-    }
-}
 
 /// Live counters of one connection, shown by `blkshim ctl status`.
 #[derive(Debug, Default, Serialize)]
@@ -96,6 +47,48 @@ pub struct ConnStats {
     pub in_flight: AtomicUsize,
     pub requests: AtomicU64,
     pub refused_stale: AtomicU64,
+}
+
+/// Why a connection's transmission phase ended other than by the client's
+/// disconnect (or the server shutting the read side down).
+#[derive(Debug)]
+pub enum ConnError {
+    /// The client went away in the middle of a request: a header cut
+    /// short, or the payload of a refused write not all sent.
+    VanishedMidRequest(io::Error),
+    /// The client went away in the middle of a write's payload.
+    VanishedMidWrite(io::Error),
+    /// A request header that is not NBD: the stream cannot be followed.
+    Protocol(ProtoError),
+    /// A refused request whose payload is too large to skip, so the
+    /// stream cannot be followed either (after its error reply).
+    Unrecoverable(&'static str),
+    /// The per-connection I/O queue failed.
+    Queue(io::Error),
+}
+
+impl fmt::Display for ConnError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnError::VanishedMidRequest(e) => write!(f, "client vanished mid-request: {e}"),
+            ConnError::VanishedMidWrite(e) => write!(f, "client vanished mid-write: {e}"),
+            ConnError::Protocol(e) => write!(f, "protocol error: {e}"),
+            ConnError::Unrecoverable(why) => write!(f, "unrecoverable request: {why}"),
+            ConnError::Queue(e) => write!(f, "I/O queue failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ConnError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ConnError::VanishedMidRequest(e)
+            | ConnError::VanishedMidWrite(e)
+            | ConnError::Queue(e) => Some(e),
+            ConnError::Protocol(e) => Some(e),
+            ConnError::Unrecoverable(_) => None,
+        }
+    }
 }
 
 /// Bounds what one connection has in flight, so a client cannot make the
@@ -147,233 +140,6 @@ impl Budget {
     }
 }
 
-/// One reply for the writer thread, with the budget its request holds
-/// (`None` for requests refused before taking any); the budget is released
-/// only once the reply is on the wire, so a client that never reads its
-/// replies cannot make the server queue unbounded data.
-enum Reply {
-    /// A reply without data (or an error).
-    Status {
-        handle: u64,
-        error: u32,
-        msg: &'static str,
-        held: Option<u64>,
-    },
-    /// A reply already encoded (block status).
-    Raw { bytes: Vec<u8> },
-    /// Nothing to send: wakes the writer to push out bytes a direct send
-    /// left behind.
-    Kick,
-    /// A successful read.
-    Data {
-        handle: u64,
-        offset: u64,
-        buf: AlignedBuf,
-        held: Option<u64>,
-    },
-}
-
-impl Reply {
-    fn held(&self) -> Option<u64> {
-        match self {
-            Reply::Status { held, .. } | Reply::Data { held, .. } => *held,
-            Reply::Raw { .. } | Reply::Kick => None,
-        }
-    }
-}
-
-fn outcome_error(r: &io::Result<()>) -> u32 {
-    match r {
-        Ok(()) => 0,
-        Err(e) => nbd_error(e.raw_os_error().unwrap_or(libc::EIO)),
-    }
-}
-
-/// Everything a completion needs to answer and account.
-#[derive(Clone)]
-struct Ctx {
-    sink: Arc<Sink>,
-    pool: Arc<BufPool>,
-    replies: Sender<Reply>,
-    budget: Arc<Budget>,
-    stats: Arc<ConnStats>,
-}
-
-impl Ctx {
-    fn finish(&self, handle: u64, bytes: u64, error: u32) {
-        if error == NBD_EPERM {
-            self.stats.refused_stale.fetch_add(1, Ordering::Relaxed);
-        }
-        self.send(Reply::Status {
-            handle,
-            error,
-            msg: "",
-            held: Some(bytes),
-        });
-    }
-
-    /// Send a reply. On the connection's own thread it is gathered and
-    /// goes out with the others at the next [`Ctx::flush_batch`];
-    /// elsewhere straight from this thread when the socket is free and
-    /// takes it without blocking (saves a thread hop), else through the
-    /// writer thread.
-    fn send(&self, r: Reply) {
-        if BATCHING.with(|b| b.get()) == Arc::as_ptr(&self.sink) {
-            return self.sink.batch.lock().push(r);
-        }
-        if let Err(rs) = self.send_direct(vec![r]) {
-            self.to_writer(rs);
-        }
-    }
-
-    /// Send every gathered reply, with one `sendmsg` when the socket takes
-    /// them all.
-    fn flush_batch(&self) {
-        let replies = std::mem::take(&mut *self.sink.batch.lock());
-        if replies.is_empty() {
-            return;
-        }
-        if let Err(rs) = self.send_direct(replies) {
-            self.to_writer(rs);
-        }
-    }
-
-    /// Send `replies` from this thread, without blocking: `Err` hands them
-    /// back when the writer thread owns the stream (it holds the lock or
-    /// has bytes queued) or the socket failed (the writer then meets and
-    /// logs the error). What the socket does not take is kept, in order,
-    /// as pending bytes for the writer; nothing else may be sent directly
-    /// until they are out.
-    fn send_direct(&self, replies: Vec<Reply>) -> Result<(), Vec<Reply>> {
-        let Some(mut st) = self.sink.state.try_lock() else {
-            return Err(replies);
-        };
-        if st.broken || !st.pending.is_empty() || !st.w.buffer().is_empty() {
-            return Err(replies);
-        }
-        let mut heads = Vec::with_capacity(replies.len() * 32);
-        let mut spans = Vec::with_capacity(replies.len());
-        for r in &replies {
-            let start = heads.len();
-            let (head, _) = reply_parts(r, self.sink.structured);
-            heads.extend_from_slice(&head);
-            spans.push(start..heads.len());
-        }
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(replies.len() * 2);
-        for (r, span) in replies.iter().zip(&spans) {
-            parts.push(&heads[span.clone()]);
-            if let Reply::Data { buf, .. } = r {
-                parts.push(buf.as_slice());
-            }
-        }
-        let total: usize = parts.iter().map(|p| p.len()).sum();
-        let mut sent = 0;
-        for chunk in parts.chunks(IOV_CHUNK) {
-            let want: usize = chunk.iter().map(|p| p.len()).sum();
-            match send_nowait(self.sink.fd, chunk) {
-                Ok(n) => {
-                    sent += n;
-                    if n < want {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) if sent == 0 => {
-                    drop(parts);
-                    return Err(replies);
-                }
-                Err(_) => break, // the writer meets it with the rest
-            }
-        }
-        if sent < total {
-            let mut skip = sent;
-            for p in &parts {
-                let k = skip.min(p.len());
-                st.pending.extend_from_slice(&p[k..]);
-                skip -= k;
-            }
-            drop(st);
-            let _ = self.replies.send(Reply::Kick);
-        } else {
-            drop(st);
-        }
-        drop(parts);
-        for r in replies {
-            let held = r.held();
-            if let Reply::Data { buf, .. } = r {
-                self.pool.put(buf);
-            }
-            if let Some(b) = held {
-                release(&self.budget, &self.stats, b);
-            }
-        }
-        Ok(())
-    }
-
-    /// Queue replies for the writer thread; if it is gone, release their
-    /// budget here.
-    fn to_writer(&self, replies: Vec<Reply>) {
-        for r in replies {
-            if let Err(e) = self.replies.send(r) {
-                if let Some(bytes) = e.into_inner().held() {
-                    release(&self.budget, &self.stats, bytes);
-                }
-            }
-        }
-    }
-}
-
-thread_local! {
-    /// The sink whose replies this thread gathers into one send (set by a
-    /// connection thread that completes its own requests).
-    static BATCHING: std::cell::Cell<*const Sink> = const { std::cell::Cell::new(std::ptr::null()) };
-}
-
-/// iovecs per `sendmsg` (below IOV_MAX, 1024).
-const IOV_CHUNK: usize = 512;
-
-/// The reply side of a connection, shared by the writer thread and direct
-/// senders; whoever holds the lock owns the byte stream.
-struct Sink {
-    state: Mutex<SinkState>,
-    /// Replies gathered on the connection thread (see [`BATCHING`]).
-    batch: Mutex<Vec<Reply>>,
-    fd: std::os::unix::io::RawFd,
-    structured: bool,
-}
-
-struct SinkState {
-    w: BufWriter<Sock>,
-    /// Tail of a reply a direct send could not finish: goes out first.
-    pending: Vec<u8>,
-    broken: bool,
-}
-
-/// One non-blocking `sendmsg` of `parts`; returns the bytes sent.
-fn send_nowait(fd: std::os::unix::io::RawFd, parts: &[&[u8]]) -> io::Result<usize> {
-    let iov: Vec<libc::iovec> = parts
-        .iter()
-        .filter(|p| !p.is_empty())
-        .map(|p| libc::iovec {
-            iov_base: p.as_ptr() as *mut libc::c_void,
-            iov_len: p.len(),
-        })
-        .collect();
-    // SAFETY: a zeroed msghdr is valid; iov outlives the call and each
-    // entry points into a live slice that sendmsg only reads.
-    let n = unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
-        msg.msg_iovlen = iov.len() as _;
-        libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
 fn release(budget: &Budget, stats: &ConnStats, bytes: u64) {
     stats.in_flight.fetch_sub(1, Ordering::Relaxed);
     budget.release(bytes);
@@ -401,7 +167,6 @@ pub fn serve(sock: Sock, neg: Negotiated, stats: Arc<ConnStats>) {
     let pool = Arc::new(BufPool::default());
     let sink = Arc::new(Sink {
         batch: Mutex::new(Vec::new()),
-        fd: write_half.raw_fd(),
         structured,
         state: Mutex::new(SinkState {
             w: BufWriter::with_capacity(256 << 10, write_half),
@@ -540,16 +305,13 @@ impl Read for ConnReader {
         let Some(q) = &self.queue else {
             return self.sock.read(buf);
         };
-        let fd = self.sock.raw_fd();
+        let fd = self.sock.as_raw_fd();
         loop {
             self.progress()?;
-            // SAFETY: reads at most buf.len() bytes into buf.
-            let n =
-                unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-            if n >= 0 {
-                return Ok(n as usize);
-            }
-            let e = io::Error::last_os_error();
+            let e = match recv_nowait(&self.sock, buf) {
+                Ok(n) => return Ok(n),
+                Err(e) => e,
+            };
             match e.kind() {
                 io::ErrorKind::WouldBlock => {}
                 io::ErrorKind::Interrupted => continue,
@@ -565,10 +327,8 @@ impl Read for ConnReader {
 }
 
 /// Take budget for one request (see [`ConnReader::take`]).
-fn take(r: &BufReader<ConnReader>, bytes: u64) -> Result<(), String> {
-    r.get_ref()
-        .take(bytes)
-        .map_err(|e| format!("I/O queue failed: {e}"))
+fn take(r: &BufReader<ConnReader>, bytes: u64) -> Result<(), ConnError> {
+    r.get_ref().take(bytes).map_err(ConnError::Queue)
 }
 
 fn read_loop(
@@ -578,17 +338,17 @@ fn read_loop(
     lim: &ExportLimits,
     allocation: Option<&AllocationMap>,
     ctx: &Ctx,
-) -> Result<(), String> {
+) -> Result<(), ConnError> {
     let fast_zero = disk.capabilities().fast_zero;
     loop {
         let mut hdr = [0u8; REQUEST_LEN];
         if let Err(e) = read_header(r, &mut hdr) {
             return match e {
                 None => Ok(()),
-                Some(e) => Err(format!("client vanished mid-request: {e}")),
+                Some(e) => Err(ConnError::VanishedMidRequest(e)),
             };
         }
-        let h = parse_request_header(&hdr).map_err(|e| format!("protocol error: {e}"))?;
+        let h = parse_request_header(&hdr).map_err(ConnError::Protocol)?;
         ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
         let cmd = match validate_request(&h, lim) {
             Ok(c) => c,
@@ -602,7 +362,7 @@ fn read_loop(
                 );
                 if let Some(n) = refusal.drain {
                     io::copy(&mut r.by_ref().take(n as u64), &mut io::sink())
-                        .map_err(|e| format!("client vanished mid-request: {e}"))?;
+                        .map_err(ConnError::VanishedMidRequest)?;
                 }
                 ctx.send(Reply::Status {
                     handle: h.handle,
@@ -611,7 +371,7 @@ fn read_loop(
                     held: None,
                 });
                 if refusal.drain.is_none() {
-                    return Err(format!("unrecoverable request: {}", refusal.why));
+                    return Err(ConnError::Unrecoverable(refusal.why));
                 }
                 continue;
             }
@@ -682,7 +442,7 @@ fn read_loop(
                 let mut buf = ctx.pool.get(len as usize);
                 if let Err(e) = r.read_exact(buf.as_mut_slice()) {
                     release(&ctx.budget, &ctx.stats, bytes);
-                    return Err(format!("client vanished mid-write: {e}"));
+                    return Err(ConnError::VanishedMidWrite(e));
                 }
                 let c = ctx.clone();
                 disk.submit(
@@ -774,129 +534,6 @@ fn submit_then_flush(
     );
 }
 
-/// Read a request header. `Err(None)`: clean end of stream before a header.
-fn read_header(r: &mut impl Read, hdr: &mut [u8]) -> Result<(), Option<io::Error>> {
-    let mut got = 0;
-    while got < hdr.len() {
-        match r.read(&mut hdr[got..]) {
-            Ok(0) if got == 0 => return Err(None),
-            Ok(0) => {
-                return Err(Some(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "truncated request header",
-                )))
-            }
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Some(e)),
-        }
-    }
-    Ok(())
-}
-
-/// Serialise the replies the direct path could not send; batch whatever
-/// is queued into one flush.
-fn reply_loop(
-    sink: &Sink,
-    rx: Receiver<Reply>,
-    label: &str,
-    budget: &Budget,
-    stats: &ConnStats,
-    pool: &BufPool,
-) {
-    let mut sent: Vec<u64> = Vec::new();
-    while let Ok(first) = rx.recv() {
-        let mut guard = sink.state.lock();
-        let st = &mut *guard;
-        if !st.broken && !st.pending.is_empty() {
-            let p = std::mem::take(&mut st.pending);
-            if let Err(e) = st.w.write_all(&p) {
-                log::warn!("{label}: cannot send reply: {e}");
-                st.broken = true;
-            }
-        }
-        let mut next = Some(first);
-        while let Some(reply) = next {
-            if let Some(b) = reply.held() {
-                sent.push(b);
-            }
-            if !st.broken {
-                if let Err(e) = write_reply(&mut st.w, reply, sink.structured, pool) {
-                    log::warn!("{label}: cannot send reply: {e}");
-                    st.broken = true;
-                }
-            }
-            next = rx.try_recv().ok();
-        }
-        if !st.broken {
-            if let Err(e) = st.w.flush() {
-                log::warn!("{label}: cannot send reply: {e}");
-                st.broken = true;
-            }
-        }
-        drop(guard);
-        for b in sent.drain(..) {
-            release(budget, stats, b);
-        }
-    }
-    let _ = sink.state.lock().w.get_ref().shutdown(Shutdown::Write);
-}
-
-/// A reply's header bytes and its payload (a read's data).
-fn reply_parts(reply: &Reply, structured: bool) -> (Vec<u8>, Option<&[u8]>) {
-    match reply {
-        Reply::Status {
-            handle, error, msg, ..
-        } => {
-            let head = if structured && *error != 0 {
-                encode_error_chunk(*handle, *error, msg)
-            } else if structured {
-                encode_chunk_header(*handle, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0).to_vec()
-            } else {
-                encode_simple_reply(*handle, *error).to_vec()
-            };
-            (head, None)
-        }
-        Reply::Raw { bytes } => (bytes.clone(), None),
-        Reply::Kick => (Vec::new(), None),
-        Reply::Data {
-            handle,
-            offset,
-            buf,
-            ..
-        } => {
-            let head = if structured {
-                let len = buf.len() as u32 + 8;
-                let mut h =
-                    encode_chunk_header(*handle, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, len)
-                        .to_vec();
-                h.extend_from_slice(&offset.to_be_bytes());
-                h
-            } else {
-                encode_simple_reply(*handle, 0).to_vec()
-            };
-            (head, Some(buf.as_slice()))
-        }
-    }
-}
-
-fn write_reply(
-    w: &mut impl Write,
-    reply: Reply,
-    structured: bool,
-    pool: &BufPool,
-) -> io::Result<()> {
-    let r = {
-        let (head, payload) = reply_parts(&reply, structured);
-        w.write_all(&head)
-            .and_then(|()| w.write_all(payload.unwrap_or(&[])))
-    };
-    if let Reply::Data { buf, .. } = reply {
-        pool.put(buf);
-    }
-    r
-}
-
 /// Reused payload buffers: a fresh 1 MiB buffer costs an mmap and 256
 /// page faults per request.
 #[derive(Default)]
@@ -927,5 +564,99 @@ impl BufPool {
                 f.push(b);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget() -> Budget {
+        Budget {
+            state: Mutex::new((0, 0)),
+            cv: Condvar::new(),
+        }
+    }
+
+    #[test]
+    fn errors_say_what_ended_the_connection() {
+        let eof = || io::Error::from(io::ErrorKind::UnexpectedEof);
+        let cases = [
+            (
+                ConnError::VanishedMidRequest(eof()),
+                "client vanished mid-request: unexpected end of file",
+            ),
+            (
+                ConnError::VanishedMidWrite(eof()),
+                "client vanished mid-write: unexpected end of file",
+            ),
+            (
+                ConnError::Protocol(ProtoError::BadMagic(7)),
+                &format!("protocol error: {}", ProtoError::BadMagic(7)),
+            ),
+            (
+                ConnError::Unrecoverable("write too large"),
+                "unrecoverable request: write too large",
+            ),
+            (
+                ConnError::Queue(io::Error::from_raw_os_error(libc::EBADF)),
+                &format!(
+                    "I/O queue failed: {}",
+                    io::Error::from_raw_os_error(libc::EBADF)
+                ),
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.to_string(), want);
+            let has_source = !matches!(e, ConnError::Unrecoverable(_));
+            assert_eq!(std::error::Error::source(&e).is_some(), has_source, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn the_budget_admits_one_request_of_any_size_and_bounds_the_rest() {
+        let b = budget();
+        // One request is always admitted, however large.
+        assert!(b.try_acquire(MAX_IN_FLIGHT_BYTES * 2));
+        assert!(!b.try_acquire(0), "over the byte bound");
+        b.release(MAX_IN_FLIGHT_BYTES * 2);
+        for _ in 0..MAX_IN_FLIGHT {
+            assert!(b.try_acquire(0));
+        }
+        assert!(!b.try_acquire(0), "over the request bound");
+        for _ in 0..MAX_IN_FLIGHT {
+            b.release(0);
+        }
+        assert_eq!(*b.state.lock(), (0, 0));
+        b.wait_idle();
+    }
+
+    #[test]
+    fn a_blocked_acquire_goes_on_when_budget_is_released() {
+        let b = Arc::new(budget());
+        b.acquire(MAX_IN_FLIGHT_BYTES);
+        let b2 = Arc::clone(&b);
+        let t = std::thread::spawn(move || b2.acquire(1));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(b.state.lock().0, 1, "still waiting");
+        b.release(MAX_IN_FLIGHT_BYTES);
+        t.join().unwrap();
+        assert_eq!(*b.state.lock(), (1, 1));
+    }
+
+    #[test]
+    fn the_pool_reuses_buffers_big_enough() {
+        let pool = BufPool::default();
+        let b = pool.get(3000);
+        assert_eq!(b.len(), 3000);
+        assert!(b.capacity() >= 4096);
+        let cap = b.capacity();
+        pool.put(b);
+        let again = pool.get(100);
+        assert_eq!(again.len(), 100);
+        assert_eq!(again.capacity(), cap, "reused");
+        // Buffers over the cap are not kept.
+        pool.put(pool.get(POOL_MAX_CAP + 1));
+        assert!(pool.free.lock().is_empty());
     }
 }

@@ -4,6 +4,7 @@
 //! Images live under the target directory (a real file system, where
 //! O_DIRECT works); the buffered fallback is exercised on /dev/shm (tmpfs).
 
+use blkshim::sim::rng::SimRng;
 use blkshim::storage::{
     open_storage, AlignedBuf, BlockStorage, EngineKind, IoDone, IoOutcome, OpenOptions, StorageIo,
 };
@@ -121,30 +122,9 @@ fn read(storage: &dyn BlockStorage, offset: u64, len: usize) -> Vec<u8> {
     out.buf.expect("read buffer back").as_slice().to_vec()
 }
 
-/// Deterministic xorshift64 generator: reproducible "random" I/O.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn fill(&mut self, data: &mut [u8]) {
-        for chunk in data.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
-
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut data = vec![0u8; len];
-    Rng(seed | 1).fill(&mut data);
+    SimRng::new(seed).fill(&mut data);
     data
 }
 
@@ -162,7 +142,7 @@ fn random_writes_and_reads_match_model(engine: EngineKind) {
     let align = storage.capabilities().alignment;
     let blocks = size / align;
     let mut model = vec![0u8; size as usize];
-    let mut rng = Rng(0x5eed_0001);
+    let mut rng = SimRng::new(0x5eed_0001);
     for i in 0..400 {
         let nblocks = 1 + rng.below(32.min(blocks));
         let start = rng.below(blocks - nblocks + 1);

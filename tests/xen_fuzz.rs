@@ -5,40 +5,23 @@
 //! outcome (accepted direct and indirect requests, refusals, broken rings),
 //! or it proves little.
 
+use blkshim::sim::rng::SimRng;
 use blkshim::xen::abi::BlkifAbi;
 use blkshim::xen::blkif::{encode, Segment, OP_INDIRECT};
 use blkshim::xen::fuzz::{run, FuzzOutcome, FUZZ_HEADER_LEN};
 use blkshim::xen::ring::{ring_size, RING_HEADER_SIZE};
 use blkshim::xen::{fuzz_blkif_request, PAGE_SIZE};
 
-/// xorshift64*: small, deterministic, good enough to spread inputs.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
-        xs[self.below(xs.len() as u64) as usize]
-    }
-}
-
 /// A segment that is invalid about once in `one_bad_in` draws (never for 0).
-fn segment(rng: &mut Rng, one_bad_in: u64) -> Segment {
+fn segment(rng: &mut SimRng, one_bad_in: u64) -> Segment {
     let first = rng.below(8) as u8;
     let last = if one_bad_in != 0 && rng.below(one_bad_in) == 0 {
-        rng.next() as u8
+        rng.next_u64() as u8
     } else {
         first + rng.below(u64::from(8 - first)) as u8
     };
     Segment {
-        gref: rng.next() as u32,
+        gref: rng.next_u64() as u32,
         first_sect: first,
         last_sect: last,
     }
@@ -46,10 +29,10 @@ fn segment(rng: &mut Rng, one_bad_in: u64) -> Segment {
 
 /// A header plus a ring of random, mostly well-formed requests and the
 /// indirect pages they may need.
-fn structured(rng: &mut Rng, hostile_prod: bool) -> Vec<u8> {
+fn structured(rng: &mut SimRng, hostile_prod: bool) -> Vec<u8> {
     let abi_byte = rng.below(3) as u8;
     let abi = [BlkifAbi::Native, BlkifAbi::X86_32, BlkifAbi::X86_64][abi_byte as usize];
-    let flags = rng.next() as u8;
+    let flags = rng.next_u64() as u8;
     let pages = if flags & 0x40 != 0 { 2 } else { 1 };
     let size = ring_size(abi, pages);
     let max_indirect: u16 = rng.pick(&[0, 11, 32, 256, 1024, 4096, u16::MAX]);
@@ -57,13 +40,13 @@ fn structured(rng: &mut Rng, hostile_prod: bool) -> Vec<u8> {
     let count = rng.below(u64::from(size) + 1) as u32;
     let prod_offset = if hostile_prod {
         {
-            let r = rng.next() as u32;
+            let r = rng.next_u64() as u32;
             rng.pick(&[size + 1, size + 2, u32::MAX, 0x8000_0000, r])
         }
     } else {
         count
     };
-    let r = rng.next() as u32;
+    let r = rng.next_u64() as u32;
     let start: u32 = rng.pick(&[0, 1, u32::MAX - 3, r]);
 
     let mut data = vec![abi_byte, flags];
@@ -119,18 +102,18 @@ fn structured(rng: &mut Rng, hostile_prod: bool) -> Vec<u8> {
 }
 
 fn corpus(n: usize) -> impl Iterator<Item = Vec<u8>> {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = SimRng::new(0x9e37_79b9_7f4a_7c15);
     (0..n).map(move |i| match i % 4 {
         0 => {
             let len = rng.below((FUZZ_HEADER_LEN + 4 * PAGE_SIZE) as u64) as usize;
-            (0..len).map(|_| rng.next() as u8).collect()
+            (0..len).map(|_| rng.next_u64() as u8).collect()
         }
         1 => structured(&mut rng, false),
         2 => {
             let mut d = structured(&mut rng, false);
             for _ in 0..=rng.below(16) {
                 let at = rng.below(d.len() as u64) as usize;
-                d[at] = rng.next() as u8;
+                d[at] = rng.next_u64() as u8;
             }
             d
         }

@@ -40,12 +40,7 @@ impl BlockStorage for HeldStorage {
         self.mem.lock().len() as u64
     }
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            direct: false,
-            discard: true,
-            fast_zero: true,
-            alignment: 512,
-        }
+        crate::storage::MemStorage::CAPABILITIES
     }
     fn submit(&self, io: StorageIo, done: IoDone) {
         self.inner.lock().push((io, done));

@@ -1,5 +1,7 @@
 //! The simulation's own PRNG (splitmix64): tiny, fast, and the same on every
-//! platform and Rust version, so a seed always replays the same run.
+//! platform and Rust version, so a seed always replays the same run. It is
+//! also the one seeded PRNG of the test doubles and tests (adversarial
+//! storage, fuzz corpora, random workloads): one generator, written once.
 
 /// A seeded splitmix64 generator.
 #[derive(Debug, Clone)]
@@ -34,6 +36,19 @@ impl SimRng {
     /// True with probability `percent`/100.
     pub fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
+    }
+
+    /// One of `xs`, uniformly (panics if `xs` is empty).
+    pub fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[self.below(xs.len() as u64) as usize]
+    }
+
+    /// Fills `buf` with random bytes.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
     }
 
     /// An independent generator for another actor, so adding draws in one

@@ -11,6 +11,16 @@ pub struct MemStorage {
 }
 
 impl MemStorage {
+    /// What a disk held in memory can do (and the in-memory test storages
+    /// built on it): discard and write-zeroes cost nothing, through the
+    /// page cache, sector-aligned.
+    pub const CAPABILITIES: Capabilities = Capabilities {
+        direct: false,
+        discard: true,
+        fast_zero: true,
+        alignment: 512,
+    };
+
     /// A zero-filled disk of `size` bytes.
     pub fn new(size: u64) -> Self {
         MemStorage {
@@ -30,12 +40,7 @@ impl BlockStorage for MemStorage {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            direct: false,
-            discard: true,
-            fast_zero: true,
-            alignment: 512,
-        }
+        Self::CAPABILITIES
     }
 
     fn submit(&self, io: StorageIo, done: IoDone) {

@@ -73,7 +73,10 @@ pub mod state {
 #[derive(Clone, Debug)]
 pub struct BackendConfig {
     /// Route I/O through the core and stop at suspend. `false` is Linux
-    /// blkback's behaviour, for negative tests only.
+    /// blkback's behaviour, for negative tests only: the field exists only
+    /// with feature `test-utils`, so a production back end is always
+    /// protected.
+    #[cfg(feature = "test-utils")]
     pub protection: bool,
     /// Suspend mode when the frontend leaves Connected.
     pub suspend_mode: SuspendMode,
@@ -102,6 +105,7 @@ pub struct BackendConfig {
 impl Default for BackendConfig {
     fn default() -> Self {
         BackendConfig {
+            #[cfg(feature = "test-utils")]
             protection: true,
             suspend_mode: SuspendMode::Drain {
                 timeout: Duration::from_secs(10),
@@ -548,6 +552,7 @@ impl<S: XenStore> Vbd<S> {
     /// the toolstack (or a hotplug script) wrote one, else by the storage's
     /// identity.
     fn open_disk(&mut self) -> Result<Option<Arc<Disk>>, Fail> {
+        #[cfg(feature = "test-utils")]
         if !self.config.protection {
             return Ok(None);
         }
@@ -772,9 +777,12 @@ impl<S: XenStore> Vbd<S> {
                 disk: Arc::clone(disk),
                 writer: Arc::clone(writer),
             },
-            _ => Target::Unprotected {
+            #[cfg(feature = "test-utils")]
+            _ if !self.config.protection => Target::Unprotected {
                 storage: Arc::clone(&storage),
             },
+            // A protected vbd that was admitted always has both.
+            _ => return Err(Fail("no writer admitted for the disk".into())),
         };
         let caps = storage.capabilities();
         let limits = Limits {

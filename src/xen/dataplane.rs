@@ -11,7 +11,7 @@
 //! corruption of seeds/003.
 
 use crate::handoff::{Disk, Writer};
-use crate::storage::{AlignedBuf, BlockStorage, IoDone, IoOutcome, StorageIo};
+use crate::storage::{AlignedBuf, IoDone, IoOutcome, StorageIo};
 use crate::xen::abi::BlkifAbi;
 use crate::xen::blkif::{parse_request, Limits, Operation, Parsed, Request, Response, Status};
 use crate::xen::evtchn::EventChannel;
@@ -38,14 +38,19 @@ pub enum Target {
         disk: Arc<Disk>,
         writer: Arc<Writer>,
     },
-    /// Straight to storage, as Linux blkback does (negative tests only).
-    Unprotected { storage: Arc<dyn BlockStorage> },
+    /// Straight to storage, as Linux blkback does (negative tests only:
+    /// feature `test-utils`).
+    #[cfg(feature = "test-utils")]
+    Unprotected {
+        storage: Arc<dyn crate::storage::BlockStorage>,
+    },
 }
 
 impl Target {
     fn submit(&self, tag: u64, io: StorageIo, done: IoDone) {
         match self {
             Target::Protected { disk, writer } => disk.submit(writer, tag, io, done),
+            #[cfg(feature = "test-utils")]
             Target::Unprotected { storage } => storage.submit(io, done),
         }
     }

@@ -5,13 +5,20 @@
 //! - [`shared`]: memory shared with an untrusted guest (volatile access only).
 //! - [`ring`]: the shared request/response ring.
 //! - [`blkif`]: requests parsed and validated, responses.
-//! - [`grant`], [`evtchn`]: guest memory and notifications (emulated and,
-//!   with feature `xen`, real).
-//! - [`xenstore`]: the negotiation tree (emulated and real).
-//! - [`fuzz`]: the request-path fuzz entry ([`fuzz_blkif_request`]).
+//! - [`grant`], [`evtchn`]: guest memory and notifications; [`platform`]
+//!   hands them to a back end.
+//! - [`xenstore`]: the negotiation tree.
 //!
-//! No Xen hypervisor is needed to test any of it: guest memory, grants and
-//! event channels have emulated implementations next to the real ones.
+//! Each of [`grant`], [`evtchn`], [`xenstore`] and [`platform`] is a folder:
+//! `mod.rs` the trait and shared types, `real.rs` the real Xen libraries
+//! (feature `xen`: the production unsafe code), `emulated.rs` an in-process
+//! emulation (feature `test-utils`).
+//!
+//! No Xen hypervisor is needed to test any of it. With feature `test-utils`
+//! (tests, benches and fuzz targets enable it; a default build compiles none
+//! of it) there are also `frontend_emu` (an emulated blkfront), `fuzz` (the
+//! request-path fuzz entry, `fuzz_blkif_request`) and `testing` (an
+//! adversarial storage model).
 
 pub mod abi;
 pub mod backend;
@@ -19,13 +26,16 @@ pub mod blkif;
 pub mod daemon;
 pub mod dataplane;
 pub mod evtchn;
+#[cfg(feature = "test-utils")]
 pub mod frontend_emu;
+#[cfg(feature = "test-utils")]
 pub mod fuzz;
 pub mod grant;
 pub mod platform;
 pub mod ring;
 pub mod shared;
 pub mod sys;
+#[cfg(feature = "test-utils")]
 pub mod testing;
 pub mod xenstore;
 
@@ -34,4 +44,5 @@ pub const PAGE_SIZE: usize = 4096;
 /// blkif sectors are always 512 bytes, whatever the disk's block size.
 pub const SECTOR_SIZE: usize = 512;
 
+#[cfg(feature = "test-utils")]
 pub use fuzz::fuzz_blkif_request;

@@ -8,6 +8,8 @@
 //! (The deterministic simulation elsewhere has a richer model; this one is
 //! small and thread-based so the real back-end threads can run against it.)
 
+use crate::sim::rng::SimRng;
+use crate::storage::MemStorage;
 use crate::storage::{BlockStorage, Capabilities, IoDone, IoOutcome, StorageIo};
 use parking_lot::{Condvar, Mutex};
 use std::io;
@@ -31,7 +33,7 @@ struct Model {
     pending: Vec<PendingIo>,
     /// Blocks with a write in flight (count per block).
     writing: std::collections::HashMap<u64, u32>,
-    rng: u64,
+    rng: SimRng,
     stall_until: Option<Instant>,
 }
 
@@ -53,16 +55,6 @@ pub struct AdversarialStorage {
     pump: Mutex<Option<thread::JoinHandle<()>>>,
 }
 
-fn next_rand(state: &mut u64) -> u64 {
-    // xorshift64*: deterministic for a seed, good enough to shuffle.
-    let mut x = *state;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    *state = x;
-    x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-}
-
 impl AdversarialStorage {
     /// `size` bytes of zeroes; completions delayed up to `max_delay`.
     pub fn new(size: u64, seed: u64, max_delay: Duration) -> Arc<Self> {
@@ -71,7 +63,7 @@ impl AdversarialStorage {
                 data: vec![0; size as usize],
                 pending: Vec::new(),
                 writing: Default::default(),
-                rng: seed | 1,
+                rng: SimRng::new(seed),
                 stall_until: None,
             }),
             Condvar::new(),
@@ -193,7 +185,7 @@ fn pump(model: Arc<(Mutex<Model>, Condvar)>, stop: Arc<AtomicBool>, stats: Arc<A
             continue;
         }
         // Pick one due I/O at random: completions come in any order.
-        let r = next_rand(&mut g.rng) as usize % due.len();
+        let r = g.rng.below(due.len() as u64) as usize;
         let p = g.pending.swap_remove(due[r]);
         if let Some((a, b)) = p.blocks {
             for blk in a..=b {
@@ -218,12 +210,7 @@ impl BlockStorage for AdversarialStorage {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            direct: false,
-            discard: true,
-            fast_zero: true,
-            alignment: 512,
-        }
+        MemStorage::CAPABILITIES
     }
 
     fn submit(&self, io: StorageIo, done: IoDone) {
@@ -255,11 +242,7 @@ impl BlockStorage for AdversarialStorage {
             }
         }
         let max = self.max_delay.as_micros() as u64;
-        let delay = if max == 0 {
-            0
-        } else {
-            next_rand(&mut g.rng) % (max + 1)
-        };
+        let delay = g.rng.range(0, max);
         g.pending.push(PendingIo {
             due: Instant::now() + Duration::from_micros(delay),
             io,

@@ -5,6 +5,7 @@
 
 use blkshim::epoch::EpochStore;
 use blkshim::handoff::{DiskRegistry, HandoffLedger};
+use blkshim::sim::rng::SimRng;
 use blkshim::storage::BlockStorage;
 use blkshim::xen::backend::{self, BackendConfig, DiskOpener, OpenedDisk, Phase, VbdHandle};
 use blkshim::xen::blkif::Status;
@@ -208,7 +209,7 @@ pub struct Workload {
     busy: HashMap<u64, u64>,                  // block -> tag
     next_tag: u64,
     next_version: u64,
-    rng: u64,
+    rng: SimRng,
     pub failures: u64,
     pub completed: u64,
     /// Reads (of a block with no write in flight) that did not return the
@@ -227,22 +228,13 @@ impl Workload {
             busy: HashMap::new(),
             next_tag: 1,
             next_version: 1,
-            rng: seed | 1,
+            rng: SimRng::new(seed),
             failures: 0,
             completed: 0,
             read_mismatches: 0,
             reads: 0,
             reading: HashMap::new(),
         }
-    }
-
-    fn rand(&mut self) -> u64 {
-        let mut x = self.rng;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.rng = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
     /// Issues writes until `depth` are in flight. Some are multi-block
@@ -252,9 +244,9 @@ impl Workload {
         let mut tries = 0;
         while self.in_flight.len() + self.reading.len() < depth && tries < 4 * depth {
             tries += 1;
-            if self.rand() % 4 == 0 {
+            if self.rng.below(4) == 0 {
                 // A verifying read of one idle block.
-                let b = self.rand() % self.blocks;
+                let b = self.rng.below(self.blocks);
                 if self.busy.contains_key(&b) {
                     continue;
                 }
@@ -275,12 +267,12 @@ impl Workload {
             }
             // Mostly small writes; some of 12 blocks (96 sectors: more
             // segments than a direct request holds, so indirect when offered).
-            let span = if self.rand() % 8 == 0 {
+            let span = if self.rng.below(8) == 0 {
                 12.min(self.blocks)
             } else {
-                1 + self.rand() % 3
+                1 + self.rng.below(3)
             };
-            let first = self.rand() % (self.blocks - span + 1);
+            let first = self.rng.below(self.blocks - span + 1);
             if (first..first + span).any(|b| self.busy.contains_key(&b)) {
                 continue;
             }
@@ -293,7 +285,7 @@ impl Workload {
                 data.extend(block_data(b, version));
                 self.busy.insert(b, tag);
             }
-            let fua = self.rand() % 16 == 0;
+            let fua = self.rng.below(16) == 0;
             self.in_flight.insert(tag, (first, span, version));
             fe.submit(Bio {
                 tag,

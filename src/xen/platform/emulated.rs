@@ -1,24 +1,14 @@
-//! Where a back end gets guest memory and event channels: the real Xen
-//! libraries (feature `xen`), or the in-process emulation tests use.
+//! The emulated platform (feature `test-utils`): emulated guests register
+//! here, and their frontends offer the back-end ends of their event
+//! channels.
 
+use super::Platform;
 use crate::xen::evtchn::{EmulatedEventChannel, EventChannel, Port};
 use crate::xen::grant::{DomId, EmulatedGrantMapper, EmulatedGuest, GrantMapper};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
-
-/// Grants and event channels of one host.
-pub trait Platform: Send + Sync {
-    /// The grant mapper for this host's back ends.
-    fn grant_mapper(&self) -> Arc<dyn GrantMapper>;
-    /// Binds to the frontend's unbound port `remote_port` of `domid`.
-    fn bind_event_channel(
-        &self,
-        domid: DomId,
-        remote_port: Port,
-    ) -> io::Result<Arc<dyn EventChannel>>;
-}
 
 /// A host without a hypervisor: emulated guests register here, and their
 /// frontends offer the back-end ends of their event channels.
@@ -72,37 +62,5 @@ impl Platform for EmulatedPlatform {
                     format!("domain {domid} has no unbound event channel {remote_port}"),
                 )
             })
-    }
-}
-
-/// The real thing: libxengnttab and libxenevtchn.
-#[cfg(feature = "xen")]
-pub struct XenPlatform {
-    mapper: Arc<crate::xen::grant::XenGrantMapper>,
-}
-
-#[cfg(feature = "xen")]
-impl XenPlatform {
-    pub fn open() -> io::Result<Arc<Self>> {
-        Ok(Arc::new(XenPlatform {
-            mapper: Arc::new(crate::xen::grant::XenGrantMapper::open()?),
-        }))
-    }
-}
-
-#[cfg(feature = "xen")]
-impl Platform for XenPlatform {
-    fn grant_mapper(&self) -> Arc<dyn GrantMapper> {
-        self.mapper.clone()
-    }
-
-    fn bind_event_channel(
-        &self,
-        domid: DomId,
-        remote_port: Port,
-    ) -> io::Result<Arc<dyn EventChannel>> {
-        Ok(Arc::new(
-            crate::xen::evtchn::XenEventChannel::bind_interdomain(domid, remote_port)?,
-        ))
     }
 }

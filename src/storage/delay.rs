@@ -206,9 +206,10 @@ fn release_loop(shared: &Shared, inner: &dyn BlockStorage, file: Option<PathBuf>
                 let armed = f.exists();
                 if shared.armed.swap(armed, Ordering::AcqRel) != armed {
                     log::info!(
-                        "storage delay {}: {} exists? {armed}",
+                        "storage delay {} ({} {})",
                         if armed { "armed" } else { "disarmed" },
-                        f.display()
+                        f.display(),
+                        if armed { "exists" } else { "is gone" }
                     );
                 }
                 next_poll = now + ARM_POLL;

@@ -6,8 +6,22 @@ runs the scenarios named in SCENARIOS (default: all):
 
   migrate   fio with crc32c verification runs in the guest while the VM is
             live-migrated MIGRATIONS times between two qemu processes, each
-            one opening the disk at the next epoch; then a final whole-disk
-            verify in the guest and a host-side verify of the image.
+            one opening the disk at the next epoch (blkshim: the disk's epoch
+            must have advanced to it after each migration); then a final
+            whole-disk verify in the guest and a host-side verify of the
+            image. Each fio round stamps its blocks with its number and
+            writes every block, so every block must carry the last round's
+            stamp: a valid block of an earlier round is stale. At the end a
+            writer of the first epoch replays an early round's valid block:
+            blkshim must refuse it (an unfenced server lands it, and only
+            the round check catches it).
+  held-at-storage
+            the source's writes are held at the storage (blkshim
+            --storage-delay, armed by a file) when a pre-booted destination
+            takes over and rewrites the same blocks: once with the held
+            writes landing before the drain deadline (drain), once past it
+            (fence at --fence-timeout); the destination's overlapping writes
+            must land after the held ones both times.
   cutoff    (a) the source is frozen with writes held in a proxy; the VM is
             started fresh at the next epoch and rewrites the blocks; the held
             writes are released: they must not land.
@@ -983,7 +997,9 @@ def scenario_held(workdir, accel):
             how = f"{r['held_at_go']} in flight at the hand-off, {fate}, "
         return (f"{name} -> epoch {r['epoch']}: {how}destination wrote+verified in "
                 f"{r['took']:.1f}s, region {r['census']}")
-    return ok, (f"write delay {HELD_DELAY}s, fence timeout {HELD_FENCE_TIMEOUT}s; "
+    how = (f"write delay {HELD_DELAY}s, fence timeout {HELD_FENCE_TIMEOUT}s"
+           if NBD_SERVER == "blkshim" else "each source's writes held in its own nbdkit (pause)")
+    return ok, (f"{how}; "
                 f"{say('drain', drain)}; {say('fence', fence)}"), drain["stale"] or fence["stale"]
 
 

@@ -513,9 +513,11 @@ def round_census(img):
     return counts
 
 
-def wait_epoch(srv, epoch, timeout=15):
+def wait_epoch(srv, epoch, timeout=90):
     """Poll blkshim's status until the disk is at `epoch` (the destination's
-    first write advances it); the epoch seen last. None for qemu-nbd."""
+    first write advances it; a guest in its round's read-only verify pass
+    writes again only when the next round starts); the epoch seen last.
+    None for qemu-nbd."""
     if NBD_SERVER != "blkshim":
         return None
     deadline = time.monotonic() + timeout
@@ -591,18 +593,23 @@ def scenario_migrate(workdir, accel):
                     incoming=True, sink=events)
         uri = f"unix:{os.path.join(workdir, f'mig{i}.sock')}"
         r = migrate(g, dst, uri, epoch, srv)
+        # The next migration only once this host's epoch is the disk's: every
+        # host must have taken the disk over (written) before it moves on.
+        t_mig = now()
         seen = wait_epoch(srv, epoch)
-        r.update(n=i, src=g.name, dst=dst.name, epoch=epoch, seen_epoch=seen)
+        r.update(n=i, src=g.name, dst=dst.name, epoch=epoch, seen_epoch=seen,
+                 advance_s=now() - t_mig)
         results.append(r)
         log(f"migration {i}: {g.name} -> {dst.name} total {r['total_ms']} ms, "
             f"downtime {r['downtime_ms']} ms, {r['ram_mb']:.0f} MB, disk epoch "
             f"{'n/a' if seen is None else seen}"
+            + (f" ({r['advance_s']:.1f}s after)" if seen is not None and r["advance_s"] > 1 else "")
             + (", paused pre-switchover for the hand-off" if r["strict_pause"] else ""))
         if STRICT and not r["strict_pause"]:
             raise RuntimeError("strict hand-off requested but the migration never paused")
         g.quit()
         g = dst
-        time.sleep(MIG_INTERVAL)
+        time.sleep(max(0.0, MIG_INTERVAL - (now() - t_mig)))
     # The replayed block must be older than the last round: that round
     # starts before the stop (the guest finishes the round it is in).
     wait_event(events, r"HARNESS-ROUND-END 1 ", FIO_FINISH_TIMEOUT)

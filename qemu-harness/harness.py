@@ -918,6 +918,22 @@ class HeldPath:
             time.sleep(2)
 
 
+def held_across_advance(logfile, epoch):
+    """True if blkshim's log shows writes held at the storage when the disk
+    advanced to `epoch`: the last hold event before the advance is a hold,
+    not the release of every held I/O."""
+    last = None
+    with open(logfile, errors="replace") as f:
+        for line in f:
+            if f"epoch {epoch - 1} -> {epoch};" in line:
+                return last == "holding"
+            if "storage delay: holding I/Os" in line:
+                last = "holding"
+            elif "storage delay: released every held I/O" in line:
+                last = "released"
+    return False
+
+
 def held_writer(workdir, accel, srv, epoch, sock, forever):
     append = (f"hw.mode=writer hw.pattern=0x{pattern(epoch):08x} hw.region={REGION_KB}k "
               f"hw.wait=1" + (" hw.forever=1" if forever else ""))
@@ -957,7 +973,8 @@ def held_handoff(srv, img, src, path, dst, epoch, go_after, looping_dst):
          "ok": census.get(f"epoch{epoch}", 0) == REGION_KB // 4}
     if st is not None:
         r.update(held_at_go=st_go["in_flight"], fenced=st["fenced"] - st_go["fenced"],
-                 disk_epoch=st["current_epoch"])
+                 disk_epoch=st["current_epoch"],
+                 held_at_advance=held_across_advance(srv.logfile, epoch))
     log(f"hand-off to epoch {epoch}: {r}")
     return r
 
@@ -994,14 +1011,19 @@ def scenario_held(workdir, accel):
     srv.stop()
     ok = drain["ok"] and fence["ok"]
     if NBD_SERVER == "blkshim":
-        ok = ok and fence["fenced"] > 0 and fence["disk_epoch"] == e + 2
+        # Both hand-offs must have happened with writes held at the storage
+        # (the server's log), and the second past the drain deadline.
+        ok = (ok and drain["held_at_advance"] and fence["held_at_advance"]
+              and fence["fenced"] > 0 and fence["disk_epoch"] == e + 2)
 
     def say(name, r):
         how = ""
         if "fenced" in r:
             fate = ("drained (none fenced)" if r["fenced"] == 0
                     else f"{r['fenced']} fenced at the deadline")
-            how = f"{r['held_at_go']} in flight at the hand-off, {fate}, "
+            how = (f"{r['held_at_go']} in flight at the go, "
+                   f"{'still held' if r['held_at_advance'] else 'NOT held'} at the epoch's advance, "
+                   f"{fate}, ")
         return (f"{name} -> epoch {r['epoch']}: {how}destination wrote+verified in "
                 f"{r['took']:.1f}s, region {r['census']}")
     how = (f"write delay {HELD_DELAY}s, fence timeout {HELD_FENCE_TIMEOUT}s"

@@ -16,9 +16,12 @@ runs the scenarios named in SCENARIOS (default: all):
             blkshim must refuse it (an unfenced server lands it, and only
             the round check catches it).
   held-at-storage
-            the source's writes are held at the storage (blkshim
-            --storage-delay, armed by a file) when a pre-booted destination
-            takes over and rewrites the same blocks: once with the held
+            a live migration with the source's writes held at the storage
+            (blkshim --storage-delay, armed by a file): qemu's switchover
+            drains them, none is left when the destination takes over. Then
+            a source cut off (frozen) with writes held at the storage while
+            a pre-booted destination takes over and rewrites the same
+            blocks: once with the held
             writes landing before the drain deadline (drain), once past it
             (fence at --fence-timeout); the destination's overlapping writes
             must land after the held ones both times.
@@ -940,6 +943,32 @@ def held_writer(workdir, accel, srv, epoch, sock, forever):
     return Guest(workdir, f"held-e{epoch}", accel, append, sock, srv.export(epoch))
 
 
+def held_migration(workdir, srv, src, dst, path, epoch):
+    """Live-migrate `src` to `dst` (at `epoch`) with `src`'s writes held at
+    the storage (blkshim); the delay is disarmed before the migration, so
+    only those are held."""
+    time.sleep(1)
+    held = None
+    if NBD_SERVER == "blkshim":
+        path.hold()
+        time.sleep(1.5)
+        held = srv.status()["in_flight"]
+        path.before_go()
+        if held == 0:
+            raise RuntimeError(f"no write of {src.name} held at the storage before the migration")
+    r = migrate(src, dst, f"unix:{os.path.join(workdir, 'held-mig.sock')}", epoch, srv)
+    seen = wait_epoch(srv, epoch, 60)
+    ok = True
+    detail = f"downtime {r['downtime_ms']} ms, total {r['total_ms']} ms"
+    if held is not None:
+        at_advance = held_across_advance(srv.logfile, epoch)
+        ok = seen == epoch and not at_advance
+        detail = (f"held at the storage before it: {held} writes, {detail}, disk epoch {seen}, "
+                  f"{'STILL HELD' if at_advance else 'none held'} at the epoch's advance")
+    log(f"live migration to epoch {epoch}: {detail}")
+    return {"ok": ok, "detail": detail}
+
+
 def held_handoff(srv, img, src, path, dst, epoch, go_after, looping_dst):
     """Hold `src`'s writes at the storage, freeze it, and `go_after` seconds
     after the hold let the pre-booted `dst` (at `epoch`) write and verify the
@@ -992,29 +1021,38 @@ def scenario_held(workdir, accel):
     pb = HeldPath(workdir, "held-b", srv, armed)
     a = writer(workdir, accel, srv, e, pa.sock, True, "held")
     a.console.wait_for("HARNESS-WRITER-LOOPING", BOOT_TIMEOUT)
-    b = held_writer(workdir, accel, srv, e + 1, pb.sock, forever=True)
+    # A clean live migration first, its source's writes held at the storage:
+    # qemu's switchover drains them (the downtime absorbs the delay), so
+    # none is left at the storage when the destination takes the disk.
+    a2 = Guest(workdir, f"held-e{e + 1}", accel,
+               f"hw.mode=writer hw.pattern=0x{pattern(e):08x} hw.region={REGION_KB}k hw.forever=1",
+               pa.sock, srv.export(e + 1), incoming=True)
+    live = held_migration(workdir, srv, a, a2, pa, e + 1)
+    a.quit()
+    b = held_writer(workdir, accel, srv, e + 2, pb.sock, forever=True)
     b.console.wait_for("HARNESS-WRITER-WAITING", BOOT_TIMEOUT)
-    # Drain: the destination's first write comes when the held writes have
-    # less than the drain deadline left: they land (acknowledged) first,
-    # and its overlapping writes after them.
-    drain = held_handoff(srv, img, a, pa, b, e + 1,
+    # Drain: the source is cut off (frozen) with writes held; the
+    # destination's first write comes when they have less than the drain
+    # deadline left: they land (acknowledged) first, and its overlapping
+    # writes after them.
+    drain = held_handoff(srv, img, a2, pa, b, e + 2,
                          HELD_DELAY - HELD_FENCE_TIMEOUT + 0.5, looping_dst=True)
-    a.kill()
-    c = held_writer(workdir, accel, srv, e + 2, srv.sock, forever=False)
+    a2.kill()
+    c = held_writer(workdir, accel, srv, e + 3, srv.sock, forever=False)
     c.console.wait_for("HARNESS-WRITER-WAITING", BOOT_TIMEOUT)
     b.console.wait_for("HARNESS-WRITER-LOOPING", 30)
     # Fence: the destination goes at once; the deadline passes while the
     # held writes are still at the storage: they are fenced (never
     # acknowledged) and the destination's overlapping writes still wait.
-    fence = held_handoff(srv, img, b, pb, c, e + 2, 0, looping_dst=False)
+    fence = held_handoff(srv, img, b, pb, c, e + 3, 0, looping_dst=False)
     b.kill()
     srv.stop()
-    ok = drain["ok"] and fence["ok"]
+    ok = drain["ok"] and fence["ok"] and live["ok"]
     if NBD_SERVER == "blkshim":
-        # Both hand-offs must have happened with writes held at the storage
-        # (the server's log), and the second past the drain deadline.
+        # The cut-off hand-offs must have happened with writes held at the
+        # storage (the server's log), and the second past the drain deadline.
         ok = (ok and drain["held_at_advance"] and fence["held_at_advance"]
-              and fence["fenced"] > 0 and fence["disk_epoch"] == e + 2)
+              and fence["fenced"] > 0 and fence["disk_epoch"] == e + 3)
 
     def say(name, r):
         how = ""
@@ -1028,7 +1066,7 @@ def scenario_held(workdir, accel):
                 f"{r['took']:.1f}s, region {r['census']}")
     how = (f"write delay {HELD_DELAY}s, fence timeout {HELD_FENCE_TIMEOUT}s"
            if NBD_SERVER == "blkshim" else "each source's writes held in its own nbdkit (pause)")
-    return ok, (f"{how}; "
+    return ok, (f"{how}; live migration: {live['detail']}; "
                 f"{say('drain', drain)}; {say('fence', fence)}"), drain["stale"] or fence["stale"]
 
 

@@ -348,7 +348,7 @@ mod tests {
 
     #[test]
     fn a_held_write_reaches_the_disk_only_at_its_completion() {
-        let (mem, disk) = delayed(300, None);
+        let (mem, disk) = delayed(800, None);
         let t0 = Instant::now();
         let rx = write(&disk, 4096, 0xab);
         std::thread::sleep(Duration::from_millis(100));
@@ -357,7 +357,7 @@ mod tests {
         assert!(rx.try_recv().is_err(), "held: not completed yet");
         let out = rx.recv_timeout(Duration::from_secs(5)).unwrap();
         assert!(out.result.is_ok());
-        assert!(t0.elapsed() >= Duration::from_millis(300));
+        assert!(t0.elapsed() >= Duration::from_millis(800));
         assert_eq!(mem.read_at(4096, 1)[0], 0xab);
         assert_eq!((disk.held(), disk.released()), (0, 1));
     }

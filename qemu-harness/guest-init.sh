@@ -10,10 +10,16 @@
 #                                      crc32c verification until the host
 #                                      types "stop" on the console, then a
 #                                      final whole-disk read+verify pass
+#                                      (round N's blocks carry the stamp
+#                                      0x5247RRRR, RRRR = N, after fio's
+#                                      crc32c header: the host checks that
+#                                      every block holds the last round's)
 #   hw.mode=writer hw.pattern=0x..     write the first hw.region bytes with a
 #                                      4-byte pattern, read them back and
 #                                      verify; with hw.forever=1 keep
-#                                      rewriting them afterwards
+#                                      rewriting them afterwards; with
+#                                      hw.wait=1 wait for "go" on the console
+#                                      before writing
 /bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin /proc /sys /dev /tmp
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
@@ -90,9 +96,13 @@ fio)
         # Whole disk, random order, every block once per round; each block
         # carries a crc32c header; verify_backlog re-reads recent writes while
         # writing, do_verify re-reads everything at the end of the round.
+        # The round's stamp fills each block after the crc32c header, so a
+        # block reverted to an earlier round's (valid) data shows its round.
+        stamp=$(printf '0x5247%04x' "$round")
+        echo "HARNESS-ROUND-STAMP $round $stamp"
         fio --name=load --filename="$dev" --rw=randwrite --bs="$bs" --size=100% \
             --direct=1 --ioengine=libaio --iodepth="$depth" --randseed="$round" \
-            --verify=crc32c --verify_backlog="$backlog" --do_verify=1 \
+            --verify=crc32c --verify_pattern="$stamp" --verify_backlog="$backlog" --do_verify=1 \
             --status-interval=1 --output-format=terse --terse-version=3 \
             2>/tmp/fio.err | sed 's/^/HARNESS-FIO /'
         rc=$?
@@ -122,6 +132,13 @@ writer)
     wait_disk
     region=${hw_region:-1M}
     pat=${hw_pattern:?hw.pattern missing}
+    if [ "${hw_wait:-0}" = 1 ]; then
+        echo "HARNESS-WRITER-WAITING"
+        while read -r line; do
+            case "$line" in *go*) break ;; esac
+        done </dev/ttyS0
+        echo "HARNESS-WRITER-GO"
+    fi
     fio --name=write --filename="$dev" --rw=write --bs=4k --size="$region" \
         --direct=1 --ioengine=psync --verify=pattern --verify_pattern="$pat" \
         --do_verify=1 --output-format=terse >/tmp/w.out 2>/tmp/w.err

@@ -6,8 +6,25 @@ runs the scenarios named in SCENARIOS (default: all):
 
   migrate   fio with crc32c verification runs in the guest while the VM is
             live-migrated MIGRATIONS times between two qemu processes, each
-            one opening the disk at the next epoch; then a final whole-disk
-            verify in the guest and a host-side verify of the image.
+            one opening the disk at the next epoch (blkshim: the disk's epoch
+            must have advanced to it after each migration); then a final
+            whole-disk verify in the guest and a host-side verify of the
+            image. Each fio round stamps its blocks with its number and
+            writes every block, so every block must carry the last round's
+            stamp: a valid block of an earlier round is stale. At the end a
+            writer of the first epoch replays an early round's valid block:
+            blkshim must refuse it (an unfenced server lands it, and only
+            the round check catches it).
+  held-at-storage
+            a live migration with the source's writes held at the storage
+            (blkshim --storage-delay, armed by a file): qemu's switchover
+            drains them, none is left when the destination takes over. Then
+            a source cut off (frozen) with writes held at the storage while
+            a pre-booted destination takes over and rewrites the same
+            blocks: once with the held
+            writes landing before the drain deadline (drain), once past it
+            (fence at --fence-timeout); the destination's overlapping writes
+            must land after the held ones both times.
   cutoff    (a) the source is frozen with writes held in a proxy; the VM is
             started fresh at the next epoch and rewrites the blocks; the held
             writes are released: they must not land.
@@ -62,13 +79,17 @@ BOOT_TIMEOUT = float(ENV("BOOT_TIMEOUT", "120"))
 FIO_FINISH_TIMEOUT = float(ENV("FIO_FINISH_TIMEOUT", "300"))
 MIN_ROUNDS = int(ENV("FIO_MIN_ROUNDS", "1"))
 REGION_KB = int(ENV("WRITER_REGION_KB", "1024"))
+# held-at-storage: how long blkshim's --storage-delay holds a write, and the
+# drain deadline (--fence-timeout), shorter than the delay.
+HELD_DELAY = float(ENV("HELD_DELAY", "10"))
+HELD_FENCE_TIMEOUT = float(ENV("HELD_FENCE_TIMEOUT", "4"))
 FIRST_EPOCH = int(ENV("FIRST_EPOCH", "5"))
-SCENARIOS = ENV("SCENARIOS", "migrate,cutoff,failover,failback").split(",")
+SCENARIOS = ENV("SCENARIOS", "migrate,held-at-storage,cutoff,failover,failback").split(",")
 GUEST = ENV("GUEST_DIR")
 QEMU = ENV("QEMU", "qemu-system-x86_64")
 EXPORT = "vm1"
 EXPECT_FAULTS = ENV("EXPECT_FAULTS", "pass")  # "fail": unfenced server self-test
-FAULT_SCENARIOS = ("cutoff", "failover", "failback")
+FAULT_SCENARIOS = ("migrate", "held-at-storage", "cutoff", "failover", "failback")
 
 T0 = time.monotonic()
 CHILDREN = []  # every process we started, killed on exit
@@ -127,7 +148,7 @@ def wait_connectable(path, timeout, proc=None):
 class NbdServer:
     """The NBD server under test: blkshim, or qemu-nbd (no fencing)."""
 
-    def __init__(self, workdir, tag, img, size):
+    def __init__(self, workdir, tag, img, size, extra_args=()):
         self.sock = os.path.join(workdir, f"{tag}.nbd.sock")
         self.ctl = os.path.join(workdir, f"{tag}.ctl.sock")
         self.state = os.path.join(workdir, f"{tag}.epochs")
@@ -137,6 +158,7 @@ class NbdServer:
             subst = {"sock": self.sock, "img": img, "size": str(size), "name": EXPORT,
                      "ctl": self.ctl, "state": self.state}
             argv = [BLKSHIM] + [a.format(**subst) for a in shlex.split(BLKSHIM_ARGS)]
+            argv += list(extra_args)
         elif NBD_SERVER == "qemu-nbd":
             argv = ["qemu-nbd", "-f", "raw", f"--socket={self.sock}", "-x", EXPORT,
                     "--shared=32", "-t", "--cache=none", "--aio=native", img]
@@ -154,11 +176,17 @@ class NbdServer:
     def uri(self, epoch):
         return f"nbd+unix:///{self.export(epoch)}?socket={self.sock}"
 
-    def refused_stale(self):
-        """Writes the server refused as stale so far (blkshim's control
-        socket); None for qemu-nbd, which has no such notion."""
+    def status(self):
+        """blkshim's `ctl status` of the disk (epoch, in flight, fenced...);
+        None for qemu-nbd."""
         if NBD_SERVER != "blkshim":
             return None
+        for d in self._status().get("disks", []):
+            if d.get("name") == EXPORT:
+                return d
+        raise RuntimeError(f"no disk {EXPORT} in the server's status")
+
+    def _status(self):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(10)
         try:
@@ -172,6 +200,13 @@ class NbdServer:
                 buf += chunk
         finally:
             s.close()
+        return json.loads(buf)
+
+    def refused_stale(self):
+        """Writes the server refused as stale so far (blkshim's control
+        socket); None for qemu-nbd, which has no such notion."""
+        if NBD_SERVER != "blkshim":
+            return None
         total = 0
 
         def walk(v):
@@ -185,7 +220,7 @@ class NbdServer:
             elif isinstance(v, list):
                 for x in v:
                     walk(x)
-        walk(json.loads(buf))
+        walk(self._status())
         return total
 
     def stop(self):
@@ -458,6 +493,84 @@ def migrate(src, dst, uri, epoch, srv, timeout=180):
             "strict_pause": paused_at is not None}
 
 
+def round_of(block):
+    """The fio round a 4 KiB block was written in (guest-init.sh stamps round
+    N's blocks with 0x5247NNNN after the crc32c header); None if unstamped."""
+    tail = block[-8:]
+    if block[:2] != b"\xca\xac" or tail[:2] != b"RG" or tail[:4] != tail[4:]:
+        return None
+    return int.from_bytes(tail[2:4], "big")
+
+
+def round_census(img):
+    """Count the image's 4 KiB blocks by the round they carry."""
+    counts = {}
+    with open(img, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                break
+            for i in range(0, len(chunk), 4096):
+                r = round_of(chunk[i:i + 4096])
+                counts[r] = counts.get(r, 0) + 1
+    return counts
+
+
+def wait_epoch(srv, epoch, timeout=90):
+    """Poll blkshim's status until the disk is at `epoch` (the destination's
+    first write advances it; a guest in its round's read-only verify pass
+    writes again only when the next round starts); the epoch seen last.
+    None for qemu-nbd."""
+    if NBD_SERVER != "blkshim":
+        return None
+    deadline = time.monotonic() + timeout
+    while True:
+        cur = srv.status()["current_epoch"]
+        if cur >= epoch or time.monotonic() > deadline:
+            return cur
+        time.sleep(0.1)
+
+
+def stale_replay(srv, epoch, offset, block, workdir):
+    """Replay an earlier round's valid block at `offset` from an old epoch's
+    writer; True if the server refused it."""
+    src = os.path.join(workdir, "stale-block.bin")
+    with open(src, "wb") as f:
+        f.write(block)
+    r = subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -s {src} {offset} 4096",
+                        srv.uri(epoch)], capture_output=True, text=True, timeout=30)
+    out = (r.stdout + r.stderr).strip()
+    refused = r.returncode != 0 or "failed" in out.lower()
+    log(f"replay of round {round_of(block)}'s block at {offset} from old epoch {epoch}: "
+        f"{'refused' if refused else 'ACCEPTED'} ({(out.splitlines() or [''])[-1]})")
+    return refused
+
+
+def wait_event(events, pattern, timeout):
+    """Wait for a line matching `pattern` on any console feeding `events`
+    (a migrated guest's earlier lines are on its earlier hosts' consoles)."""
+    rx = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    while not any(rx.search(line) for _, line in list(events)):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no console line matching {pattern!r} after {timeout}s")
+        time.sleep(0.2)
+
+
+def save_early_block(img, events, offset=4096 * 100):
+    """After round 1 ended, a copy of one block (round 1's, or round 2's if
+    round 2 already rewrote it); None before that."""
+    if not any(line.startswith("HARNESS-ROUND-END 1 ") for _, line in events):
+        return None
+    with open(img, "rb") as f:
+        f.seek(offset)
+        block = f.read(4096)
+    if round_of(block) is None:
+        raise RuntimeError(f"block at {offset} carries no round stamp after round 1")
+    log(f"saved the block at {offset} (round {round_of(block)}) to replay at the end")
+    return offset, block
+
+
 def scenario_migrate(workdir, accel):
     size = DISK_MB << 20
     img = os.path.join(workdir, "migrate.img")
@@ -474,22 +587,38 @@ def scenario_migrate(workdir, accel):
     log("fio is running")
     time.sleep(MIG_INTERVAL)
     results = []
+    saved = None  # (offset, block): a valid block of an early round, replayed at the end
     for i in range(1, MIGRATIONS + 1):
+        if saved is None:
+            saved = save_early_block(img, events)
         epoch += 1
         dst = Guest(workdir, f"mig-e{epoch}", accel, append, srv.sock, srv.export(epoch),
                     incoming=True, sink=events)
         uri = f"unix:{os.path.join(workdir, f'mig{i}.sock')}"
         r = migrate(g, dst, uri, epoch, srv)
-        r.update(n=i, src=g.name, dst=dst.name, epoch=epoch)
+        # The next migration only once this host's epoch is the disk's: every
+        # host must have taken the disk over (written) before it moves on.
+        t_mig = now()
+        seen = wait_epoch(srv, epoch)
+        r.update(n=i, src=g.name, dst=dst.name, epoch=epoch, seen_epoch=seen,
+                 advance_s=now() - t_mig)
         results.append(r)
         log(f"migration {i}: {g.name} -> {dst.name} total {r['total_ms']} ms, "
-            f"downtime {r['downtime_ms']} ms, {r['ram_mb']:.0f} MB"
+            f"downtime {r['downtime_ms']} ms, {r['ram_mb']:.0f} MB, disk epoch "
+            f"{'n/a' if seen is None else seen}"
+            + (f" ({r['advance_s']:.1f}s after)" if seen is not None and r["advance_s"] > 1 else "")
             + (", paused pre-switchover for the hand-off" if r["strict_pause"] else ""))
         if STRICT and not r["strict_pause"]:
             raise RuntimeError("strict hand-off requested but the migration never paused")
         g.quit()
         g = dst
-        time.sleep(MIG_INTERVAL)
+        time.sleep(max(0.0, MIG_INTERVAL - (now() - t_mig)))
+    # The replayed block must be older than the last round: that round
+    # starts before the stop (the guest finishes the round it is in).
+    wait_event(events, r"HARNESS-ROUND-END 1 ", FIO_FINISH_TIMEOUT)
+    if saved is None:
+        saved = save_early_block(img, events)
+    wait_event(events, rf"HARNESS-ROUND-START {round_of(saved[1]) + 1}$", FIO_FINISH_TIMEOUT)
     log("migrations done: telling the guest to stop fio and verify")
     g.console.send("stop\n")
     m, _ = g.console.wait_for(r"HARNESS-RESULT (PASS|FAIL)", FIO_FINISH_TIMEOUT)
@@ -497,6 +626,10 @@ def scenario_migrate(workdir, accel):
     fin, _ = g.console.wait_for(r"HARNESS-FINAL-VERIFY rc=(\d+) errors=(\d+)", 5)
     g.wait_exit(30)
     g.quit()
+    # A writer of the first epoch replays a valid block of an early round:
+    # blkshim must refuse it; an unfenced server lands it, and only the
+    # round check below can tell it from good data (its crc32c is valid).
+    replay_refused = stale_replay(srv, FIRST_EPOCH, saved[0], saved[1], workdir)
     srv.stop()
 
     # Host-side check of the image: every block must carry a valid crc32c header.
@@ -506,29 +639,44 @@ def scenario_migrate(workdir, accel):
     host_ok = hc.returncode == 0 and "verify:" not in hc.stderr
     if not host_ok:
         log(f"host check errors: {hc.stderr.strip()[:2000]}")
+    # Every round writes every block once, so every block must carry the
+    # last round's stamp; an older round's block is valid but stale.
+    rounds_m = re.search(r"rounds=(\d+)", result_line)
+    rounds = int(rounds_m.group(1)) if rounds_m else 0
+    census = round_census(img)
+    stale_rounds = {r: n for r, n in census.items() if r != rounds}
+    log(f"blocks by round: {census} (last round {rounds}); host crc32c check "
+        f"{'ok' if host_ok else 'FAILED'}")
 
     prog = fio_progress(events)
     print()
-    print(f"{'#':>2} {'from':>10} {'to':>10} {'total ms':>9} {'downtime ms':>11} {'setup ms':>8} "
+    print(f"{'#':>2} {'from':>10} {'to':>10} {'epoch':>5} {'total ms':>9} {'downtime ms':>11} {'setup ms':>8} "
           f"{'RAM MB':>7} {'IOPS 3s before':>14} {'IOPS 1s from start':>18} {'IOPS 3s after':>13}")
     for r in results:
         w = 3.0
         b, d, a = (rate(prog, r["t0"] - w, r["t0"]), rate(prog, r["t0"], max(r["t1"], r["t0"] + 1.0)),
                    rate(prog, r["t1"], r["t1"] + w))
         fmt = lambda x: "-" if x is None else f"{x:.0f}"  # noqa: E731
-        print(f"{r['n']:>2} {r['src']:>10} {r['dst']:>10} {r['total_ms']:>9} {r['downtime_ms']:>11} "
+        ep = "-" if r["seen_epoch"] is None else r["seen_epoch"]
+        print(f"{r['n']:>2} {r['src']:>10} {r['dst']:>10} {ep:>5} {r['total_ms']:>9} {r['downtime_ms']:>11} "
               f"{r['setup_ms']:>8} {r['ram_mb']:>7.0f} {fmt(b):>14} {fmt(d):>18} {fmt(a):>13}")
     if prog:
         span = prog[-1][0] - prog[0][0]
         log(f"fio overall: {prog[-1][1]} ios in {span:.0f}s = {prog[-1][1] / max(span, 1):.0f} IOPS "
             f"(4k randwrite+verify reads, as counted by the guest)")
-    rounds_m = re.search(r"rounds=(\d+)", result_line)
-    rounds = int(rounds_m.group(1)) if rounds_m else 0
+    epochs = [r["seen_epoch"] for r in results]
+    epochs_ok = NBD_SERVER != "blkshim" or epochs == [r["epoch"] for r in results]
     ok = ("PASS" in result_line and int(fin.group(2)) == 0 and host_ok and rounds >= MIN_ROUNDS
-          and len(results) == MIGRATIONS)
-    detail = (f"{len(results)} migrations, guest: {result_line.strip()}, final verify errors="
-              f"{fin.group(2)}, host check {'ok' if host_ok else 'FAILED'}, boot {boot_s:.1f}s")
-    return ok, detail
+          and len(results) == MIGRATIONS and epochs_ok and not stale_rounds and replay_refused)
+    detail = (f"{len(results)} migrations, disk epochs after each: "
+              f"{epochs if NBD_SERVER == 'blkshim' else 'n/a (qemu-nbd)'}"
+              f"{'' if epochs_ok else ' (NOT ADVANCED AT EACH)'}, guest: {result_line.strip()}, "
+              f"final verify errors={fin.group(2)}, host crc32c check "
+              f"{'ok' if host_ok else 'FAILED'}, blocks of an older round than {rounds}: "
+              f"{stale_rounds or 'none'}, replay of round {round_of(saved[1])}'s block from "
+              f"epoch {FIRST_EPOCH}: {'refused' if replay_refused else 'ACCEPTED'}, "
+              f"boot {boot_s:.1f}s")
+    return ok, detail, bool(stale_rounds)
 
 
 # --------------------------------------------------------------------------
@@ -708,7 +856,222 @@ def scenario_failback(workdir, accel):
                 f"fresh writes from epochs {e - 1},{e} refused: {refused}"), stale or not all(refused)
 
 
-SCENARIO_FUNCS = {"migrate": scenario_migrate, "cutoff": scenario_cutoff,
+# --------------------------------------------------------------------------
+# Scenario: writes held at the storage across a hand-off
+# --------------------------------------------------------------------------
+
+class HeldPath:
+    """A source writer's path to the storage, which can hold its writes there.
+
+    blkshim: the one gateway, run with `--storage-delay write=HELD_DELAY,
+    armed-file=F`: while F exists, writes wait HELD_DELAY at the storage
+    (already admitted by the tracker: in flight). F is removed before the
+    destination goes, so the destination's writes would overtake the held
+    ones unless blkshim orders them. qemu-nbd has no way to hold a write it
+    received, so the unfenced control gives each source its own nbdkit (file
+    plugin, pause filter) on the same image: paused, the writes it received
+    wait there until it is resumed after the destination wrote."""
+
+    def __init__(self, workdir, tag, srv, armed_file):
+        self.srv, self.armed_file = srv, armed_file
+        if NBD_SERVER == "blkshim":
+            self.sock, self.ctl = srv.sock, None
+            return
+        self.sock = os.path.join(workdir, f"{tag}.nbdkit.sock")
+        self.ctl = os.path.join(workdir, f"{tag}.pause.sock")
+        argv = ["nbdkit", "-f", "-U", self.sock, "--filter=pause", "file", srv.img,
+                f"pause-control={self.ctl}"]
+        log(f"source path (nbdkit, pause filter): {' '.join(argv)}")
+        proc = spawn(argv, os.path.join(workdir, f"{tag}.nbdkit.log"))
+        wait_connectable(self.sock, 20, proc)
+        wait_connectable(self.ctl, 20, proc)
+
+    def _pause_ctl(self, cmd):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(30)
+            s.connect(self.ctl)
+            s.sendall(cmd)
+            reply = s.recv(1)
+        if reply != cmd.upper():
+            raise RuntimeError(f"nbdkit pause filter answered {reply!r} to {cmd!r}")
+
+    def hold(self):
+        if self.ctl is None:
+            open(self.armed_file, "w").close()
+        else:
+            self._pause_ctl(b"p")
+
+    def before_go(self):
+        """blkshim: disarm, so that the destination's writes are not held."""
+        if self.ctl is None:
+            os.unlink(self.armed_file)
+            time.sleep(0.3)  # blkshim looks for the file every 50 ms
+
+    def after_destination(self):
+        """Let the held writes land: blkshim, wait until they have left the
+        storage; nbdkit, resume."""
+        if self.ctl is None:
+            deadline = time.monotonic() + HELD_DELAY + 10
+            while self.srv.status()["in_flight"] > 0:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("held writes still in flight long after their delay")
+                time.sleep(0.2)
+        else:
+            self._pause_ctl(b"r")
+            time.sleep(2)
+
+
+def held_across_advance(logfile, epoch):
+    """True if blkshim's log shows writes held at the storage when the disk
+    advanced to `epoch`: the last hold event before the advance is a hold,
+    not the release of every held I/O."""
+    last = None
+    with open(logfile, errors="replace") as f:
+        for line in f:
+            if f"epoch {epoch - 1} -> {epoch};" in line:
+                return last == "holding"
+            if "storage delay: holding I/Os" in line:
+                last = "holding"
+            elif "storage delay: released every held I/O" in line:
+                last = "released"
+    return False
+
+
+def held_writer(workdir, accel, srv, epoch, sock, forever):
+    append = (f"hw.mode=writer hw.pattern=0x{pattern(epoch):08x} hw.region={REGION_KB}k "
+              f"hw.wait=1" + (" hw.forever=1" if forever else ""))
+    return Guest(workdir, f"held-e{epoch}", accel, append, sock, srv.export(epoch))
+
+
+def held_migration(workdir, srv, src, dst, path, epoch):
+    """Live-migrate `src` to `dst` (at `epoch`) with `src`'s writes held at
+    the storage (blkshim); the delay is disarmed before the migration, so
+    only those are held."""
+    time.sleep(1)
+    held = None
+    if NBD_SERVER == "blkshim":
+        path.hold()
+        time.sleep(1.5)
+        held = srv.status()["in_flight"]
+        path.before_go()
+        if held == 0:
+            raise RuntimeError(f"no write of {src.name} held at the storage before the migration")
+    r = migrate(src, dst, f"unix:{os.path.join(workdir, 'held-mig.sock')}", epoch, srv)
+    seen = wait_epoch(srv, epoch, 60)
+    ok = True
+    detail = f"downtime {r['downtime_ms']} ms, total {r['total_ms']} ms"
+    if held is not None:
+        at_advance = held_across_advance(srv.logfile, epoch)
+        ok = seen == epoch and not at_advance
+        detail = (f"held at the storage before it: {held} writes, {detail}, disk epoch {seen}, "
+                  f"{'STILL HELD' if at_advance else 'none held'} at the epoch's advance")
+    log(f"live migration to epoch {epoch}: {detail}")
+    return {"ok": ok, "detail": detail}
+
+
+def held_handoff(srv, img, src, path, dst, epoch, go_after, looping_dst):
+    """Hold `src`'s writes at the storage, freeze it, and `go_after` seconds
+    after the hold let the pre-booted `dst` (at `epoch`) write and verify the
+    same region; then let the held writes land and count the region."""
+    time.sleep(1)
+    path.hold()
+    t_hold = now()
+    time.sleep(1.5)  # the looping source's next writes reach the storage and wait there
+    os.kill(src.pid, signal.SIGSTOP)
+    path.before_go()
+    time.sleep(max(0.0, t_hold + go_after - now()))
+    st_go = srv.status()
+    if st_go is not None and st_go["in_flight"] == 0:
+        raise RuntimeError(f"no write of {src.name} in flight at the storage at the hand-off")
+    dst.console.send("go\n")
+    t_go = now()
+    m, _ = dst.console.wait_for(r"HARNESS-(WRITER-VERIFIED|RESULT FAIL.*)", 120)
+    took = now() - t_go
+    if "VERIFIED" not in m.group(0):
+        raise RuntimeError(f"{dst.name}: {m.group(0)}")
+    if looping_dst:
+        dst.qmp.cmd("stop")  # its own rewrites must not hide a stale write
+    path.after_destination()
+    st = srv.status()
+    census = region_census(img, range(FIRST_EPOCH, epoch + 1))
+    if looping_dst:
+        dst.qmp.cmd("cont")
+    r = {"census": census, "took": took, "epoch": epoch,
+         "stale": any(n > 0 for k, n in census.items()
+                      if k.startswith("epoch") and int(k[5:]) < epoch),
+         "ok": census.get(f"epoch{epoch}", 0) == REGION_KB // 4}
+    if st is not None:
+        r.update(held_at_go=st_go["in_flight"], fenced=st["fenced"] - st_go["fenced"],
+                 disk_epoch=st["current_epoch"],
+                 held_at_advance=held_across_advance(srv.logfile, epoch))
+    log(f"hand-off to epoch {epoch}: {r}")
+    return r
+
+
+def scenario_held(workdir, accel):
+    size = DISK_MB << 20
+    img = os.path.join(workdir, "held.img")
+    make_image(img, size)
+    armed = os.path.join(workdir, "held.armed")
+    srv = NbdServer(workdir, "held", img, size, [
+        "--storage-delay", f"write={HELD_DELAY}s,armed-file={armed}",
+        "--fence-timeout", f"{HELD_FENCE_TIMEOUT}s"])
+    e = FIRST_EPOCH
+    pa = HeldPath(workdir, "held-a", srv, armed)
+    pb = HeldPath(workdir, "held-b", srv, armed)
+    a = writer(workdir, accel, srv, e, pa.sock, True, "held")
+    a.console.wait_for("HARNESS-WRITER-LOOPING", BOOT_TIMEOUT)
+    # A clean live migration first, its source's writes held at the storage:
+    # qemu's switchover drains them (the downtime absorbs the delay), so
+    # none is left at the storage when the destination takes the disk.
+    a2 = Guest(workdir, f"held-e{e + 1}", accel,
+               f"hw.mode=writer hw.pattern=0x{pattern(e):08x} hw.region={REGION_KB}k hw.forever=1",
+               pa.sock, srv.export(e + 1), incoming=True)
+    live = held_migration(workdir, srv, a, a2, pa, e + 1)
+    a.quit()
+    b = held_writer(workdir, accel, srv, e + 2, pb.sock, forever=True)
+    b.console.wait_for("HARNESS-WRITER-WAITING", BOOT_TIMEOUT)
+    # Drain: the source is cut off (frozen) with writes held; the
+    # destination's first write comes when they have less than the drain
+    # deadline left: they land (acknowledged) first, and its overlapping
+    # writes after them.
+    drain = held_handoff(srv, img, a2, pa, b, e + 2,
+                         HELD_DELAY - HELD_FENCE_TIMEOUT + 0.5, looping_dst=True)
+    a2.kill()
+    c = held_writer(workdir, accel, srv, e + 3, srv.sock, forever=False)
+    c.console.wait_for("HARNESS-WRITER-WAITING", BOOT_TIMEOUT)
+    b.console.wait_for("HARNESS-WRITER-LOOPING", 30)
+    # Fence: the destination goes at once; the deadline passes while the
+    # held writes are still at the storage: they are fenced (never
+    # acknowledged) and the destination's overlapping writes still wait.
+    fence = held_handoff(srv, img, b, pb, c, e + 3, 0, looping_dst=False)
+    b.kill()
+    srv.stop()
+    ok = drain["ok"] and fence["ok"] and live["ok"]
+    if NBD_SERVER == "blkshim":
+        # The cut-off hand-offs must have happened with writes held at the
+        # storage (the server's log), and the second past the drain deadline.
+        ok = (ok and drain["held_at_advance"] and fence["held_at_advance"]
+              and fence["fenced"] > 0 and fence["disk_epoch"] == e + 3)
+
+    def say(name, r):
+        how = ""
+        if "fenced" in r:
+            fate = ("drained (none fenced)" if r["fenced"] == 0
+                    else f"{r['fenced']} fenced at the deadline")
+            how = (f"{r['held_at_go']} in flight at the go, "
+                   f"{'still held' if r['held_at_advance'] else 'NOT held'} at the epoch's advance, "
+                   f"{fate}, ")
+        return (f"{name} -> epoch {r['epoch']}: {how}destination wrote+verified in "
+                f"{r['took']:.1f}s, region {r['census']}")
+    how = (f"write delay {HELD_DELAY}s, fence timeout {HELD_FENCE_TIMEOUT}s"
+           if NBD_SERVER == "blkshim" else "each source's writes held in its own nbdkit (pause)")
+    return ok, (f"{how}; live migration: {live['detail']}; "
+                f"{say('drain', drain)}; {say('fence', fence)}"), drain["stale"] or fence["stale"]
+
+
+SCENARIO_FUNCS = {"migrate": scenario_migrate, "held-at-storage": scenario_held,
+                  "cutoff": scenario_cutoff,
                   "failover": scenario_failover, "failback": scenario_failback}
 
 

@@ -8,7 +8,8 @@
 #                                          without fencing)
 #     --blkshim PATH                       blkshim binary (env BLKSHIM; default: cargo build, profile
 #                                          env BLKSHIM_PROFILE=debug|release, default debug)
-#     --scenarios LIST                     comma list of migrate,cutoff,failover,failback (default all)
+#     --scenarios LIST                     comma list of migrate,held-at-storage,cutoff,failover,
+#                                          failback (default all)
 #     --migrations N                       live migrations under load (env MIGRATIONS, default 4)
 #     --interval S                         seconds of load between migrations (env MIG_INTERVAL, 5)
 #     --rounds N                           minimum whole-disk fio rounds (env FIO_MIN_ROUNDS, 1)
@@ -18,6 +19,8 @@
 #     --expect-unfenced                    fault scenarios are expected to FAIL (qemu-nbd self-test
 #                                          of the checks); the run fails if any of them passes
 #     --timeout S                          bound on the whole run (env RUN_TIMEOUT, default 600)
+#   held-at-storage: env HELD_DELAY (s a held write waits at the storage, default 10) and
+#   HELD_FENCE_TIMEOUT (blkshim's --fence-timeout there, default 4; must be shorter)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
@@ -49,6 +52,7 @@ have qemu-nbd || need+=(qemu-utils/bookworm)
 have qemu-io || need+=(qemu-utils/bookworm)
 have fio || need+=(fio)
 have nbdinfo || need+=(libnbd-bin)
+have nbdkit || need+=(nbdkit) # held-at-storage's unfenced control (pause filter)
 have cpio || need+=(cpio)
 have python3 || need+=(python3)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)

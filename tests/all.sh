@@ -69,11 +69,16 @@ for target in $(cargo fuzz list --fuzz-dir fuzz 2>/dev/null || ls fuzz/fuzz_targ
   "${fuzz[@]}" run --fuzz-dir fuzz "$target" -- -max_total_time="${FUZZ_SECONDS:-30}" -rss_limit_mb=2048
 done
 
-section "qemu harness: a real guest live-migrated under fio, and the fault scenarios"
-bash qemu-harness/run.sh
+section "qemu harness: a real guest live-migrated 20 times under fio, writes held at the storage across a hand-off, and the fault scenarios"
+# 20 migrations, the disk's epoch checked after each, every block checked
+# for the last fio round's stamp (a valid block of an earlier round fails).
+bash qemu-harness/run.sh --migrations 20 --interval 2 --timeout 1200
 
-section "qemu harness negative control: the fault scenarios against qemu-nbd must land stale data"
-bash qemu-harness/run.sh --nbd-server qemu-nbd --expect-unfenced --scenarios cutoff,failover,failback
+section "qemu harness negative control: against qemu-nbd the same scenarios must land stale data"
+# migrate: an old epoch's replay of an early round's valid block lands, and
+# only the round check catches it (a 16 MiB disk: rounds are short).
+bash qemu-harness/run.sh --nbd-server qemu-nbd --expect-unfenced --migrations 2 --interval 2 --disk-mb 16 \
+  --scenarios migrate,held-at-storage,cutoff,failover,failback
 
 section "host-side fencing on a real kernel target: seeds/002 on LIO, then two blkshim hosts with --fence pr (migrate, cut-off, failover, failback)"
 bash qemu-harness/hostside.sh

@@ -61,6 +61,11 @@ struct ServeArgs {
     /// Storage engine: io_uring when the kernel allows it, else a thread pool.
     #[arg(long, value_enum, default_value_t = crate::storage::EngineKind::Auto)]
     engine: crate::storage::EngineKind,
+    /// Testing only: hold I/Os for a delay before they reach the storage
+    /// (like nbdkit's delay filter), e.g. write=2s[,read=0][,flush=0]
+    /// [,trim=..][,zeroes=..][,armed-file=PATH: only while PATH exists].
+    #[arg(long, value_parser = |s: &str| config::parse_storage_delay(s).map(Box::new))]
+    storage_delay: Option<Box<crate::storage::StorageDelay>>,
     /// Control socket [default: ./blkshim.ctl].
     #[arg(long)]
     control: Option<PathBuf>,
@@ -160,6 +165,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         fence_timeout: a.fence_timeout.unwrap_or(std::time::Duration::from_secs(5)),
         cache: a.cache.unwrap_or(CacheMode::Writeback),
         engine: a.engine,
+        storage_delay: a.storage_delay.map(|d| *d),
         disks: Vec::new(),
         host_side: a.fence.map(|fence| config::HostSideConfig {
             fence,

@@ -39,6 +39,8 @@ pub struct ServeConfig {
     pub cache: CacheMode,
     /// Storage engine (auto: io_uring when the kernel allows it).
     pub engine: crate::storage::EngineKind,
+    /// `--storage-delay` (testing only): hold I/Os before the engine.
+    pub storage_delay: Option<crate::storage::StorageDelay>,
     pub disks: Vec<DiskSpec>,
     /// Host-side mode (`--fence`): this server is one host's writer of
     /// shared disks, admitted at the first write. `None`: a gateway.
@@ -149,6 +151,39 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok()
         .and_then(|n| n.checked_mul(mult))
         .ok_or_else(|| format!("bad size {s:?}"))
+}
+
+/// `--storage-delay`: `KIND=DURATION[,KIND=DURATION...][,armed-file=PATH]`
+/// with KIND one of read, write, flush, trim, zeroes (unnamed kinds: 0),
+/// e.g. `write=2s` or `write=6s,flush=0,armed-file=/tmp/arm`.
+pub fn parse_storage_delay(s: &str) -> Result<crate::storage::StorageDelay, String> {
+    let mut d = crate::storage::StorageDelay::default();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?}: expected KIND=DURATION or armed-file=PATH"))?;
+        let slot = match k {
+            "read" => &mut d.read,
+            "write" => &mut d.write,
+            "flush" => &mut d.flush,
+            "trim" => &mut d.trim,
+            "zeroes" => &mut d.zeroes,
+            "armed-file" => {
+                d.armed_file = Some(PathBuf::from(v));
+                continue;
+            }
+            _ => {
+                return Err(format!(
+                    "{k:?}: read, write, flush, trim, zeroes or armed-file"
+                ))
+            }
+        };
+        *slot = parse_duration(v)?;
+    }
+    if d.is_zero() {
+        return Err(format!("{s:?} delays nothing"));
+    }
+    Ok(d)
 }
 
 /// `500ms`, `5s`, `2m`, or a bare number of seconds.
@@ -342,6 +377,19 @@ mod tests {
     }
 
     #[test]
+    fn storage_delays() {
+        let d = parse_storage_delay("write=2s,read=0,flush=10ms,armed-file=/tmp/a").unwrap();
+        assert_eq!(d.write, Duration::from_secs(2));
+        assert_eq!(d.flush, Duration::from_millis(10));
+        assert!(d.read.is_zero() && d.trim.is_zero());
+        assert_eq!(d.armed_file, Some(PathBuf::from("/tmp/a")));
+        assert!(parse_storage_delay("write=0").is_err(), "delays nothing");
+        assert!(parse_storage_delay("writes=1s").is_err());
+        assert!(parse_storage_delay("write").is_err());
+        assert!(parse_storage_delay("write=-1s").is_err());
+    }
+
+    #[test]
     fn toml_file() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
@@ -358,6 +406,7 @@ mod tests {
             fence_timeout: Duration::from_secs(5),
             cache: CacheMode::Writeback,
             engine: crate::storage::EngineKind::Auto,
+            storage_delay: None,
             disks: vec![],
             host_side: None,
         };

@@ -175,8 +175,14 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
         if exports.disks.contains_key(&d.name) {
             return Err(format!("disk name {:?} given twice", d.name));
         }
-        let storage = open_disk_storage(&d.path, d.size, cfg.cache, cfg.engine)
+        let mut storage = open_disk_storage(&d.path, d.size, cfg.cache, cfg.engine)
             .map_err(|e| format!("disk {:?}: {e}", d.name))?;
+        if let Some(delay) = &cfg.storage_delay {
+            storage = Arc::new(
+                crate::storage::DelayStorage::new(storage, delay.clone())
+                    .map_err(|e| format!("disk {:?}: storage delay: {e}", d.name))?,
+            );
+        }
         let disk = Disk::open(
             &d.name,
             Arc::clone(&storage),

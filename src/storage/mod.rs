@@ -7,6 +7,7 @@
 //! adversarial storage model are interchangeable.
 
 mod buffer;
+pub mod delay;
 pub mod fencing;
 mod file;
 pub mod identity;
@@ -15,6 +16,7 @@ pub mod threadpool;
 pub mod uring;
 
 pub use buffer::AlignedBuf;
+pub use delay::{DelayStorage, StorageDelay};
 pub use mem::{apply_io, MemStorage};
 pub use threadpool::ThreadPoolStorage;
 pub use uring::{UringStats, UringStorage};

@@ -46,6 +46,10 @@ cargo clippy --all-targets -- -D warnings
 cargo clippy --all-targets --features xen -- -D warnings
 cargo clippy --all-targets --features sanlock -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
+# The library as it ships (clippy --all-targets sees it with the tests'
+# test-utils feature on), and proof that a release build has no emulation.
+cargo clippy --lib -- -D warnings
+bash tests/no-emulation-in-release.sh
 
 section "unit, integration and doc tests (the simulation's 20,000 protected seeds among them)"
 # The bindings drift test must regenerate here (libclang and libxen-dev

@@ -13,7 +13,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde_json::{json, Value};
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// One key-value as the gateway returns it.
@@ -237,6 +237,8 @@ pub struct Gateway {
     preferred: AtomicUsize,
     /// The whole budget of one call across endpoints and retries.
     call_timeout: Duration,
+    /// Attempts whose outcome was doubtful (see [`Gateway::doubtful_attempts`]).
+    doubtful: AtomicU64,
 }
 
 impl Gateway {
@@ -261,7 +263,14 @@ impl Gateway {
             agent,
             preferred: AtomicUsize::new(0),
             call_timeout,
+            doubtful: AtomicU64::new(0),
         }
+    }
+
+    /// How many attempts so far had a doubtful outcome (timed out after the
+    /// request left, cut off, or an etcd error): for tests and statistics.
+    pub fn doubtful_attempts(&self) -> u64 {
+        self.doubtful.load(Ordering::Relaxed)
     }
 
     /// The endpoints, as URLs.
@@ -332,6 +341,7 @@ impl Gateway {
                     }
                     Attempt::NotApplied(why) => attempts.push(why),
                     Attempt::Unknown(why) => {
+                        self.doubtful.fetch_add(1, Ordering::Relaxed);
                         maybe_applied = true;
                         attempts.push(why);
                     }

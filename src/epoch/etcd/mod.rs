@@ -82,6 +82,8 @@ pub struct EtcdEpochStore {
     prefix: String,
     nonce_base: String,
     counter: AtomicU64,
+    /// Advances found won by an earlier, doubtful send of the same txn.
+    won_by_earlier_send: AtomicU64,
 }
 
 fn etcd_err(gw: &Gateway, what: &str, e: impl std::fmt::Display) -> EpochError {
@@ -134,7 +136,18 @@ impl EtcdEpochStore {
             prefix: prefix.trim_end_matches('/').to_string(),
             nonce_base: format!("{}-{nanos:x}-{rand:016x}", std::process::id()),
             counter: AtomicU64::new(0),
+            won_by_earlier_send: AtomicU64::new(0),
         })
+    }
+
+    /// Statistics of doubtful outcomes so far: (HTTP attempts whose outcome
+    /// was doubtful, advances that a resend showed to have been won by an
+    /// earlier send).
+    pub fn doubtful_stats(&self) -> (u64, u64) {
+        (
+            self.gw.doubtful_attempts(),
+            self.won_by_earlier_send.load(Ordering::Relaxed),
+        )
     }
 
     fn epoch_key(&self, disk: &str) -> Vec<u8> {
@@ -216,6 +229,7 @@ impl EpochStore for EtcdEpochStore {
                         .is_some_and(|c| c.value == nonce.as_bytes());
                     if won {
                         // An earlier send of ours applied.
+                        self.won_by_earlier_send.fetch_add(1, Ordering::Relaxed);
                         return Ok(new);
                     }
                     let now = self.epoch_of(disk, r.ranges.first().and_then(|k| k.first()))?;

@@ -263,6 +263,11 @@ fn txn_ack_lost_but_applied_is_a_success() {
     });
     let s = fast_store(&addr);
     assert_eq!(s.compare_and_advance("vm1", 3).unwrap(), 4);
+    let (doubtful, won_earlier) = s.doubtful_stats();
+    assert!(
+        doubtful >= 1 && won_earlier == 1,
+        "{doubtful} {won_earlier}"
+    );
     let log = log.lock().unwrap();
     let txn = &log[1].1;
     assert_eq!(txn["compare"][0]["target"], "MOD");

@@ -314,9 +314,10 @@ impl Gateway {
                 | ureq::ErrorKind::Dns
                 | ureq::ErrorKind::InvalidUrl
                 | ureq::ErrorKind::UnknownScheme => {
-                    Attempt::NotApplied(format!("{endpoint}: not reached: {t}"))
+                    // ureq's message names the URL.
+                    Attempt::NotApplied(format!("{t} (not reached)"))
                 }
-                _ => Attempt::Unknown(format!("{endpoint}: {t}")),
+                _ => Attempt::Unknown(format!("{t} (outcome unknown)")),
             },
         }
     }
@@ -327,30 +328,42 @@ impl Gateway {
         let text = body.to_string();
         let deadline = Instant::now() + self.call_timeout;
         let n = self.endpoints.len();
-        let mut attempts = Vec::new();
+        // The last failure per endpoint, and how many attempts in all.
+        let mut last: Vec<Option<String>> = vec![None; n];
+        let mut tries = 0u32;
         let mut maybe_applied = false;
         let mut round = 0u32;
+        let started = Instant::now();
+        let give_up = |last: Vec<Option<String>>, tries: u32, maybe_applied: bool| {
+            let mut attempts: Vec<String> = last.into_iter().flatten().collect();
+            attempts.push(format!(
+                "{tries} attempts in {:.1} s",
+                started.elapsed().as_secs_f64()
+            ));
+            CallError {
+                attempts,
+                maybe_applied,
+            }
+        };
         loop {
             let start = self.preferred.load(Ordering::Relaxed);
             for i in 0..n {
                 let idx = (start + i) % n;
+                tries += 1;
                 match self.attempt(&self.endpoints[idx], path, &text) {
                     Attempt::Ok(v) => {
                         self.preferred.store(idx, Ordering::Relaxed);
                         return Ok(v);
                     }
-                    Attempt::NotApplied(why) => attempts.push(why),
+                    Attempt::NotApplied(why) => last[idx] = Some(why),
                     Attempt::Unknown(why) => {
                         self.doubtful.fetch_add(1, Ordering::Relaxed);
                         maybe_applied = true;
-                        attempts.push(why);
+                        last[idx] = Some(why);
                     }
                 }
                 if Instant::now() >= deadline {
-                    return Err(CallError {
-                        attempts,
-                        maybe_applied,
-                    });
+                    return Err(give_up(last, tries, maybe_applied));
                 }
             }
             // Every endpoint failed: back off a little (an election takes
@@ -359,15 +372,9 @@ impl Gateway {
             let pause = Duration::from_millis(100 * u64::from(round.min(10)));
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(CallError {
-                    attempts,
-                    maybe_applied,
-                });
+                return Err(give_up(last, tries, maybe_applied));
             }
             std::thread::sleep(pause.min(left));
-            if attempts.len() > 3 * n {
-                attempts.drain(..attempts.len() - 3 * n);
-            }
         }
     }
 

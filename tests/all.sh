@@ -34,10 +34,18 @@ command -v strip >/dev/null || pkgs+=(binutils)
 # --features sanlock links libsanlock_client; its layout test compiles C
 # against the headers.
 dpkg -s libsanlock-dev >/dev/null 2>&1 || pkgs+=(libsanlock-dev)
+# tests/epoch_etcd.rs runs /usr/bin/etcd members of its own on free
+# loopback ports.
+[ -x /usr/bin/etcd ] || pkgs+=(etcd-server)
 if [ ${#pkgs[@]} -gt 0 ]; then
   echo "installing: ${pkgs[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --allow-downgrades "${pkgs[@]}" >/dev/null
+fi
+# Installing etcd-server starts etcd.service on :2379 where an init system
+# runs: the tests never use it, so stop it.
+if [ -x /usr/bin/etcd ]; then
+  systemctl disable --now etcd >/dev/null 2>&1 || service etcd stop >/dev/null 2>&1 || true
 fi
 
 section "format and lint"

@@ -69,9 +69,16 @@ struct ServeArgs {
     /// Control socket [default: ./blkshim.ctl].
     #[arg(long)]
     control: Option<PathBuf>,
-    /// Directory of the persisted epoch store [default: .blkshim-epochs next to the first disk].
-    #[arg(long)]
+    /// State directory: the epoch store (unless --epoch-store) and, with
+    /// --fence, the hand-off ledger, which stays here even with an etcd
+    /// epoch store [default: .blkshim-epochs next to the first disk].
+    #[arg(long, alias = "epoch-dir")]
     state_dir: Option<PathBuf>,
+    /// Where the epochs live: file:DIR or
+    /// etcd://HOST:PORT[,HOST:PORT...][/PREFIX] [default: file: the state
+    /// directory].
+    #[arg(long, value_parser = crate::epoch::StoreUrl::parse)]
+    epoch_store: Option<crate::epoch::StoreUrl>,
     /// Host-side mode: this server is one host's writer of disks on shared
     /// storage, and this is what keeps an older host's writes off them
     /// (none: take over only from a host that handed over, or one an
@@ -145,8 +152,12 @@ enum CtlAction {
         #[arg(long)]
         source_dead: bool,
         /// The shared state directory (epochs and hand-off ledger).
-        #[arg(long)]
+        #[arg(long, alias = "epoch-dir")]
         state_dir: PathBuf,
+        /// The epoch store, when not the state directory (file:DIR or
+        /// etcd://HOST:PORT[,...][/PREFIX]).
+        #[arg(long, value_parser = crate::epoch::StoreUrl::parse)]
+        epoch_store: Option<crate::epoch::StoreUrl>,
     },
 }
 
@@ -162,6 +173,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         listen: a.listen,
         control: a.control.unwrap_or_else(|| PathBuf::from("blkshim.ctl")),
         state_dir: a.state_dir,
+        epoch_store: a.epoch_store,
         fence_timeout: a.fence_timeout.unwrap_or(std::time::Duration::from_secs(5)),
         cache: a.cache.unwrap_or(CacheMode::Writeback),
         engine: a.engine,
@@ -200,15 +212,19 @@ fn serve(a: ServeArgs) -> Result<(), String> {
 
 /// `blkshim ctl takeover DISK --source-dead`: the operator's confirmation,
 /// written where every host's admission reads it.
-fn confirm_source_dead(disk: &str, source_dead: bool, state_dir: &Path) -> Result<(), String> {
-    use crate::epoch::EpochStore;
+fn confirm_source_dead(
+    disk: &str,
+    source_dead: bool,
+    state_dir: &Path,
+    epoch_store: Option<crate::epoch::StoreUrl>,
+) -> Result<(), String> {
     if !source_dead {
         return Err(format!(
             "refusing: say --source-dead only if the host holding {disk:?} is powered off or otherwise cannot write (its queued writes would land over the new host's); with --fence pr or sanlock no confirmation is needed"
         ));
     }
-    let epochs = crate::epoch::FileEpochStore::open(state_dir)
-        .map_err(|e| format!("epoch store {}: {e}", state_dir.display()))?;
+    let url = epoch_store.unwrap_or_else(|| crate::epoch::StoreUrl::File(state_dir.to_path_buf()));
+    let epochs = url.open().map_err(|e| format!("epoch store {url}: {e}"))?;
     let epoch = epochs.current(disk).map_err(|e| e.to_string())?;
     if epoch == 0 {
         return Err(format!("disk {disk:?} has no holder: nothing to confirm"));
@@ -247,7 +263,8 @@ fn ctl(a: CtlArgs) -> Result<(), String> {
             disk,
             source_dead,
             state_dir,
-        } => return confirm_source_dead(&disk, source_dead, &state_dir),
+            epoch_store,
+        } => return confirm_source_dead(&disk, source_dead, &state_dir, epoch_store),
     };
     let v = ctl::request(&a.control, &req)?;
     if a.json {

@@ -6,10 +6,14 @@
 //! backwards. Never a wall-clock time (seeds/004: a newer clock on an older
 //! copy is exactly how a stale image wins).
 
+pub mod etcd;
 mod file;
+mod url;
 
+pub use etcd::EtcdEpochStore;
 pub(crate) use file::lock_file;
 pub use file::FileEpochStore;
+pub use url::{open_store, StoreUrl, DEFAULT_ETCD_PREFIX};
 
 use crate::tracking::Epoch;
 use parking_lot::Mutex;
@@ -30,6 +34,14 @@ pub enum EpochError {
     BadName(String),
     /// The store could not be read or written.
     Io(io::Error),
+    /// The advance may or may not have happened: the store could not be
+    /// asked (a replicated store that lost quorum or could not be reached
+    /// after the request left). Never a success: read the epoch again.
+    Unknown {
+        disk: String,
+        expected: Epoch,
+        why: String,
+    },
 }
 
 impl fmt::Display for EpochError {
@@ -45,6 +57,14 @@ impl fmt::Display for EpochError {
             ),
             EpochError::BadName(n) => write!(f, "invalid disk name {n:?}"),
             EpochError::Io(e) => write!(f, "epoch store: {e}"),
+            EpochError::Unknown {
+                disk,
+                expected,
+                why,
+            } => write!(
+                f,
+                "advancing the epoch of disk {disk:?} from {expected}: outcome unknown ({why})"
+            ),
         }
     }
 }

@@ -4,7 +4,8 @@
 //! socket = "/run/blkshim.sock"     # optional, default ./blkshim.sock
 //! listen = "127.0.0.1:10809"       # optional TCP listener
 //! control = "/run/blkshim.ctl"     # optional, default ./blkshim.ctl
-//! state_dir = "/var/lib/blkshim"   # optional epoch store
+//! state_dir = "/var/lib/blkshim"   # optional epoch store (file:DIR) and hand-off ledger
+//! epoch_store = "etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379/blkshim"  # optional
 //! fence_timeout = "5s"
 //! cache = "writeback"              # or "none" (O_DIRECT)
 //!
@@ -33,8 +34,13 @@ pub struct ServeConfig {
     pub socket: Option<PathBuf>,
     pub listen: Option<String>,
     pub control: PathBuf,
-    /// Where epochs persist; `None`: `.blkshim-epochs` next to the first disk.
+    /// Where epochs persist (unless `epoch_store` says otherwise) and, in
+    /// host-side mode, the hand-off ledger; `None`: `.blkshim-epochs` next
+    /// to the first disk.
     pub state_dir: Option<PathBuf>,
+    /// `--epoch-store URL`: `file:DIR` or `etcd://...`; `None`:
+    /// `file:` the state directory.
+    pub epoch_store: Option<crate::epoch::StoreUrl>,
     pub fence_timeout: Duration,
     pub cache: CacheMode,
     /// Storage engine (auto: io_uring when the kernel allows it).
@@ -95,9 +101,15 @@ pub fn parse_preempt(s: &str) -> Result<crate::storage::fencing::PreemptMode, St
 }
 
 impl ServeConfig {
-    /// The epoch store directory actually used.
+    /// The state directory actually used: the epoch store's when it is a
+    /// file store, and the hand-off ledger's (host-side mode) always: even
+    /// with an etcd epoch store, the ledger needs a directory every host
+    /// shares.
     pub fn epoch_dir(&self) -> PathBuf {
         if let Some(d) = &self.state_dir {
+            return d.clone();
+        }
+        if let Some(crate::epoch::StoreUrl::File(d)) = &self.epoch_store {
             return d.clone();
         }
         let parent = self
@@ -107,6 +119,13 @@ impl ServeConfig {
             .filter(|p| !p.as_os_str().is_empty() && !p.starts_with("/dev"))
             .unwrap_or(Path::new("."));
         parent.join(".blkshim-epochs")
+    }
+
+    /// The epoch store actually used.
+    pub fn store_url(&self) -> crate::epoch::StoreUrl {
+        self.epoch_store
+            .clone()
+            .unwrap_or_else(|| crate::epoch::StoreUrl::File(self.epoch_dir()))
     }
 }
 
@@ -238,6 +257,7 @@ struct FileConfig {
     listen: Option<String>,
     control: Option<PathBuf>,
     state_dir: Option<PathBuf>,
+    epoch_store: Option<String>,
     fence_timeout: Option<String>,
     cache: Option<CacheMode>,
     size: Option<SizeValue>,
@@ -267,6 +287,13 @@ pub fn load_file(path: &Path, base: &mut ServeConfig, cli_set: &CliSet) -> Resul
     }
     if base.state_dir.is_none() {
         base.state_dir = f.state_dir;
+    }
+    if base.epoch_store.is_none() {
+        base.epoch_store = f
+            .epoch_store
+            .as_deref()
+            .map(crate::epoch::StoreUrl::parse)
+            .transpose()?;
     }
     if !cli_set.fence_timeout {
         if let Some(t) = f.fence_timeout {
@@ -403,6 +430,7 @@ mod tests {
             listen: None,
             control: "x.ctl".into(),
             state_dir: None,
+            epoch_store: None,
             fence_timeout: Duration::from_secs(5),
             cache: CacheMode::Writeback,
             engine: crate::storage::EngineKind::Auto,
@@ -418,5 +446,62 @@ mod tests {
         assert_eq!(c.disks[1].name, "b");
         std::fs::write(&p, "bogus = 1\n").unwrap();
         assert!(load_file(&p, &mut c, &CliSet::default()).is_err());
+    }
+
+    #[test]
+    fn epoch_store_key_and_state_dir() {
+        use crate::epoch::StoreUrl;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        let mut c = ServeConfig {
+            socket: None,
+            listen: None,
+            control: "x.ctl".into(),
+            state_dir: None,
+            epoch_store: None,
+            fence_timeout: Duration::from_secs(5),
+            cache: CacheMode::Writeback,
+            engine: crate::storage::EngineKind::Auto,
+            storage_delay: None,
+            disks: vec![parse_disk_arg("/img/vm1.raw", None).unwrap()],
+            host_side: None,
+        };
+        // Default: a file store in the state directory next to the disk.
+        assert_eq!(c.store_url(), StoreUrl::File("/img/.blkshim-epochs".into()));
+        std::fs::write(&p, "epoch_store = \"etcd://a:1,b:2/x\"\n").unwrap();
+        load_file(&p, &mut c, &CliSet::default()).unwrap();
+        assert_eq!(
+            c.store_url(),
+            StoreUrl::Etcd {
+                endpoints: vec!["a:1".into(), "b:2".into()],
+                prefix: "/x".into()
+            }
+        );
+        // The ledger keeps its directory.
+        assert_eq!(c.epoch_dir(), PathBuf::from("/img/.blkshim-epochs"));
+        // file:DIR is the state directory too, unless --state-dir says.
+        c.epoch_store = Some(StoreUrl::parse("file:/s").unwrap());
+        assert_eq!(c.epoch_dir(), PathBuf::from("/s"));
+        c.state_dir = Some("/t".into());
+        assert_eq!(c.epoch_dir(), PathBuf::from("/t"));
+        std::fs::write(&p, "epoch_store = \"/no/scheme\"\n").unwrap();
+        c.epoch_store = None;
+        assert!(load_file(&p, &mut c, &CliSet::default()).is_err());
+        for bad in [
+            "etcd://",
+            "etcd://host",
+            "etcd://h:99999",
+            "file:",
+            "consul://x:1",
+        ] {
+            assert!(StoreUrl::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            StoreUrl::parse("etcd://h:1/").unwrap(),
+            StoreUrl::Etcd {
+                endpoints: vec!["h:1".into()],
+                prefix: "/blkshim".into()
+            }
+        );
     }
 }

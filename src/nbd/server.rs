@@ -9,7 +9,7 @@ use super::config::{DiskSpec, HostSideConfig};
 use super::connection::{self, ConnStats, Sock};
 use super::handshake::{handshake, Exports};
 use crate::control::ctl::{self, CtlRequest};
-use crate::epoch::{EpochStore, FileEpochStore};
+use crate::epoch::EpochStore;
 use crate::handoff::{Disk, DiskOptions, HandoffLedger, HostSide, HostSidePolicy};
 use crate::storage::fencing::{
     FenceMode, PrFencing, PrOptions, PrWriterFence, SanlockFence, WriterFence,
@@ -144,12 +144,10 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
     }
     raise_fd_limit();
     let epoch_dir = cfg.epoch_dir();
-    std::fs::create_dir_all(&epoch_dir)
-        .map_err(|e| format!("epoch store {}: {e}", epoch_dir.display()))?;
-    let epochs: Arc<dyn EpochStore> = Arc::new(
-        FileEpochStore::open(&epoch_dir)
-            .map_err(|e| format!("epoch store {}: {e}", epoch_dir.display()))?,
-    );
+    let store_url = cfg.store_url();
+    let epochs: Arc<dyn EpochStore> = store_url
+        .open()
+        .map_err(|e| format!("epoch store {store_url}: {e}"))?;
     // A gateway advances at a newer writer's first write; a host-side
     // server only by admission (HostSide), never by an epoch a client asks.
     let options = DiskOptions {
@@ -158,6 +156,8 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
     };
     let ledger = match &cfg.host_side {
         Some(hs) => {
+            std::fs::create_dir_all(&epoch_dir)
+                .map_err(|e| format!("hand-off ledger {}: {e}", epoch_dir.display()))?;
             let l = HandoffLedger::open(&epoch_dir)
                 .map_err(|e| format!("hand-off ledger {}: {e}", epoch_dir.display()))?;
             Some(Arc::new(match &hs.host_id {
@@ -326,7 +326,10 @@ fn print_banner(server: &Server, cfg: &ServeConfig, socket: &Path, tcp: Option<&
             .map(|a| format!(" and {a}"))
             .unwrap_or_default(),
         abs(&cfg.control).display(),
-        abs(&cfg.epoch_dir()).display(),
+        match cfg.store_url() {
+            crate::epoch::StoreUrl::File(d) => format!("file:{}", abs(&d).display()),
+            other => other.to_string(),
+        },
         cfg.cache
     );
     for (name, disk) in &server.exports.disks {

@@ -22,10 +22,15 @@ use std::time::Duration;
 /// `blkshim xen-backend` options.
 #[derive(clap::Args, Debug, Clone)]
 pub struct XenBackendArgs {
-    /// Directory of the epoch store and hand-off records: on the storage
-    /// every host shares.
-    #[arg(long)]
+    /// Directory of the hand-off records, and of the epoch store unless
+    /// --epoch-store: on the storage every host shares.
+    #[arg(long, alias = "state-dir")]
     pub epoch_dir: PathBuf,
+    /// Where the epochs live: `file:DIR` or
+    /// `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` (default: `file:` --epoch-dir).
+    /// The hand-off records stay in --epoch-dir.
+    #[arg(long, value_parser = crate::epoch::StoreUrl::parse)]
+    pub epoch_store: Option<crate::epoch::StoreUrl>,
     /// The back-end directory to watch.
     #[arg(long, default_value = "/local/domain/0/backend/vbd")]
     pub backend_root: String,
@@ -130,7 +135,16 @@ pub fn file_opener(
 ) -> io::Result<DiskOpener> {
     std::fs::create_dir_all(&epoch_dir)?;
     let epochs: Arc<dyn EpochStore> = Arc::new(FileEpochStore::open(&epoch_dir)?);
-    Ok(Arc::new(move |params: &str| {
+    Ok(store_opener(epochs, engine, names))
+}
+
+/// Like [`file_opener`], epochs in any store (`--epoch-store`).
+pub fn store_opener(
+    epochs: Arc<dyn EpochStore>,
+    engine: EngineKind,
+    names: BTreeMap<PathBuf, String>,
+) -> DiskOpener {
+    Arc::new(move |params: &str| {
         let path = params_path(params);
         let name = match names.get(&path) {
             Some(n) => n.clone(),
@@ -149,7 +163,7 @@ pub fn file_opener(
             storage,
             epochs: Arc::clone(&epochs),
         })
-    }))
+    })
 }
 
 /// The vbd back ends under one root, kept in step with XenStore.
@@ -295,7 +309,15 @@ impl<S: XenStore + 'static, F: Fn() -> io::Result<S>> Supervisor<S, F> {
 pub fn run(args: XenBackendArgs) -> Result<(), Box<dyn std::error::Error>> {
     use crate::xen::platform::XenPlatform;
     use crate::xen::xenstore::XenStoreHandle;
-    let opener = file_opener(args.epoch_dir.clone(), args.engine, args.disk_id_map()?)?;
+    let url = args
+        .epoch_store
+        .clone()
+        .unwrap_or_else(|| crate::epoch::StoreUrl::File(args.epoch_dir.clone()));
+    std::fs::create_dir_all(&args.epoch_dir)?;
+    let epochs = url
+        .open()
+        .map_err(|e| io::Error::other(format!("epoch store {url}: {e}")))?;
+    let opener = store_opener(epochs, args.engine, args.disk_id_map()?);
     let platform: Arc<dyn Platform> = XenPlatform::open()?;
     let mut sup = Supervisor::new(
         XenStoreHandle::open,

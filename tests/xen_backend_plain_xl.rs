@@ -283,11 +283,16 @@ fn other_host_destination_waits_for_the_live_holders_record() {
 
 #[test]
 fn other_host_destination_advancing_by_itself_corrupts() {
+    // The race is timing-dependent (a loaded machine may close it in one
+    // run): stop at the first seed that shows it, up to 12.
     let mut found = 0;
-    for seed in 1..=3 {
+    for seed in 1..=12 {
         let r = plain_xl_handoff(Design::DiskPerVbd, false, seed);
         assert!(!r.record_before_connect);
         found += r.stale.len();
+        if found > 0 {
+            break;
+        }
     }
     assert!(
         found > 0,

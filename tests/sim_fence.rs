@@ -8,6 +8,8 @@
 //! BLKSHIM_SIM_SEEDS), spread over the machine's cores. The same runs in
 //! release: `blkshim sim --seeds 20000 --scenario host --fence MODE`.
 
+mod sim_parallel;
+
 use blkshim::sim::{
     replay_command, run_one_with, run_seeds_with, run_traced_with, Deployment, Fencing, Kind,
     Protection, Scenario, Summary,
@@ -30,30 +32,9 @@ fn host(kind: Kind) -> Scenario {
 
 /// Run seeds `0..n` over the host-side scenarios on every core.
 fn run_parallel(n: u64, fence: Fencing) -> Summary {
-    let scenarios = Scenario::select("host");
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()) as u64;
-    let chunk = n.div_ceil(threads);
-    let parts: Vec<Summary> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|i| {
-                let sc = &scenarios;
-                s.spawn(move || {
-                    let first = i * chunk;
-                    let count = chunk.min(n.saturating_sub(first));
-                    run_seeds_with(first, count, sc, Protection::On, fence)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let mut total = Summary::default();
-    for part in parts {
-        for (sc, r) in part.rows {
-            total.rows.entry(sc).or_default().merge(&r);
-        }
-        total.failures.extend(part.failures);
-    }
-    total
+    sim_parallel::run_parallel(n, &Scenario::select("host"), |first, count, sc| {
+        run_seeds_with(first, count, sc, Protection::On, fence)
+    })
 }
 
 /// The big run of one mode: no violation, no stale landing, and the

@@ -4,6 +4,8 @@
 //! over the machine's cores; a seed costs a few milliseconds even in a
 //! debug build. The same run in release: `blkshim sim --seeds 20000`.
 
+mod sim_parallel;
+
 use blkshim::sim::{
     replay_command, run_one, run_seeds, Deployment, Kind, Protection, Scenario, Summary,
 };
@@ -17,30 +19,9 @@ fn seeds() -> u64 {
 
 /// Run seeds `0..n` over all scenarios on every core.
 fn run_parallel(n: u64, p: Protection) -> Summary {
-    let scenarios = Scenario::all();
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()) as u64;
-    let chunk = n.div_ceil(threads);
-    let parts: Vec<Summary> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|i| {
-                let sc = &scenarios;
-                s.spawn(move || {
-                    let first = i * chunk;
-                    let count = chunk.min(n.saturating_sub(first));
-                    run_seeds(first, count, sc, p)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let mut total = Summary::default();
-    for part in parts {
-        for (sc, r) in part.rows {
-            total.rows.entry(sc).or_default().merge(&r);
-        }
-        total.failures.extend(part.failures);
-    }
-    total
+    sim_parallel::run_parallel(n, &Scenario::all(), |first, count, sc| {
+        run_seeds(first, count, sc, p)
+    })
 }
 
 #[test]

@@ -416,16 +416,9 @@ mod tests {
         assert!(parse_storage_delay("write=-1s").is_err());
     }
 
-    #[test]
-    fn toml_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("c.toml");
-        std::fs::write(
-            &p,
-            "fence_timeout = \"1s\"\ncache = \"none\"\n[[disk]]\nname = \"a\"\npath = \"/tmp/a.img\"\nsize = \"1M\"\n[[disk]]\npath = \"/tmp/b.img\"\nsize = 4096\n",
-        )
-        .unwrap();
-        let mut c = ServeConfig {
+    /// A configuration with the defaults and `disks`.
+    fn config(disks: Vec<DiskSpec>) -> ServeConfig {
+        ServeConfig {
             socket: None,
             listen: None,
             control: "x.ctl".into(),
@@ -435,9 +428,21 @@ mod tests {
             cache: CacheMode::Writeback,
             engine: crate::storage::EngineKind::Auto,
             storage_delay: None,
-            disks: vec![],
+            disks,
             host_side: None,
-        };
+        }
+    }
+
+    #[test]
+    fn toml_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "fence_timeout = \"1s\"\ncache = \"none\"\n[[disk]]\nname = \"a\"\npath = \"/tmp/a.img\"\nsize = \"1M\"\n[[disk]]\npath = \"/tmp/b.img\"\nsize = 4096\n",
+        )
+        .unwrap();
+        let mut c = config(vec![]);
         load_file(&p, &mut c, &CliSet::default()).unwrap();
         assert_eq!(c.fence_timeout, Duration::from_secs(1));
         assert_eq!(c.cache, CacheMode::None);
@@ -453,19 +458,7 @@ mod tests {
         use crate::epoch::StoreUrl;
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
-        let mut c = ServeConfig {
-            socket: None,
-            listen: None,
-            control: "x.ctl".into(),
-            state_dir: None,
-            epoch_store: None,
-            fence_timeout: Duration::from_secs(5),
-            cache: CacheMode::Writeback,
-            engine: crate::storage::EngineKind::Auto,
-            storage_delay: None,
-            disks: vec![parse_disk_arg("/img/vm1.raw", None).unwrap()],
-            host_side: None,
-        };
+        let mut c = config(vec![parse_disk_arg("/img/vm1.raw", None).unwrap()]);
         // Default: a file store in the state directory next to the disk.
         assert_eq!(c.store_url(), StoreUrl::File("/img/.blkshim-epochs".into()));
         std::fs::write(&p, "epoch_store = \"etcd://a:1,b:2/x\"\n").unwrap();

@@ -209,6 +209,47 @@ fn xen_backend_supervisor_follows_backend_vbd() {
     assert!(sup.vbds().contains_key(&format!("{root}/7/51712")));
 }
 
+/// A vbd removed before its `params` came (a domain destroyed while the
+/// toolstack was still setting its disk up, or a guest that crashed at
+/// once): its back end notices and finishes, instead of waiting for nodes
+/// that will never come.
+#[test]
+fn xen_backend_removed_before_params_finishes() {
+    let store = blkshim::xen::xenstore::EmulatedXenStore::new();
+    let platform = blkshim::xen::platform::EmulatedPlatform::new();
+    let mem: Arc<dyn BlockStorage> = Arc::new(MemStorage::new(1 << 20));
+    let root = "/local/domain/0/backend/vbd";
+    let s2 = store.connect();
+    let mut sup = Supervisor::new(
+        move || Ok(s2.connect()),
+        root,
+        platform.clone() as Arc<dyn Platform>,
+        opener("vm1", mem, Arc::new(MemEpochStore::default())),
+        BackendConfig::default(),
+    )
+    .unwrap();
+    let be = format!("{root}/9/51712");
+    let w = |k: &str, v: &str| store.write_str(XBT_NULL, &format!("{be}/{k}"), v).unwrap();
+    w("frontend", "/local/domain/9/device/vbd/51712");
+    w("frontend-id", "9");
+    w("state", "1");
+    sup.reconcile().unwrap();
+    assert_eq!(sup.vbds().len(), 1);
+    std::thread::sleep(Duration::from_millis(300));
+    store.rm(XBT_NULL, &format!("{root}/9")).unwrap();
+    sup.reconcile().unwrap();
+    assert!(sup.vbds().is_empty());
+    let t = Instant::now();
+    while !sup.retiring().is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the back end of a vbd removed before its params never finished"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        sup.reconcile().unwrap();
+    }
+}
+
 #[test]
 fn xen_backend_params_like_tapback_and_file_opener() {
     use blkshim::xen::backend::{disk_name_for, params_path};

@@ -94,6 +94,11 @@ struct ServeArgs {
     /// record before fencing it (or, with --fence none, refusing).
     #[arg(long, value_parser = config::parse_duration, default_value = "30s", requires = "fence")]
     resume_wait: std::time::Duration,
+    /// Host-side with an etcd epoch store: the TTL in seconds of this
+    /// host's liveness lease in etcd; a holder whose lease ended is fenced
+    /// without waiting --resume-wait.
+    #[arg(long, default_value_t = 10, requires = "fence")]
+    host_lease_ttl: u64,
     /// --fence pr: the block device to register through, NAME=DEV or DEV
     /// [default: the disk's path].
     #[arg(long, requires = "fence")]
@@ -183,6 +188,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             fence,
             host_id: a.host_id,
             resume_wait: a.resume_wait,
+            host_lease_ttl: a.host_lease_ttl,
             pr_devices: a
                 .pr_device
                 .iter()

@@ -97,6 +97,24 @@ impl StoreUrl {
     }
 }
 
+impl StoreUrl {
+    /// With an etcd store, registers `host`'s liveness (a lease of `ttl`
+    /// seconds, renewed until the registration is dropped) and gives the
+    /// view of every host's; a file store has none (`None`).
+    pub fn register_host(
+        &self,
+        host: &str,
+        ttl: u64,
+    ) -> io::Result<Option<super::etcd::lease::HostRegistration>> {
+        match self {
+            StoreUrl::File(_) => Ok(None),
+            StoreUrl::Etcd { endpoints, prefix } => {
+                super::etcd::lease::register_host(endpoints, prefix, host, ttl).map(Some)
+            }
+        }
+    }
+}
+
 impl std::fmt::Display for StoreUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

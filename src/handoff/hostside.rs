@@ -18,6 +18,11 @@
 //!   dead ([`HandoffLedger::confirm_source_dead`], `blkshim ctl takeover
 //!   DISK --source-dead`).
 //!
+//! A [`HostLiveness`] (etcd host leases with `--epoch-store etcd://`) only
+//! shortens the wait: a holder whose host no longer renews its lease is
+//! fenced at once instead of after `resume_wait`. It never replaces the
+//! fence: a host cut off from etcd may still reach the storage.
+//!
 //! Whatever settled it, the new writer then claims the disk in the ledger
 //! and acquires the fence before its first write ([`establish`]).
 //!
@@ -47,15 +52,36 @@ pub struct HostSidePolicy {
     /// How long to wait for a live holder's record before fencing it (or,
     /// with no fence, refusing).
     pub resume_wait: Duration,
+    /// Which hosts still renew their liveness (etcd host leases), if known.
+    pub liveness: Option<Arc<dyn HostLiveness>>,
+}
+
+/// Whether a host is alive by some authority other than the ledger (an
+/// etcd lease it renews). Liveness, not fencing: a host that stopped
+/// renewing may still have writes queued toward the storage.
+pub trait HostLiveness: Send + Sync {
+    /// `Ok(false)`: `host` no longer holds its liveness registration.
+    fn alive(&self, host: &str) -> std::io::Result<bool>;
+    /// What answers, for logs ("etcd host leases at ...").
+    fn describe(&self) -> String;
+}
+
+impl fmt::Debug for dyn HostLiveness {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.describe())
+    }
 }
 
 impl fmt::Debug for HostSidePolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "HostSidePolicy(fence {}, resume_wait {:?}, {:?})",
+            "HostSidePolicy(fence {}, resume_wait {:?}, liveness {}, {:?})",
             self.fence_mode().name(),
             self.resume_wait,
+            self.liveness
+                .as_ref()
+                .map_or_else(|| "none".to_string(), |l| l.describe()),
             self.ledger
         )
     }
@@ -133,6 +159,7 @@ pub fn decide(
 ) -> Result<(Epoch, AdmittedBy), AdmitError> {
     let end = Instant::now() + policy.resume_wait;
     let mut waiting_logged = false;
+    let mut liveness_asked: Option<Instant> = None;
     loop {
         let current = disk.stored_epoch()?;
         let holder = policy
@@ -179,6 +206,20 @@ pub fn decide(
                     (disk.take_over(current), AdmittedBy::Override)
                 } else if stop() {
                     return Err(AdmitError::Stopped);
+                } else if let Some(fence) = policy
+                    .fence
+                    .as_ref()
+                    .filter(|_| holder_host_gone(policy, &c.host, &mut liveness_asked))
+                {
+                    log::warn!(
+                        "{who}: disk {:?} epoch {current}: host {:?} of {} no longer holds its liveness lease ({}); taking over without waiting for its record, the {} fence keeps its writes off the storage",
+                        disk.name(),
+                        c.host,
+                        c.label,
+                        policy.liveness.as_ref().map_or_else(String::new, |l| l.describe()),
+                        fence.mode().name()
+                    );
+                    (disk.take_over(current), AdmittedBy::Fenced)
                 } else if Instant::now() < end {
                     if !waiting_logged {
                         log::warn!(
@@ -222,6 +263,26 @@ pub fn decide(
             // Someone else moved the epoch meanwhile: look again.
             Err(DiskError::StaleEpoch { .. } | DiskError::StaleRecord { .. }) => {}
             Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Whether the policy's liveness says `host` is gone; asked at most every
+/// 500 ms (a wait polls every 20 ms). An error counts as alive: the wait
+/// and the fence decide then.
+fn holder_host_gone(policy: &HostSidePolicy, host: &str, asked: &mut Option<Instant>) -> bool {
+    let Some(liveness) = &policy.liveness else {
+        return false;
+    };
+    if asked.is_some_and(|t| t.elapsed() < Duration::from_millis(500)) {
+        return false;
+    }
+    *asked = Some(Instant::now());
+    match liveness.alive(host) {
+        Ok(alive) => !alive,
+        Err(e) => {
+            log::warn!("host liveness of {host:?} ({}): {e}", liveness.describe());
+            false
         }
     }
 }
@@ -526,6 +587,7 @@ mod tests {
             ledger: Arc::new(HandoffLedger::open(dir).unwrap().as_host(name)),
             fence,
             resume_wait: Duration::from_millis(100),
+            liveness: None,
         };
         disk.attach_host_side(Arc::new(HostSide::new(policy, name)))
             .unwrap();
@@ -636,6 +698,76 @@ mod tests {
             byte, 2,
             "negative control: the stale write landed over the newer one"
         );
+    }
+
+    /// Liveness as a test sets it: the hosts in `gone` stopped renewing.
+    struct SetLiveness {
+        gone: Mutex<Vec<String>>,
+        asked: std::sync::atomic::AtomicUsize,
+    }
+
+    impl HostLiveness for SetLiveness {
+        fn alive(&self, host: &str) -> std::io::Result<bool> {
+            self.asked
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(!self.gone.lock().iter().any(|h| h == host))
+        }
+        fn describe(&self) -> String {
+            "test liveness".into()
+        }
+    }
+
+    /// A (alive as far as the ledger knows) holds epoch 1 without a record;
+    /// B decides with `fenced`, a liveness saying whether A's host is gone,
+    /// and `wait`: what it decided and how long that took.
+    fn decide_with_liveness(
+        fenced: bool,
+        a_gone: bool,
+        wait: Duration,
+    ) -> (Result<(Epoch, AdmittedBy), AdmitError>, Duration, usize) {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = Arc::new(MemStorage::new(1 << 20));
+        let (lu, mut paths) = ModelPath::paths(2);
+        let pb = paths.pop().unwrap();
+        let pa = paths.pop().unwrap();
+        let a = host("A", &mem, &lu, pa, dir.path(), fenced);
+        let b = host("B", &mem, &lu, pb, dir.path(), fenced);
+        let wa = a.disk.register(None, "guest on A").unwrap();
+        assert_eq!(write(&a, &wa, 1).recv().unwrap(), None);
+        let liveness = Arc::new(SetLiveness {
+            gone: Mutex::new(if a_gone { vec!["A".into()] } else { vec![] }),
+            asked: Default::default(),
+        });
+        let mut policy = b.disk.host_side().unwrap().policy().clone();
+        policy.resume_wait = wait;
+        policy.liveness = Some(liveness.clone());
+        let t = Instant::now();
+        let r = decide(&b.disk, &policy, "B", &|| false, &|| false);
+        let asked = liveness.asked.load(std::sync::atomic::Ordering::Relaxed);
+        (r, t.elapsed(), asked)
+    }
+
+    #[test]
+    fn a_holder_whose_liveness_lease_ended_is_fenced_without_the_wait() {
+        let (r, took, _) = decide_with_liveness(true, true, Duration::from_secs(60));
+        assert!(matches!(r, Ok((2, AdmittedBy::Fenced))), "{r:?}");
+        assert!(took < Duration::from_secs(5), "waited {took:?}");
+        // A live lease: the whole wait, then the fence; asked every 500 ms,
+        // not every poll.
+        let (r, took, asked) = decide_with_liveness(true, false, Duration::from_millis(1500));
+        assert!(matches!(r, Ok((2, AdmittedBy::Fenced))), "{r:?}");
+        assert!(took >= Duration::from_millis(1500), "{took:?}");
+        assert!((2..=5).contains(&asked), "asked {asked} times");
+    }
+
+    #[test]
+    fn an_ended_lease_is_no_fence_without_one_refused() {
+        let (r, took, _) = decide_with_liveness(false, true, Duration::from_millis(300));
+        assert!(
+            matches!(&r, Err(AdmitError::Refused(why)) if why.contains("--source-dead")),
+            "{r:?}"
+        );
+        assert!(took >= Duration::from_millis(300), "{took:?}");
     }
 
     #[test]

@@ -303,6 +303,11 @@ impl HandoffLedger {
         Ok(c.filter(|c| c.epoch == epoch))
     }
 
+    /// The host name this ledger's claims carry.
+    pub fn host(&self) -> &str {
+        &self.me.host
+    }
+
     /// This ledger as the host `id`: claims carry `id` as host and
     /// machine, and a boot id of their own, so two daemons on one machine
     /// (a test of two hosts, or containers sharing a kernel) see each other

@@ -63,6 +63,10 @@ pub struct HostSideConfig {
     pub host_id: Option<String>,
     /// How long a first write waits for the holder's hand-off record.
     pub resume_wait: Duration,
+    /// With an etcd epoch store: the TTL in seconds of this host's
+    /// liveness lease (a holder whose lease ended is fenced without the
+    /// wait).
+    pub host_lease_ttl: u64,
     /// The device `--fence pr` registers through, per disk name (default:
     /// the disk's own path; e.g. the SCSI device under a device-mapper
     /// stack that has no PR support of its own).

@@ -167,6 +167,13 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
         }
         None => None,
     };
+    // Host-side on etcd: this host's liveness lease, renewed while serving.
+    let registration = match (&cfg.host_side, &ledger) {
+        (Some(hs), Some(ledger)) => store_url
+            .register_host(ledger.host(), hs.host_lease_ttl)
+            .map_err(|e| format!("epoch store {store_url}: registering host liveness: {e}"))?,
+        _ => None,
+    };
     // One sanlock registration for the process, shared by its disks.
     let mut sanlock: Option<Arc<SanlockFence>> = None;
     let mut exports = Exports::default();
@@ -195,6 +202,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
                 ledger: Arc::clone(ledger),
                 fence: writer_fence(hs, d, &mut sanlock)?,
                 resume_wait: hs.resume_wait,
+                liveness: registration.as_ref().map(|r| Arc::clone(&r.liveness)),
             };
             log::info!("disk {:?}: host-side, {policy:?}", d.name);
             let _ = disk.attach_host_side(Arc::new(HostSide::new(

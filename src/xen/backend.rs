@@ -100,6 +100,8 @@ pub struct BackendConfig {
     pub pr_preempt: PreemptMode,
     /// `--fence sanlock`: the daemon's one lease fence, shared by its vbds.
     pub sanlock: Option<Arc<SanlockFence>>,
+    /// Which hosts still renew their liveness (an etcd epoch store).
+    pub liveness: Option<Arc<dyn crate::handoff::hostside::HostLiveness>>,
 }
 
 impl Default for BackendConfig {
@@ -120,6 +122,7 @@ impl Default for BackendConfig {
             fence: FenceMode::None,
             pr_preempt: PreemptMode::default(),
             sanlock: None,
+            liveness: None,
         }
     }
 }
@@ -399,10 +402,24 @@ impl<S: XenStore> Vbd<S> {
                 self.node("frontend")?,
                 self.node("frontend-id")?,
             );
-            if let (Some(p), m, Some(f), Some(d)) = got {
+            if let (Some(p), m, Some(f), Some(d)) = &got {
                 if !p.trim().is_empty() {
-                    break (p, m.unwrap_or_else(|| "w".into()), f, d);
+                    break (
+                        p.clone(),
+                        m.clone().unwrap_or_else(|| "w".into()),
+                        f.clone(),
+                        d.clone(),
+                    );
                 }
+            }
+            // Removed before it was set up (a domain destroyed, or crashed,
+            // while the toolstack wrote its disk): nothing was opened or
+            // served; finish instead of waiting for nodes that never come.
+            if got.0.is_none() && got.2.is_none() && self.node("state")?.is_none() {
+                log::info!("vbd {}: removed before it was set up", self.be);
+                self.publish_node = false;
+                let _ = self.xs.unwatch(&self.be, "be");
+                return Ok(());
             }
             let _ = self.xs.read_watch(Some(POLL))?;
         };
@@ -664,6 +681,7 @@ impl<S: XenStore> Vbd<S> {
             ledger: Arc::clone(ledger),
             fence,
             resume_wait: self.config.resume_wait,
+            liveness: self.config.liveness.clone(),
         }))
     }
 

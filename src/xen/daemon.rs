@@ -54,6 +54,11 @@ pub struct XenBackendArgs {
     /// before it refuses (`30s`, `3m`).
     #[arg(long, default_value = "180s", value_parser = crate::nbd::config::parse_duration)]
     pub resume_wait: Duration,
+    /// With an etcd epoch store: the TTL in seconds of this host's liveness
+    /// lease; a holder whose lease ended is fenced without waiting
+    /// --resume-wait (with --fence pr or sanlock).
+    #[arg(long, default_value_t = 10)]
+    pub host_lease_ttl: u64,
     /// Name the disk at PATH explicitly, `PATH=ID` (repeatable): for shared
     /// storage whose identity the host cannot read (a file on a share
     /// mounted at different paths). A vbd's `disk-id` node wins over it.
@@ -319,12 +324,21 @@ pub fn run(args: XenBackendArgs) -> Result<(), Box<dyn std::error::Error>> {
         .map_err(|e| io::Error::other(format!("epoch store {url}: {e}")))?;
     let opener = store_opener(epochs, args.engine, args.disk_id_map()?);
     let platform: Arc<dyn Platform> = XenPlatform::open()?;
+    let mut config = args.config()?;
+    // This host's liveness lease (etcd), renewed while the daemon runs.
+    let registration = match &config.ledger {
+        Some(ledger) => url
+            .register_host(ledger.host(), args.host_lease_ttl)
+            .map_err(|e| io::Error::other(format!("epoch store {url}: host liveness: {e}")))?,
+        None => None,
+    };
+    config.liveness = registration.as_ref().map(|r| Arc::clone(&r.liveness));
     let mut sup = Supervisor::new(
         XenStoreHandle::open,
         &args.backend_root,
         platform,
         opener,
-        args.config()?,
+        config,
     )?;
     log::info!("xen-backend: watching {}", args.backend_root);
     let stop = AtomicBool::new(false);

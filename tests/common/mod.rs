@@ -145,6 +145,14 @@ impl Server {
         }
     }
 
+    /// SIGKILL and reap, as a host that dies would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// True while the server process runs.
     pub fn alive(&mut self) -> bool {
         self.child

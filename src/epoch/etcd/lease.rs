@@ -126,3 +126,70 @@ impl Drop for HostLease {
 pub fn host_alive(gw: &Gateway, prefix: &str, host: &str) -> io::Result<bool> {
     Ok(gw.get(&host_key(prefix, host)).map_err(other)?.is_some())
 }
+
+/// [`HostLiveness`](crate::handoff::hostside::HostLiveness) from the etcd
+/// host leases under a prefix.
+pub struct EtcdHostLiveness {
+    gw: Arc<Gateway>,
+    prefix: String,
+}
+
+impl EtcdHostLiveness {
+    pub fn new(gw: Arc<Gateway>, prefix: &str) -> EtcdHostLiveness {
+        EtcdHostLiveness {
+            gw,
+            prefix: prefix.to_string(),
+        }
+    }
+}
+
+impl crate::handoff::hostside::HostLiveness for EtcdHostLiveness {
+    fn alive(&self, host: &str) -> io::Result<bool> {
+        host_alive(&self.gw, &self.prefix, host)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "etcd host leases at {}{}/hosts",
+            self.gw.endpoints().join(","),
+            self.prefix.trim_end_matches('/')
+        )
+    }
+}
+
+/// A host's own liveness lease and the view of everyone's, from
+/// [`StoreUrl::register_host`](crate::epoch::StoreUrl::register_host).
+pub struct HostRegistration {
+    /// Renewed until dropped (then revoked).
+    pub lease: HostLease,
+    pub liveness: Arc<dyn crate::handoff::hostside::HostLiveness>,
+}
+
+/// Registers `host` under `prefix` with a lease of `ttl` seconds.
+pub fn register_host(
+    endpoints: &[String],
+    prefix: &str,
+    host: &str,
+    ttl: u64,
+) -> io::Result<HostRegistration> {
+    let gw = Arc::new(Gateway::new(
+        endpoints,
+        Duration::from_secs(3),
+        Duration::from_secs(8),
+    ));
+    let lease = HostLease::start(
+        gw.clone(),
+        prefix,
+        host,
+        ttl.clamp(1, i64::MAX as u64) as i64,
+    )?;
+    log::info!(
+        "host {host:?} registered in etcd under {}/hosts (lease {:x}, ttl {ttl}s)",
+        prefix.trim_end_matches('/'),
+        lease.id()
+    );
+    Ok(HostRegistration {
+        lease,
+        liveness: Arc::new(EtcdHostLiveness::new(gw, prefix)),
+    })
+}

@@ -116,30 +116,46 @@ fn run_workload_paced(
     deadline: Duration,
     pause: Duration,
 ) -> (Vec<Op>, usize) {
-    let history = Arc::new(Mutex::new(Vec::new()));
-    let errors = Arc::new(Mutex::new(0usize));
-    let start = Instant::now();
-    std::thread::scope(|sc| {
-        for client in first_client..first_client + clients {
-            let history = history.clone();
-            let errors = errors.clone();
-            let endpoints: Vec<String> = endpoints
+    // Each client starts at a different endpoint and fails over to the rest.
+    let plan = (first_client..first_client + clients)
+        .map(|client| {
+            let order = endpoints
                 .iter()
                 .cycle()
                 .skip(client)
                 .take(endpoints.len())
                 .cloned()
                 .collect();
+            (client, order, DEFAULT_TIMEOUTS)
+        })
+        .collect();
+    run_clients(plan, prefix, disk, ops, deadline, pause)
+}
+
+const DEFAULT_TIMEOUTS: EtcdTimeouts = EtcdTimeouts {
+    request: Duration::from_secs(5),
+    call: Duration::from_secs(15),
+};
+
+/// The clients of [`run_workload_paced`], each `(number, endpoints,
+/// timeouts)`.
+fn run_clients(
+    plan: Vec<(usize, Vec<String>, EtcdTimeouts)>,
+    prefix: &str,
+    disk: &str,
+    ops: usize,
+    deadline: Duration,
+    pause: Duration,
+) -> (Vec<Op>, usize) {
+    let history = Arc::new(Mutex::new(Vec::new()));
+    let errors = Arc::new(Mutex::new(0usize));
+    let start = Instant::now();
+    std::thread::scope(|sc| {
+        for (client, endpoints, timeouts) in plan {
+            let history = history.clone();
+            let errors = errors.clone();
             sc.spawn(move || {
-                let s = EtcdEpochStore::with_timeouts(
-                    &endpoints,
-                    prefix,
-                    EtcdTimeouts {
-                        request: Duration::from_secs(5),
-                        call: Duration::from_secs(15),
-                    },
-                )
-                .unwrap();
+                let s = EtcdEpochStore::with_timeouts(&endpoints, prefix, timeouts).unwrap();
                 let mut done = 0;
                 while done < ops && start.elapsed() < deadline {
                     let t0 = now_ns();
@@ -477,6 +493,187 @@ fn leader_frozen_mid_run() {
     verify("leader frozen", h, fin, (t0, t1), errors);
 }
 
+/// A member cut off from its peers by nftables in its own network
+/// namespace, the leader when the cut comes, while clients still reach it:
+/// two clients keep to that member only, two to the others. The majority
+/// advances during the cut; the member cut off completes nothing (a
+/// linearizable read or an advance needs a quorum), and after the heal it
+/// catches up; the whole history is linearizable. Runs itself again in a
+/// private network and mount namespace (`unshare`), where the members'
+/// namespaces, the bridge and the rules live and die with it.
+#[test]
+fn member_cut_off_by_nftables() {
+    for tool in ["unshare", "nft", "ip"] {
+        common::require(tool);
+    }
+    let exe = std::env::current_exe().expect("test binary");
+    let _turn = etcd_cluster::exclusive();
+    let out = Command::new("unshare")
+        .args(["--net", "--mount", "--"])
+        .arg(&exe)
+        .args([
+            "--exact",
+            "etcd_cut_off_in_netns",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("BLKSHIM_ETCD_NETNS", "1")
+        .output()
+        .expect("unshare");
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{}{}", text, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the namespaced run failed: {}",
+        out.status
+    );
+    assert!(
+        text.contains("CUT-OFF-CHECKED"),
+        "the namespaced run did not check"
+    );
+}
+
+#[test]
+#[ignore = "runs in a private network namespace, started by member_cut_off_by_nftables"]
+fn etcd_cut_off_in_netns() {
+    if std::env::var("BLKSHIM_ETCD_NETNS").is_err() {
+        return;
+    }
+    let c = Cluster::start_netns(3, &format!("bk{}", std::process::id()));
+    let endpoints = c.endpoints();
+    let victim = c.leader().expect("a leader");
+    let rest: Vec<String> = (0..endpoints.len())
+        .filter(|&i| i != victim)
+        .map(|i| endpoints[i].clone())
+        .collect();
+    // The cut-off member's clients give up sooner: the cut lasts 12 s.
+    let short = EtcdTimeouts {
+        request: Duration::from_secs(2),
+        call: Duration::from_secs(5),
+    };
+    let mut plan = vec![
+        (0, rest.clone(), DEFAULT_TIMEOUTS),
+        (1, rest.iter().rev().cloned().collect(), DEFAULT_TIMEOUTS),
+    ];
+    plan.push((2, vec![endpoints[victim].clone()], short));
+    plan.push((3, vec![endpoints[victim].clone()], short));
+    let ((h, errors), cut_at, healed_at, stale) = std::thread::scope(|sc| {
+        let w = sc.spawn(|| {
+            run_clients(
+                plan,
+                "/t-cut",
+                "vm1",
+                usize::MAX,
+                Duration::from_secs(30),
+                Duration::from_millis(50),
+            )
+        });
+        std::thread::sleep(Duration::from_secs(4));
+        eprintln!("cutting off the leader, {}", c.members[victim].name);
+        c.cut_off(victim, true);
+        let cut_at = now_ns();
+        std::thread::sleep(Duration::from_secs(10));
+        let stale = serializable_read(&endpoints[victim], "/t-cut/epoch/vm1");
+        std::thread::sleep(Duration::from_secs(2));
+        c.cut_off(victim, false);
+        let healed_at = now_ns();
+        eprintln!("healed {}", c.members[victim].name);
+        (w.join().expect("workload"), cut_at, healed_at, stale)
+    });
+    let within = |o: &Op| o.invoked >= cut_at && o.returned.is_some_and(|r| r <= healed_at);
+    let majority_advanced = h
+        .iter()
+        .filter(|o| o.client < 2 && matches!(o.ret, Ret::Advanced(_)) && within(o))
+        .count();
+    let cut_completed: Vec<&Op> = h
+        .iter()
+        .filter(|o| o.client >= 2 && within(o) && o.ret != Ret::Unknown)
+        .collect();
+    eprintln!(
+        "during the cut: {majority_advanced} advances by the majority's clients, {} operations completed through the member cut off",
+        cut_completed.len()
+    );
+    assert!(
+        majority_advanced > 0,
+        "the majority made no progress\n{}",
+        c.logs()
+    );
+    assert!(
+        cut_completed.is_empty(),
+        "a member cut off from its quorum completed operations: {cut_completed:?}"
+    );
+    let late = h
+        .iter()
+        .filter(|o| o.client >= 2 && o.invoked > healed_at && o.returned.is_some())
+        .count();
+    assert!(
+        late > 0,
+        "the member never served again after the heal\n{}",
+        c.logs()
+    );
+    c.wait_healthy(Duration::from_secs(90));
+    let t0 = now_ns();
+    let fin = c.store("/t-cut").current("vm1").unwrap();
+    let t1 = now_ns();
+    // The negative control: the cut-off member, asked for a serializable
+    // (local, no quorum) read, answers an epoch the majority had already
+    // advanced past, and the checker rejects a history with that read.
+    let mut with_stale = h.clone();
+    with_stale.push(stale);
+    let newest_before = h
+        .iter()
+        .filter_map(|o| match o.ret {
+            Ret::Advanced(e) if o.returned.is_some_and(|r| r < stale.invoked) => Some(e),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0);
+    eprintln!("serializable read from the member cut off: {:?}, the majority had advanced to {newest_before}", stale.ret);
+    assert!(
+        matches!(stale.ret, Ret::Value(v) if v < newest_before),
+        "the cut-off member's local read was not stale: {stale:?}, newest {newest_before}"
+    );
+    assert!(
+        !check(&with_stale, 0),
+        "the checker accepted a stale read from a member cut off"
+    );
+    verify("leader cut off by nftables", h, fin, (t0, t1), errors);
+    println!("\nCUT-OFF-CHECKED");
+}
+
+/// A serializable range of `key` at `endpoint`: answered from that
+/// member's own state, without a quorum, as a history read.
+fn serializable_read(endpoint: &str, key: &str) -> Op {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let body = serde_json::json!({ "key": b64.encode(key), "serializable": true });
+    let t0 = now_ns();
+    let text = ureq::post(&format!("http://{endpoint}/v3/kv/range"))
+        .timeout(Duration::from_secs(5))
+        .send_string(&body.to_string())
+        .expect("a serializable read from the member cut off")
+        .into_string()
+        .expect("a reply");
+    let reply: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let t1 = now_ns();
+    let value = reply["kvs"][0]["value"]
+        .as_str()
+        .map(|v| b64.decode(v).expect("base64"))
+        .map(|v| {
+            String::from_utf8_lossy(&v)
+                .parse::<u64>()
+                .expect("an epoch")
+        })
+        .unwrap_or(0);
+    Op {
+        client: 99,
+        call: Call::Read,
+        ret: Ret::Value(value),
+        invoked: t0,
+        returned: Some(t1),
+    }
+}
+
 #[test]
 fn quorum_lost_fails_in_time_and_never_succeeds() {
     let mut c = Cluster::start(3);
@@ -592,6 +789,64 @@ fn host_lease_liveness() {
     // hostB leaves cleanly: revoked at once.
     drop(b);
     assert!(!host_alive(&gw, "/t-lease", "hostB").unwrap());
+}
+
+/// `serve --fence ... --epoch-store etcd://` registers its host's
+/// liveness: the key is there while it serves, revoked at once on a clean
+/// stop, and gone within the TTL when the process is killed.
+#[test]
+fn serve_registers_host_liveness_in_etcd() {
+    use blkshim::epoch::etcd::gateway::Gateway;
+    use blkshim::epoch::etcd::lease::host_alive;
+    let c = Cluster::start(1);
+    let url = format!("etcd://{}/t-live", c.endpoints()[0]);
+    let gw = Gateway::new(
+        &c.endpoints(),
+        Duration::from_secs(5),
+        Duration::from_secs(15),
+    );
+    let args = |host: &'static str| {
+        vec![
+            "--epoch-store".to_string(),
+            url.clone(),
+            "--fence".into(),
+            "none".into(),
+            "--host-id".into(),
+            host.into(),
+            "--host-lease-ttl".into(),
+            "2".into(),
+        ]
+    };
+    let a_args = args("hostA");
+    let a_refs: Vec<&str> = a_args.iter().map(String::as_str).collect();
+    let mut a = common::Server::start(&["vm1"], "8M", &a_refs);
+    assert!(host_alive(&gw, "/t-live", "hostA").unwrap(), "{}", a.log());
+    assert!(a.log().contains("registered in etcd"), "{}", a.log());
+    // Renewals keep it through several TTLs.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(host_alive(&gw, "/t-live", "hostA").unwrap(), "{}", a.log());
+    a.stop();
+    assert!(
+        !host_alive(&gw, "/t-live", "hostA").unwrap(),
+        "a clean stop revokes the lease"
+    );
+    let b_args = args("hostB");
+    let b_refs: Vec<&str> = b_args.iter().map(String::as_str).collect();
+    let mut b = common::Server::start(&["vm1"], "8M", &b_refs);
+    assert!(host_alive(&gw, "/t-live", "hostB").unwrap(), "{}", b.log());
+    b.kill();
+    let t = Instant::now();
+    while host_alive(&gw, "/t-live", "hostB").unwrap() {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the killed host's lease never ended"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "a killed server's liveness key went after {:?}",
+        t.elapsed()
+    );
 }
 
 // The checker itself.

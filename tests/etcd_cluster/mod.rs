@@ -28,7 +28,11 @@ fn free_port() -> u16 {
 
 pub struct Member {
     pub name: String,
+    /// The address its client and peer URLs listen on.
+    pub ip: String,
     pub client: u16,
+    /// The network namespace it runs in (`ip netns exec`), if its own.
+    netns: Option<String>,
     args: Vec<String>,
     log: PathBuf,
     child: Option<Child>,
@@ -45,28 +49,108 @@ pub struct Cluster {
 
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// The one-cluster-at-a-time turn of this process, for a test whose
+/// cluster runs in a child process.
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Cluster {
     pub fn start(n: usize) -> Cluster {
+        let places = (0..n)
+            .map(|_| ("127.0.0.1".to_string(), free_port(), free_port(), None))
+            .collect();
+        Cluster::start_at(places)
+    }
+
+    /// `n` members, each in its own network namespace `PREFIX-mI` at
+    /// 10.77.0.(10+I) behind a bridge whose side here is 10.77.0.1: a
+    /// member can be cut off with nftables in its namespace. Run only in a
+    /// private network and mount namespace of a root process (`unshare
+    /// --net --mount`): the namespaces and the bridge go with it.
+    pub fn start_netns(n: usize, prefix: &str) -> Cluster {
+        let sh = |cmd: &str| {
+            let out = Command::new("sh")
+                .args(["-ec", cmd])
+                .output()
+                .unwrap_or_else(|e| panic!("sh -c {cmd}: {e}"));
+            assert!(
+                out.status.success(),
+                "{cmd}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        sh("ip link set lo up; ip link add br0 type bridge; ip addr add 10.77.0.1/24 dev br0; ip link set br0 up");
+        let mut places = Vec::new();
+        for i in 0..n {
+            let ns = format!("{prefix}-m{i}");
+            let ip = format!("10.77.0.{}", 10 + i);
+            sh(&format!(
+                "ip netns add {ns}; ip link add v{i} type veth peer name v{i}p; \
+                 ip link set v{i}p netns {ns}; ip link set v{i} master br0 up; \
+                 ip -n {ns} link set lo up; ip -n {ns} addr add {ip}/24 dev v{i}p; \
+                 ip -n {ns} link set v{i}p up"
+            ));
+            places.push((ip, 2379, 2380, Some(ns)));
+        }
+        Cluster::start_at(places)
+    }
+
+    /// Cuts member `i` off from every other member (`true`), or heals it:
+    /// nftables in its namespace drops what it sends to and receives from
+    /// their addresses; clients (10.77.0.1) still reach it.
+    pub fn cut_off(&self, i: usize, cut: bool) {
+        let m = &self.members[i];
+        let ns = m.netns.as_deref().expect("a member in its own namespace");
+        let peers: Vec<&str> = self
+            .members
+            .iter()
+            .filter(|o| o.name != m.name)
+            .map(|o| o.ip.as_str())
+            .collect();
+        let set = peers.join(", ");
+        let script = if cut {
+            format!(
+                "table inet cutoff {{\n chain input {{ type filter hook input priority 0; ip saddr {{ {set} }} drop; }}\n chain output {{ type filter hook output priority 0; ip daddr {{ {set} }} drop; }}\n}}\n"
+            )
+        } else {
+            "delete table inet cutoff\n".to_string()
+        };
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("nft");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(script.as_bytes())
+            .expect("nft script");
+        assert!(child.wait().expect("nft").success(), "nft: {script}");
+    }
+
+    fn start_at(places: Vec<(String, u16, u16, Option<String>)>) -> Cluster {
         require_etcd();
         let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::tempdir().expect("temp dir");
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
-        let initial: Vec<String> = ports
+        let initial: Vec<String> = places
             .iter()
             .enumerate()
-            .map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}"))
+            .map(|(i, (ip, _, p, _))| format!("m{i}=http://{ip}:{p}"))
             .collect();
         let token = format!("blkshim-test-{}", std::process::id());
         let mut members = Vec::new();
-        for (i, (c, p)) in ports.iter().enumerate() {
+        for (i, (ip, c, p, netns)) in places.into_iter().enumerate() {
             let data = dir.path().join(format!("m{i}"));
             let args = vec![
                 format!("--name=m{i}"),
                 format!("--data-dir={}", data.display()),
-                format!("--listen-client-urls=http://127.0.0.1:{c}"),
-                format!("--advertise-client-urls=http://127.0.0.1:{c}"),
-                format!("--listen-peer-urls=http://127.0.0.1:{p}"),
-                format!("--initial-advertise-peer-urls=http://127.0.0.1:{p}"),
+                format!("--listen-client-urls=http://{ip}:{c}"),
+                format!("--advertise-client-urls=http://{ip}:{c}"),
+                format!("--listen-peer-urls=http://{ip}:{p}"),
+                format!("--initial-advertise-peer-urls=http://{ip}:{p}"),
                 format!("--initial-cluster={}", initial.join(",")),
                 format!("--initial-cluster-token={token}"),
                 "--initial-cluster-state=new".to_string(),
@@ -77,7 +161,9 @@ impl Cluster {
             ];
             let mut m = Member {
                 name: format!("m{i}"),
-                client: *c,
+                ip,
+                client: c,
+                netns,
                 args,
                 log: dir.path().join(format!("m{i}.log")),
                 child: None,
@@ -97,7 +183,7 @@ impl Cluster {
     pub fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
-            .map(|m| format!("127.0.0.1:{}", m.client))
+            .map(|m| format!("{}:{}", m.ip, m.client))
             .collect()
     }
 
@@ -128,7 +214,7 @@ impl Cluster {
         loop {
             let ok = self.members.iter().filter(|m| m.child.is_some()).all(|m| {
                 agent
-                    .get(&format!("http://127.0.0.1:{}/health", m.client))
+                    .get(&format!("http://{}:{}/health", m.ip, m.client))
                     .call()
                     .ok()
                     .and_then(|r| r.into_string().ok())
@@ -158,8 +244,8 @@ impl Cluster {
             }
             let Ok(r) = agent
                 .post(&format!(
-                    "http://127.0.0.1:{}/v3/maintenance/status",
-                    m.client
+                    "http://{}:{}/v3/maintenance/status",
+                    m.ip, m.client
                 ))
                 .send_string("{}")
             else {
@@ -212,7 +298,16 @@ impl Member {
             .append(true)
             .open(&self.log)
             .expect("etcd log");
-        let child = Command::new(ETCD)
+        let mut cmd = match &self.netns {
+            // `ip netns exec` execs etcd: the child's pid is etcd's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, ETCD]);
+                c
+            }
+            None => Command::new(ETCD),
+        };
+        let child = cmd
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))

@@ -641,6 +641,19 @@ teardown_scn() { # scn
     mkdisk "$scn" "${TD_DELAY:-3}" || { echo "XEN-SCN $scn error=storage"; return; }
     watch_start "$scn"
     sleep 1
+    # Back ends of earlier scenarios' vbds may still be finishing their
+    # hand-off (waiting for writes dm-delay holds): let them, so the base
+    # has no vbd threads; one that never finishes is a leak, named here.
+    local w=0
+    while [ "$(bk_vbd_threads)" != 0 ] && [ $w -lt 180 ]; do sleep 0.5; w=$((w + 1)); done
+    local prior_left; prior_left=$(bk_vbd_threads)
+    log "$scn: vbd threads of earlier scenarios: $prior_left left after waiting $((w / 2))s"
+    if [ "$prior_left" != 0 ]; then
+        local t
+        for t in $(cat /proc/$BLKSHIM_PID/task/*/comm 2>/dev/null | grep -E '^vbd-' | sort -u); do
+            log "$scn: leaked $t; blkshim's last words on it: $(grep "vbd/$(echo "$t" | cut -d- -f3)/$(echo "$t" | cut -d- -f2)" /run/xh/blkshim.log | tail -2 | tr '\n' '|')"
+        done
+    fi
     local bt bm; bt=$(bk_threads); bm=$(bk_maps)
     log "$scn: blkshim before: threads $bt; gntdev maps $bm"
     local ev="" ok=1 name id during_t during_m
@@ -685,7 +698,8 @@ teardown_scn() { # scn
     local alive=0; kill -0 "$BLKSHIM_PID" 2>/dev/null && alive=1
     [ $alive = 1 ] || ok=0
     watch_stop
-    echo "XEN-SCN $scn backend=$BACKEND op=teardown ok=$ok blkshim_alive=$alive base_threads=$bt base_maps=$bm$ev elapsed_s=$(awk "BEGIN{printf \"%.0f\", $(up) - $t_start}")"
+    [ "$prior_left" = 0 ] || ok=0
+    echo "XEN-SCN $scn backend=$BACKEND op=teardown ok=$ok blkshim_alive=$alive prior_vbd_threads=$prior_left prior_wait_s=$((w / 2)) base_threads=$bt base_maps=$bm$ev elapsed_s=$(awk "BEGIN{printf \"%.0f\", $(up) - $t_start}")"
     cleanup_domains
     stop_relays
     rmdisk "$scn"

@@ -190,7 +190,7 @@ estimate() { # scenarios -> seconds this boot may take
         load) t=$((t + 500)) ;;
         selftest) t=$((t + 320)) ;;
         features) t=$((t + 240)) ;;
-        teardown) t=$((t + 300)) ;;
+        teardown) t=$((t + 400)) ;;
         perf) t=$((t + 500)) ;;
         *) t=$((t + 60)) ;;
         esac

@@ -37,6 +37,10 @@ dpkg -s libsanlock-dev >/dev/null 2>&1 || pkgs+=(libsanlock-dev)
 # tests/epoch_etcd.rs runs /usr/bin/etcd members of its own on free
 # loopback ports.
 [ -x /usr/bin/etcd ] || pkgs+=(etcd-server)
+# tests/epoch_etcd.rs cuts a member off with nftables inside network
+# namespaces of its own (ip netns, a bridge, veth pairs: iproute2).
+command -v nft >/dev/null || pkgs+=(nftables)
+command -v ip >/dev/null || pkgs+=(iproute2)
 if [ ${#pkgs[@]} -gt 0 ]; then
   echo "installing: ${pkgs[*]}"
   apt-get update -qq
@@ -79,7 +83,7 @@ command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 # has one, else let stable accept them.
 if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then fuzz=(cargo +nightly fuzz); else fuzz=(env RUSTC_BOOTSTRAP=1 cargo fuzz); fi
 for target in $(cargo fuzz list --fuzz-dir fuzz 2>/dev/null || ls fuzz/fuzz_targets | sed 's/\.rs$//'); do
-  "${fuzz[@]}" run --fuzz-dir fuzz "$target" -- -max_total_time="${FUZZ_SECONDS:-30}" -rss_limit_mb=2048
+  "${fuzz[@]}" run --fuzz-dir fuzz "$target" -- -max_total_time="${FUZZ_SECONDS:-10}" -rss_limit_mb=2048
 done
 
 section "qemu harness: a real guest live-migrated 20 times under fio, writes held at the storage across a hand-off, and the fault scenarios"

@@ -69,6 +69,10 @@ struct ServeArgs {
     /// Control socket [default: ./blkshim.ctl].
     #[arg(long)]
     control: Option<PathBuf>,
+    /// A group that may use the control socket besides root and the
+    /// server's user (the socket is then mode 0660, owned by this group).
+    #[arg(long)]
+    control_group: Option<String>,
     /// State directory: the epoch store (unless --epoch-store) and, with
     /// --fence, the hand-off ledger, which stays here even with an etcd
     /// epoch store [default: .blkshim-epochs next to the first disk].
@@ -177,6 +181,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         socket: a.socket,
         listen: a.listen,
         control: a.control.unwrap_or_else(|| PathBuf::from("blkshim.ctl")),
+        control_group: a.control_group,
         state_dir: a.state_dir,
         epoch_store: a.epoch_store,
         fence_timeout: a.fence_timeout.unwrap_or(std::time::Duration::from_secs(5)),

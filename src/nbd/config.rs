@@ -4,6 +4,7 @@
 //! socket = "/run/blkshim.sock"     # optional, default ./blkshim.sock
 //! listen = "127.0.0.1:10809"       # optional TCP listener
 //! control = "/run/blkshim.ctl"     # optional, default ./blkshim.ctl
+//! control_group = "blkshim"        # optional: this group may use the control socket too
 //! state_dir = "/var/lib/blkshim"   # optional epoch store (file:DIR) and hand-off ledger
 //! epoch_store = "etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379/blkshim"  # optional
 //! fence_timeout = "5s"
@@ -34,6 +35,9 @@ pub struct ServeConfig {
     pub socket: Option<PathBuf>,
     pub listen: Option<String>,
     pub control: PathBuf,
+    /// `--control-group`: a group that may use the control socket besides
+    /// root and the server's user (the socket is then 0660, this group's).
+    pub control_group: Option<String>,
     /// Where epochs persist (unless `epoch_store` says otherwise) and, in
     /// host-side mode, the hand-off ledger; `None`: `.blkshim-epochs` next
     /// to the first disk.
@@ -260,6 +264,7 @@ struct FileConfig {
     socket: Option<PathBuf>,
     listen: Option<String>,
     control: Option<PathBuf>,
+    control_group: Option<String>,
     state_dir: Option<PathBuf>,
     epoch_store: Option<String>,
     fence_timeout: Option<String>,
@@ -288,6 +293,9 @@ pub fn load_file(path: &Path, base: &mut ServeConfig, cli_set: &CliSet) -> Resul
         if let Some(c) = f.control {
             base.control = c;
         }
+    }
+    if base.control_group.is_none() {
+        base.control_group = f.control_group;
     }
     if base.state_dir.is_none() {
         base.state_dir = f.state_dir;
@@ -426,6 +434,7 @@ mod tests {
             socket: None,
             listen: None,
             control: "x.ctl".into(),
+            control_group: None,
             state_dir: None,
             epoch_store: None,
             fence_timeout: Duration::from_secs(5),

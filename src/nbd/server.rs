@@ -229,8 +229,17 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
     });
 
     let srv = Arc::clone(&server);
-    ctl::serve(&cfg.control, Arc::new(move |req| control(&srv, req)))
-        .map_err(|e| format!("control socket {}: {e}", cfg.control.display()))?;
+    let control_group = cfg
+        .control_group
+        .as_deref()
+        .map(ctl::ControlGroup::resolve)
+        .transpose()?;
+    ctl::serve(
+        &cfg.control,
+        control_group,
+        Arc::new(move |req| control(&srv, req)),
+    )
+    .map_err(|e| format!("control socket {}: {e}", cfg.control.display()))?;
 
     let socket = cfg
         .socket

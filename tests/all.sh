@@ -62,6 +62,8 @@ RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 # The library as it ships (clippy --all-targets sees it with the tests'
 # test-utils feature on), and proof that a release build has no emulation.
 cargo clippy --lib -- -D warnings
+# The C API crate (a workspace member: plain cargo commands here skip it).
+cargo clippy -p blkshim-capi --all-targets -- -D warnings
 bash tests/no-emulation-in-release.sh
 
 section "unit, integration and doc tests (the simulation's 20,000 protected seeds among them)"
@@ -69,6 +71,9 @@ section "unit, integration and doc tests (the simulation's 20,000 protected seed
 # were installed above), never quietly skip.
 export BLKSHIM_REQUIRE_XEN_BINDGEN=1
 cargo test
+
+section "C API: tests/c/handoff.c with cc (shared, and static under ASan/UBSan), header drift"
+cargo test -p blkshim-capi
 
 section "Xen: link and call the real libxenstore/libxengnttab/libxenevtchn"
 cargo test --features xen --test xen_real

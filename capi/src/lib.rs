@@ -18,8 +18,6 @@
 //! - Every function may be called from any thread; a handle must not be
 //!   freed while another thread still uses it.
 
-#![allow(clippy::missing_safety_doc)] // The safety rules are in each function's doc, for C readers.
-
 use blkshim::epoch::{open_store, EpochError};
 use blkshim::handoff::{Disk, DiskError, DiskOptions, HandoffRecord, SuspendMode, Writer};
 use blkshim::storage::{open_storage, AlignedBuf, IoOutcome, OpenOptions, StorageIo};

@@ -172,6 +172,25 @@ int main(int argc, char **argv)
     CHECK(pread(fd, buf, BLOCK, 0) == BLOCK && all_bytes(buf, BLOCK, 0xBB));
     CHECK(pread(fd, buf, BLOCK, BLOCK) == BLOCK && all_bytes(buf, BLOCK, 0));
 
+    /* Write-zeroes (may unmap) and trim from the destination. */
+    memset(buf, 0xBB, BLOCK);
+    CHECK(do_io(dw, BLKSHIM_OP_WRITE, 2 * BLOCK, buf, BLOCK) == 0);
+    {
+        struct io_wait iw = {PTHREAD_MUTEX_INITIALIZER,
+                             PTHREAD_COND_INITIALIZER, 0, 0, 0};
+        CHECK(blkshim_submit(dw, BLKSHIM_OP_WRITE_ZEROES, 2 * BLOCK, NULL,
+                             BLOCK, BLKSHIM_IO_MAY_UNMAP, next_tag++, on_done,
+                             &iw) == 0);
+        pthread_mutex_lock(&iw.lock);
+        while (!iw.done)
+            pthread_cond_wait(&iw.cond, &iw.lock);
+        pthread_mutex_unlock(&iw.lock);
+        CHECK(iw.result == 0);
+    }
+    CHECK(do_io(dw, BLKSHIM_OP_READ, 2 * BLOCK, buf, BLOCK) == 0);
+    CHECK(all_bytes(buf, BLOCK, 0));
+    CHECK(do_io(dw, BLKSHIM_OP_TRIM, 3 * BLOCK, NULL, BLOCK) == 0);
+
     char *status = blkshim_disk_status(dst);
     CHECK(status != NULL);
     char want[64];
@@ -180,6 +199,22 @@ int main(int argc, char **argv)
     CHECK(strstr(status, want) != NULL);
     CHECK(strstr(status, "\"destination\"") != NULL);
     blkshim_string_free(status);
+
+    /* A writer registered ahead of the disk's epoch is not admitted
+     * (without BLKSHIM_OPEN_AUTO_ADVANCE only a resume moves the epoch). */
+    blkshim_writer *ahead = blkshim_writer_register(dst, e1 + 1, "ahead", &err);
+    CHECK(ahead != NULL && err == 0 && blkshim_writer_epoch(ahead) == e1 + 1);
+    CHECK(do_io(ahead, BLKSHIM_OP_WRITE, 0, buf, BLOCK) == -EAGAIN);
+    blkshim_writer_free(ahead);
+
+    /* The destination gives the disk up by fencing: its writer is
+     * suspended at once. */
+    char *fenced = blkshim_disk_suspend(dst, e1, BLKSHIM_SUSPEND_FENCE, &err);
+    CHECK(fenced != NULL && err == 0);
+    CHECK(strstr(fenced, "\"method\": \"fenced\"") != NULL);
+    CHECK(blkshim_disk_suspend(dst, e1, -2, &err) == NULL && err == -EINVAL);
+    CHECK(do_io(dw, BLKSHIM_OP_WRITE, 0, buf, BLOCK) == -ESHUTDOWN);
+    blkshim_string_free(fenced);
 
     /* Every handle freed (NULL is a no-op); ASan checks nothing leaks. */
     blkshim_string_free(record);

@@ -357,7 +357,9 @@ impl Completion {
     fn complete(self, disk: &Disk, epoch: u64, out: IoOutcome) {
         let code = catch_unwind(AssertUnwindSafe(|| match out.result {
             Ok(()) => {
-                if let Some((dst, len)) = self.read_into {
+                // (A zero-length read is refused before it gets here; a
+                // NULL `dst` must never reach copy_nonoverlapping anyway.)
+                if let Some((dst, len)) = self.read_into.filter(|&(d, l)| l > 0 && !d.is_null()) {
                     match out.buf {
                         Some(buf) if buf.len() == len => {
                             // SAFETY: the caller keeps `len` writable bytes at `dst`

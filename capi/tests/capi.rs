@@ -1,5 +1,7 @@
-//! The C API from C: `tests/c/handoff.c` compiled with the system compiler
-//! against the built library (the shared one plain, the static one under
+//! The C API from C: `tests/c/handoff.c` (a hand-off, every outcome
+//! asserted) and `tests/c/racing.c` (a hand-off while the source keeps
+//! writing from another thread) compiled with the system compiler against
+//! the built library (the shared one plain, the static one under
 //! AddressSanitizer and UBSan), and the checked-in header against what
 //! cbindgen makes of the source now.
 
@@ -23,10 +25,10 @@ fn lib_dir() -> PathBuf {
     dir
 }
 
-/// Compiles tests/c/handoff.c with `cc` and the extra `args`, runs it in a
+/// Compiles tests/c/`prog`.c with `cc` and the extra `args`, runs it in a
 /// fresh directory and checks it says ok with a clean stderr.
-fn build_and_run(out: &Path, args: &[&str], env: &[(&str, &str)]) {
-    let src = Path::new(MANIFEST).join("tests/c/handoff.c");
+fn build_and_run(prog: &str, out: &Path, args: &[&str], env: &[(&str, &str)]) {
+    let src = Path::new(MANIFEST).join(format!("tests/c/{prog}.c"));
     let status = Command::new("cc")
         .args([
             "-std=c11",
@@ -59,7 +61,8 @@ fn build_and_run(out: &Path, args: &[&str], env: &[(&str, &str)]) {
         out.display(),
         run.status
     );
-    assert!(stdout.contains("handoff: ok"), "{stdout}");
+    assert!(stdout.contains(&format!("{prog}: ok")), "{stdout}");
+    println!("{stdout}");
     // Sanitizer reports go to stderr, even for errors that do not abort.
     assert!(
         !stderr.contains("Sanitizer") && !stderr.contains("runtime error"),
@@ -69,47 +72,53 @@ fn build_and_run(out: &Path, args: &[&str], env: &[(&str, &str)]) {
 
 /// Linked against the shared library, as a toolstack would (-lblkshim_capi).
 #[test]
-fn c_handoff_shared() {
+fn c_programs_shared() {
     let lib = lib_dir();
     let dir = tempfile::tempdir().unwrap();
     let rpath = format!("-Wl,-rpath,{}", lib.display());
     let libdir = format!("-L{}", lib.display());
-    build_and_run(
-        &dir.path().join("handoff"),
-        &[&libdir, "-lblkshim_capi", "-lpthread", &rpath],
-        &[],
-    );
+    for prog in ["handoff", "racing"] {
+        build_and_run(
+            prog,
+            &dir.path().join(prog),
+            &[&libdir, "-lblkshim_capi", "-lpthread", &rpath],
+            &[],
+        );
+    }
 }
 
 /// Linked against the static library, under AddressSanitizer (with leak
 /// checking) and UBSan: the C side's use of every handle, buffer and
 /// string must be clean, and so must what the library frees for it.
 #[test]
-fn c_handoff_static_asan() {
+fn c_programs_static_asan() {
     let lib = lib_dir();
     let dir = tempfile::tempdir().unwrap();
     let a = lib.join("libblkshim_capi.a");
-    build_and_run(
-        &dir.path().join("handoff-asan"),
-        &[
-            "-fsanitize=address,undefined",
-            "-fno-omit-frame-pointer",
-            "-fno-sanitize-recover=all",
-            a.to_str().unwrap(),
-            // rustc --print native-static-libs for this crate.
-            "-lgcc_s",
-            "-lutil",
-            "-lrt",
-            "-lpthread",
-            "-lm",
-            "-ldl",
-            "-lc",
-        ],
-        &[
-            ("ASAN_OPTIONS", "detect_leaks=1:halt_on_error=1"),
-            ("UBSAN_OPTIONS", "halt_on_error=1:print_stacktrace=1"),
-        ],
-    );
+    for prog in ["handoff", "racing"] {
+        build_and_run(
+            prog,
+            &dir.path().join(format!("{prog}-asan")),
+            &[
+                "-fsanitize=address,undefined",
+                "-fno-omit-frame-pointer",
+                "-fno-sanitize-recover=all",
+                a.to_str().unwrap(),
+                // rustc --print native-static-libs for this crate.
+                "-lgcc_s",
+                "-lutil",
+                "-lrt",
+                "-lpthread",
+                "-lm",
+                "-ldl",
+                "-lc",
+            ],
+            &[
+                ("ASAN_OPTIONS", "detect_leaks=1:halt_on_error=1"),
+                ("UBSAN_OPTIONS", "halt_on_error=1:print_stacktrace=1"),
+            ],
+        );
+    }
 }
 
 /// include/blkshim.h is what cbindgen makes of src/lib.rs now (no drift).

@@ -459,7 +459,7 @@ impl Collector for Scrape {
         family(
             &mut enc,
             "request_duration_seconds",
-            "From a request read off the socket to its reply, by class (other: flush, trim, write-zeroes, block status)",
+            "From a request's submission to the disk (a write's payload received) until its reply is handed to the socket, by class (other: flush, trim, write-zeroes, block status)",
             Histogram,
             disks.iter().zip(&names).flat_map(|(m, n)| {
                 m.latency

@@ -522,6 +522,62 @@ mod tests {
         assert_eq!(bind_addr("[::1]:9100"), "[::1]:9100");
     }
 
+    /// Hand-offs of every kind are counted by method and outcome, and
+    /// timed; requests recorded show in their op's counters and class.
+    #[test]
+    fn a_scrape_shows_hand_offs_and_requests() {
+        use crate::epoch::MemEpochStore;
+        use crate::handoff::{DiskOptions, SuspendMode};
+        use crate::storage::MemStorage;
+        let disk = Disk::open(
+            "vm1",
+            Arc::new(MemStorage::new(1 << 20)),
+            Arc::new(MemEpochStore::default()),
+            DiskOptions {
+                auto_advance: false,
+                fence_timeout: None,
+            },
+        )
+        .unwrap();
+        let m = Metrics::new();
+        let dm = m.add_disk(&disk);
+        let record = disk
+            .suspend(
+                0,
+                SuspendMode::Drain {
+                    timeout: Duration::from_secs(1),
+                },
+            )
+            .unwrap();
+        disk.resume(&record).unwrap();
+        assert!(disk.resume(&record).is_err(), "a replayed record");
+        disk.take_over(1).unwrap();
+        assert!(disk.register(Some(0), "stale").is_err());
+        dm.done(Op::Write, Duration::from_millis(3), 4096);
+        dm.done(Op::Trim, Duration::from_micros(70), 0);
+        let text = m.encode().unwrap();
+        for line in [
+            "blkshim_build_info{version=\"",
+            "blkshim_epoch{disk=\"vm1\"} 2\n",
+            "blkshim_handoffs_total{disk=\"vm1\",method=\"suspend\",outcome=\"drained\"} 1\n",
+            "blkshim_handoffs_total{disk=\"vm1\",method=\"resume\",outcome=\"ok\"} 1\n",
+            "blkshim_handoffs_total{disk=\"vm1\",method=\"resume\",outcome=\"stale\"} 1\n",
+            "blkshim_handoffs_total{disk=\"vm1\",method=\"take_over\",outcome=\"ok\"} 1\n",
+            "blkshim_handoff_duration_seconds_count{disk=\"vm1\"} 4\n",
+            "blkshim_refused_stale_total{disk=\"vm1\",stage=\"connect\"} 1\n",
+            "blkshim_requests_total{disk=\"vm1\",op=\"write\"} 1\n",
+            "blkshim_requests_total{disk=\"vm1\",op=\"trim\"} 1\n",
+            "blkshim_bytes_total{disk=\"vm1\",op=\"write\"} 4096\n",
+            "blkshim_request_duration_seconds_count{disk=\"vm1\",class=\"write\"} 1\n",
+            "blkshim_request_duration_seconds_bucket{le=\"0.0025\",disk=\"vm1\",class=\"write\"} 0\n",
+            "blkshim_request_duration_seconds_bucket{le=\"0.005\",disk=\"vm1\",class=\"write\"} 1\n",
+            "blkshim_request_duration_seconds_count{disk=\"vm1\",class=\"other\"} 1\n",
+            "# EOF\n",
+        ] {
+            assert!(text.contains(line), "{line:?} not in:\n{text}");
+        }
+    }
+
     #[test]
     fn the_histogram_puts_each_duration_in_its_bucket() {
         let h = AtomicHistogram::new(&LATENCY_BUCKETS);

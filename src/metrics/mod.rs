@@ -20,7 +20,7 @@ use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 /// An NBD command as the metrics label it (`op`).
@@ -129,9 +129,13 @@ impl AtomicHistogram {
     }
 }
 
-/// What the NBD gateway counts for one disk on its request path.
+/// What a front end (NBD connection, Xen ring) counts for one disk on its
+/// request path.
 pub struct DiskMetrics {
-    disk: Arc<Disk>,
+    /// Weak: a Xen back end's disk goes when its last vbd does, and its
+    /// metrics with it.
+    disk: Weak<Disk>,
+    name: String,
     requests: [AtomicU64; 6],
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
@@ -143,14 +147,15 @@ pub struct DiskMetrics {
 
 impl fmt::Debug for DiskMetrics {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "DiskMetrics({:?})", self.disk.name())
+        write!(f, "DiskMetrics({:?})", self.name)
     }
 }
 
 impl DiskMetrics {
-    fn new(disk: Arc<Disk>) -> Self {
+    fn new(disk: &Arc<Disk>) -> Self {
         DiskMetrics {
-            disk,
+            disk: Arc::downgrade(disk),
+            name: disk.name().to_string(),
             requests: Default::default(),
             bytes_read: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
@@ -223,6 +228,12 @@ pub struct Metrics {
     inner: Arc<Inner>,
 }
 
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
 struct Inner {
     disks: Mutex<Vec<Arc<DiskMetrics>>>,
     started: Instant,
@@ -257,9 +268,18 @@ impl Metrics {
     }
 
     /// Start counting for `disk`; its hand-offs are reported here too.
-    /// Returns what the request path records into.
+    /// Returns what the request path records into: the same for every
+    /// caller of one disk (the vbds of a Xen back end share their disk).
     pub fn add_disk(&self, disk: &Arc<Disk>) -> Arc<DiskMetrics> {
-        let m = Arc::new(DiskMetrics::new(Arc::clone(disk)));
+        let mut disks = self.inner.disks.lock();
+        disks.retain(|m| m.disk.strong_count() > 0);
+        if let Some(m) = disks
+            .iter()
+            .find(|m| m.disk.upgrade().is_some_and(|d| Arc::ptr_eq(&d, disk)))
+        {
+            return Arc::clone(m);
+        }
+        let m = Arc::new(DiskMetrics::new(disk));
         if disk
             .set_handoff_observer(Arc::clone(&m) as Arc<dyn HandoffObserver>)
             .is_err()
@@ -269,7 +289,7 @@ impl Metrics {
                 disk.name()
             );
         }
-        self.inner.disks.lock().push(Arc::clone(&m));
+        disks.push(Arc::clone(&m));
         m
     }
 
@@ -339,8 +359,17 @@ impl Collector for Scrape {
             Gauge,
             [(vec![], Sample::GaugeF(uptime))],
         )?;
-        let disks = self.0.disks.lock().clone();
-        let st: Vec<_> = disks.iter().map(|m| m.disk.status()).collect();
+        // Disks still open (a Xen disk whose vbds are all gone is not).
+        let live: Vec<(Arc<DiskMetrics>, Arc<Disk>)> = self
+            .0
+            .disks
+            .lock()
+            .iter()
+            .filter_map(|m| Some((Arc::clone(m), m.disk.upgrade()?)))
+            .collect();
+        let disks: Vec<Arc<DiskMetrics>> = live.iter().map(|(m, _)| Arc::clone(m)).collect();
+        let st: Vec<_> = live.iter().map(|(_, d)| d.status()).collect();
+        drop(live);
         let per_disk = |f: &dyn Fn(&crate::handoff::DiskStatus) -> Sample<'static>| {
             st.iter()
                 .map(|s| (vec![("disk", s.name.as_str())], f(s)))
@@ -426,7 +455,7 @@ impl Collector for Scrape {
             Counter,
             per_disk(&|s| C(s.storage_errors)),
         )?;
-        let names: Vec<&str> = disks.iter().map(|m| m.disk.name()).collect();
+        let names: Vec<&str> = disks.iter().map(|m| m.name.as_str()).collect();
         family(
             &mut enc,
             "requests",

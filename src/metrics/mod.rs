@@ -404,7 +404,7 @@ impl Collector for Scrape {
         family(
             &mut enc,
             "writers",
-            "Writers (NBD connections) registered, by the epoch they write at",
+            "Writers (NBD connections, Xen vbds) registered, by the epoch they write at",
             Gauge,
             writers,
         )?;
@@ -430,7 +430,7 @@ impl Collector for Scrape {
         family(
             &mut enc,
             "refused_stale",
-            "Refused as stale: a fenced writer's write, trim or write-zeroes (stage=request, EPERM), or a writer asking for an epoch below the disk's (stage=connect, refused at the handshake)",
+            "Refused as stale: a fenced writer's write, trim or write-zeroes (stage=request, EPERM), or a writer asking for an epoch below the disk's (stage=connect: at the NBD handshake or registration)",
             Counter,
             refused,
         )?;

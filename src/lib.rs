@@ -20,6 +20,7 @@
 pub mod control;
 pub mod epoch;
 pub mod handoff;
+pub mod metrics;
 pub mod nbd;
 pub mod sim;
 pub mod storage;

@@ -333,3 +333,76 @@ fn xen_backend_removed_while_connected_still_drains_and_records() {
         "the removed node was not recreated"
     );
 }
+
+/// Completions of `n` requests, waiting up to 5 s.
+fn complete(fe: &mut EmulatedFrontend, n: usize) -> Vec<blkshim::xen::frontend_emu::Completion> {
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut got = Vec::new();
+    while got.len() < n {
+        assert!(Instant::now() < end, "{} of {n} answered", got.len());
+        got.extend(fe.poll().unwrap());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    got
+}
+
+/// `xen-backend --metrics`: the rings of a vbd count their requests in
+/// the disk's metrics, and the suspend is a hand-off there.
+#[test]
+fn xen_backend_metrics_count_ring_requests_and_the_suspend() {
+    let metrics = Arc::new(blkshim::metrics::Metrics::new());
+    let storage: Arc<dyn BlockStorage> = Arc::new(MemStorage::new(1 << 20));
+    let host = vm1_host(
+        storage,
+        BackendConfig {
+            metrics: Some(Arc::clone(&metrics)),
+            ..BackendConfig::default()
+        },
+    );
+    let mut fe = connect_frontend(&host, 512);
+    submit_writes(&mut fe, 0..8);
+    complete(&mut fe, 8);
+    for (i, op) in [BioOp::Read, BioOp::Flush, BioOp::Discard { secure: false }]
+        .into_iter()
+        .enumerate()
+    {
+        let data_op = matches!(op, BioOp::Read);
+        fe.submit(Bio {
+            tag: 100 + i as u64,
+            op,
+            sector: if data_op { 0 } else { 64 },
+            nr_sectors: if matches!(op, BioOp::Flush) { 0 } else { 8 },
+            data: Vec::new(),
+        })
+        .unwrap();
+    }
+    let got = complete(&mut fe, 3);
+    assert!(
+        got.iter()
+            .all(|c| c.status == blkshim::xen::blkif::Status::Okay),
+        "{got:?}"
+    );
+    host.xs
+        .write_str(XBT_NULL, &format!("{BE}/blkshim-suspend"), "drain")
+        .unwrap();
+    wait_phase(host.vbd(), Phase::Suspended);
+    let text = metrics.encode().unwrap();
+    let disk = "vm1";
+    for line in [
+        format!("blkshim_requests_total{{disk=\"{disk}\",op=\"write\"}} 8\n"),
+        format!("blkshim_bytes_total{{disk=\"{disk}\",op=\"write\"}} 32768\n"),
+        format!("blkshim_requests_total{{disk=\"{disk}\",op=\"read\"}} 1\n"),
+        format!("blkshim_bytes_total{{disk=\"{disk}\",op=\"read\"}} 4096\n"),
+        format!("blkshim_requests_total{{disk=\"{disk}\",op=\"flush\"}} 1\n"),
+        format!("blkshim_requests_total{{disk=\"{disk}\",op=\"trim\"}} 1\n"),
+        format!("blkshim_request_duration_seconds_count{{disk=\"{disk}\",class=\"write\"}} 8\n"),
+        format!("blkshim_request_duration_seconds_count{{disk=\"{disk}\",class=\"other\"}} 2\n"),
+        format!("blkshim_in_flight{{disk=\"{disk}\"}} 0\n"),
+        format!("blkshim_epoch{{disk=\"{disk}\"}} 1\n"),
+        format!(
+            "blkshim_handoffs_total{{disk=\"{disk}\",method=\"suspend\",outcome=\"drained\"}} 1\n"
+        ),
+    ] {
+        assert!(text.contains(&line), "{line:?} not in:\n{text}");
+    }
+}

@@ -66,6 +66,10 @@ struct ServeArgs {
     /// [,trim=..][,zeroes=..][,armed-file=PATH: only while PATH exists].
     #[arg(long, value_parser = |s: &str| config::parse_storage_delay(s).map(Box::new))]
     storage_delay: Option<Box<crate::storage::StorageDelay>>,
+    /// Serve Prometheus metrics over HTTP at http://ADDR/metrics
+    /// (HOST:PORT; a bare port binds 127.0.0.1) [default: off].
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
     /// Control socket [default: ./blkshim.ctl].
     #[arg(long)]
     control: Option<PathBuf>,
@@ -188,6 +192,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         cache: a.cache.unwrap_or(CacheMode::Writeback),
         engine: a.engine,
         storage_delay: a.storage_delay.map(|d| *d),
+        metrics: a.metrics,
         disks: Vec::new(),
         host_side: a.fence.map(|fence| config::HostSideConfig {
             fence,

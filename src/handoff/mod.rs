@@ -168,6 +168,23 @@ struct Counters {
     refused_suspended: AtomicU64,
     fenced: AtomicU64,
     cancelled: AtomicU64,
+    /// Requests the storage completed with an error (what a frontend sees
+    /// as EIO and an operator should hear about).
+    storage_errors: AtomicU64,
+    /// Writers refused at registration: their epoch was below the
+    /// disk's (a stale `vm1@N` at the NBD handshake).
+    refused_stale_writers: AtomicU64,
+}
+
+/// Told of every hand-off a disk makes, so metrics can count them and time
+/// them without the core knowing about any metrics library.
+pub trait HandoffObserver: Send + Sync {
+    /// `method`: `advance` (a newer writer's first write, `ctl handoff`),
+    /// `suspend`, `resume` or `take_over`; `outcome`: for `suspend` the
+    /// record's method (`drained`, `fenced`, `drain_timed_out_then_fenced`),
+    /// else `ok`, `stale` or `error`. `took`: from the call (or the
+    /// suspend's start) to its end.
+    fn handoff(&self, disk: &str, method: &'static str, outcome: &'static str, took: Duration);
 }
 
 struct WriterInfo {
@@ -233,6 +250,8 @@ pub struct Disk {
     counters: Counters,
     /// Host-side admission at the first write ([`Disk::attach_host_side`]).
     host_side: OnceLock<Arc<HostSide>>,
+    /// Metrics of hand-offs ([`Disk::set_handoff_observer`]).
+    observer: OnceLock<Arc<dyn HandoffObserver>>,
 }
 
 /// A writer of a disk at one epoch. Unregisters itself when dropped.
@@ -305,6 +324,8 @@ pub struct DiskStatus {
     pub refused_suspended: u64,
     pub fenced: u64,
     pub cancelled: u64,
+    pub storage_errors: u64,
+    pub refused_stale_writers: u64,
 }
 
 /// What an advance did.
@@ -316,6 +337,14 @@ pub struct Advance {
 
 /// The smallest block the tracker orders writes by, in bytes.
 pub const TRACKING_BLOCK: u64 = 4096;
+
+/// A failed hand-off as the metrics label it.
+fn outcome_of(e: &DiskError) -> &'static str {
+    match e {
+        DiskError::StaleEpoch { .. } | DiskError::StaleRecord { .. } => "stale",
+        _ => "error",
+    }
+}
 
 fn errno(code: i32) -> io::Error {
     io::Error::from_raw_os_error(code)
@@ -348,6 +377,7 @@ impl Disk {
                 lost: None,
             }),
             host_side: OnceLock::new(),
+            observer: OnceLock::new(),
             advancing: Mutex::new(()),
             suspension: Mutex::new(None),
             suspending: AtomicBool::new(false),
@@ -363,6 +393,20 @@ impl Disk {
 
     pub fn host_side(&self) -> Option<&Arc<HostSide>> {
         self.host_side.get()
+    }
+
+    /// Report every hand-off of this disk to `o` (metrics). Once per disk.
+    pub fn set_handoff_observer(
+        &self,
+        o: Arc<dyn HandoffObserver>,
+    ) -> Result<(), Arc<dyn HandoffObserver>> {
+        self.observer.set(o)
+    }
+
+    fn observe_handoff(&self, method: &'static str, outcome: &'static str, since: Instant) {
+        if let Some(o) = self.observer.get() {
+            o.handoff(&self.name, method, outcome, since.elapsed());
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -457,6 +501,9 @@ impl Disk {
             _ => epoch.unwrap_or(st.current),
         };
         if epoch < st.current {
+            self.counters
+                .refused_stale_writers
+                .fetch_add(1, Ordering::Relaxed);
             return Err(DiskError::StaleEpoch {
                 requested: epoch,
                 current: st.current,
@@ -482,6 +529,15 @@ impl Disk {
             admit_on_write: AtomicBool::new(admit_on_write),
             path,
         })
+    }
+
+    /// Count a writer refused for a stale epoch by a front end that checks
+    /// before registering (the NBD handshake), as [`Disk::register`] counts
+    /// its own refusals: `status().refused_stale_writers`.
+    pub fn note_refused_stale_writer(&self) {
+        self.counters
+            .refused_stale_writers
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Writers registered in this process at `epoch` or above: the holders
@@ -557,6 +613,17 @@ impl Disk {
     /// set. Used by the gateway's first write of a new writer and by
     /// `blkshim ctl handoff`.
     pub fn advance_to(self: &Arc<Self>, target: Epoch) -> Result<Advance, DiskError> {
+        let t0 = Instant::now();
+        let r = self.advance_to_inner(target);
+        match &r {
+            Ok(a) if a.from == a.to => {}
+            Ok(_) => self.observe_handoff("advance", "ok", t0),
+            Err(e) => self.observe_handoff("advance", outcome_of(e), t0),
+        }
+        r
+    }
+
+    fn advance_to_inner(self: &Arc<Self>, target: Epoch) -> Result<Advance, DiskError> {
         let _adv = self.advancing.lock();
         let mut cur = self.state.lock().current;
         let from = cur;
@@ -642,6 +709,7 @@ impl Disk {
     /// their in-flight requests are fenced at once. Poll the result with
     /// [`Suspension::try_finish`], or use [`Disk::suspend`] to block.
     pub fn begin_suspend(self: &Arc<Self>, epoch: Epoch, mode: SuspendMode) -> Suspension {
+        let began = Instant::now();
         {
             let mut st = self.state.lock();
             st.gate = Some(st.gate.map_or(epoch, |g| g.max(epoch)));
@@ -682,6 +750,7 @@ impl Disk {
             disk: Arc::clone(self),
             log,
             fenced: fenced_now,
+            began,
         }
     }
 
@@ -710,6 +779,13 @@ impl Disk {
     /// store moved on meanwhile (a replayed or stale record) — fence
     /// everything older, and from then on admit the destination's writers.
     pub fn resume(self: &Arc<Self>, record: &HandoffRecord) -> Result<Epoch, DiskError> {
+        let t0 = Instant::now();
+        let r = self.resume_inner(record);
+        self.observe_handoff("resume", r.as_ref().map_or_else(outcome_of, |_| "ok"), t0);
+        r
+    }
+
+    fn resume_inner(self: &Arc<Self>, record: &HandoffRecord) -> Result<Epoch, DiskError> {
         if record.disk != self.name {
             return Err(DiskError::WrongDisk {
                 record: record.disk.clone(),
@@ -778,6 +854,17 @@ impl Disk {
     /// write any more, or that is in this process (see
     /// [`HandoffLedger::holder`]).
     pub fn take_over(self: &Arc<Self>, expected: Epoch) -> Result<Epoch, DiskError> {
+        let t0 = Instant::now();
+        let r = self.take_over_inner(expected);
+        self.observe_handoff(
+            "take_over",
+            r.as_ref().map_or_else(outcome_of, |_| "ok"),
+            t0,
+        );
+        r
+    }
+
+    fn take_over_inner(self: &Arc<Self>, expected: Epoch) -> Result<Epoch, DiskError> {
         let _adv = self.advancing.lock();
         let next = match self.epochs.compare_and_advance(&self.name, expected) {
             Ok(n) => n,
@@ -827,6 +914,8 @@ impl Disk {
             refused_suspended: c.refused_suspended.load(Ordering::Relaxed),
             fenced: c.fenced.load(Ordering::Relaxed),
             cancelled: c.cancelled.load(Ordering::Relaxed),
+            storage_errors: c.storage_errors.load(Ordering::Relaxed),
+            refused_stale_writers: c.refused_stale_writers.load(Ordering::Relaxed),
         }
     }
 
@@ -1000,6 +1089,9 @@ impl Disk {
         let result = match f.outcome {
             Outcome::Completed => {
                 self.counters.completed.fetch_add(1, Ordering::Relaxed);
+                if out.result.is_err() {
+                    self.counters.storage_errors.fetch_add(1, Ordering::Relaxed);
+                }
                 match out.result {
                     Err(e)
                         if f.request.kind.modifies() && crate::storage::fencing::is_fenced(&e) =>
@@ -1117,6 +1209,8 @@ pub struct Suspension {
     disk: Arc<Disk>,
     log: Arc<SuspensionLog>,
     fenced: bool,
+    /// For the hand-off's duration in the metrics.
+    began: Instant,
 }
 
 impl Suspension {
@@ -1177,6 +1271,12 @@ impl Suspension {
             self.disk.suspending.store(false, Ordering::Release);
         }
         drop(current);
+        let outcome = match method {
+            HandoffMethod::Drained => "drained",
+            HandoffMethod::Fenced => "fenced",
+            HandoffMethod::DrainTimedOutThenFenced => "drain_timed_out_then_fenced",
+        };
+        self.disk.observe_handoff("suspend", outcome, self.began);
         HandoffRecord {
             disk: self.disk.name.clone(),
             source_epoch: epoch,

@@ -9,6 +9,7 @@
 //! epoch_store = "etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379/blkshim"  # optional
 //! fence_timeout = "5s"
 //! cache = "writeback"              # or "none" (O_DIRECT)
+//! metrics = "127.0.0.1:9187"       # optional Prometheus /metrics (a bare port: loopback)
 //!
 //! [[disk]]
 //! name = "vm1"
@@ -51,6 +52,8 @@ pub struct ServeConfig {
     pub engine: crate::storage::EngineKind,
     /// `--storage-delay` (testing only): hold I/Os before the engine.
     pub storage_delay: Option<crate::storage::StorageDelay>,
+    /// `--metrics ADDR`: serve Prometheus metrics on HTTP there; off when `None`.
+    pub metrics: Option<String>,
     pub disks: Vec<DiskSpec>,
     /// Host-side mode (`--fence`): this server is one host's writer of
     /// shared disks, admitted at the first write. `None`: a gateway.
@@ -270,6 +273,7 @@ struct FileConfig {
     fence_timeout: Option<String>,
     cache: Option<CacheMode>,
     size: Option<SizeValue>,
+    metrics: Option<String>,
     #[serde(default)]
     disk: Vec<FileDisk>,
 }
@@ -316,6 +320,9 @@ pub fn load_file(path: &Path, base: &mut ServeConfig, cli_set: &CliSet) -> Resul
         if let Some(c) = f.cache {
             base.cache = c;
         }
+    }
+    if base.metrics.is_none() {
+        base.metrics = f.metrics;
     }
     let default_size = f.size.as_ref().map(SizeValue::bytes).transpose()?;
     for d in f.disk {
@@ -441,6 +448,7 @@ mod tests {
             cache: CacheMode::Writeback,
             engine: crate::storage::EngineKind::Auto,
             storage_delay: None,
+            metrics: None,
             disks,
             host_side: None,
         }
@@ -464,6 +472,21 @@ mod tests {
         assert_eq!(c.disks[1].name, "b");
         std::fs::write(&p, "bogus = 1\n").unwrap();
         assert!(load_file(&p, &mut c, &CliSet::default()).is_err());
+    }
+
+    /// `metrics` in the file turns the endpoint on; `--metrics` wins.
+    #[test]
+    fn metrics_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "metrics = \":9187\"\n").unwrap();
+        let mut c = config(vec![]);
+        load_file(&p, &mut c, &CliSet::default()).unwrap();
+        assert_eq!(c.metrics.as_deref(), Some(":9187"));
+        let mut c = config(vec![]);
+        c.metrics = Some("127.0.0.1:1".into());
+        load_file(&p, &mut c, &CliSet::default()).unwrap();
+        assert_eq!(c.metrics.as_deref(), Some("127.0.0.1:1"));
     }
 
     #[test]

@@ -116,6 +116,7 @@ fn resolve<'a>(exports: &'a Exports, name: &str) -> Resolved<'a> {
     if let Some(e) = parsed.epoch {
         let current = disk.current_epoch();
         if e < current {
+            disk.note_refused_stale_writer();
             return Resolved::Err(
                 REP_ERR_POLICY,
                 format!(

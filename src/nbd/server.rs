@@ -41,6 +41,8 @@ struct Server {
     storages: Vec<(String, Arc<dyn BlockStorage>)>,
     conns: Mutex<BTreeMap<u64, ConnEntry>>,
     next_id: AtomicU64,
+    /// Per-disk request metrics (`--metrics`); empty when off.
+    metrics: BTreeMap<String, Arc<crate::metrics::DiskMetrics>>,
 }
 
 /// Write end of the self-pipe the signal handler pokes.
@@ -220,7 +222,20 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
         storages.push((d.name.clone(), storage));
         exports.disks.insert(d.name.clone(), disk);
     }
+    // Bound before anything is served, so a bad address stops the start.
+    let mut disk_metrics = BTreeMap::new();
+    let mut metrics_at = None;
+    if let Some(addr) = &cfg.metrics {
+        let m = Arc::new(crate::metrics::Metrics::new());
+        for (name, disk) in &exports.disks {
+            disk_metrics.insert(name.clone(), m.add_disk(disk));
+        }
+        let bound = crate::metrics::http::serve(addr, m)?;
+        log::info!("metrics on http://{bound}/metrics");
+        metrics_at = Some(bound);
+    }
     let server = Arc::new(Server {
+        metrics: disk_metrics,
         fence_timeout: cfg.fence_timeout,
         exports,
         storages,
@@ -264,6 +279,11 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
     };
     let sig = install_signal_pipe().map_err(|e| format!("signal handler: {e}"))?;
     print_banner(&server, &cfg, &abs(&socket), tcp.as_ref());
+    if let Some(a) = metrics_at {
+        println!("metrics: http://{a}/metrics");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    }
 
     // Accept until a signal arrives.
     loop {
@@ -430,6 +450,7 @@ fn run_connection(server: &Arc<Server>, id: u64, mut sock: Sock, peer: String) {
         peer: peer.clone(),
         disk: neg.disk.name().to_string(),
         epoch: neg.writer.epoch(),
+        metrics: server.metrics.get(neg.disk.name()).cloned(),
         ..Default::default()
     });
     if let Some(e) = server.conns.lock().get_mut(&id) {

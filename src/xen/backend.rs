@@ -102,6 +102,8 @@ pub struct BackendConfig {
     pub sanlock: Option<Arc<SanlockFence>>,
     /// Which hosts still renew their liveness (an etcd epoch store).
     pub liveness: Option<Arc<dyn crate::handoff::hostside::HostLiveness>>,
+    /// `--metrics`: every disk's rings count their requests here.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Default for BackendConfig {
@@ -123,6 +125,7 @@ impl Default for BackendConfig {
             pr_preempt: PreemptMode::default(),
             sanlock: None,
             liveness: None,
+            metrics: None,
         }
     }
 }
@@ -828,6 +831,10 @@ impl<S: XenStore> Vbd<S> {
                 limits,
                 persistent,
                 target: target.clone(),
+                metrics: match (&self.config.metrics, &target) {
+                    (Some(m), Target::Protected { disk, .. }) => Some(m.add_disk(disk)),
+                    _ => None,
+                },
                 name: format!("{}#{i}", self.be),
             })?);
         }

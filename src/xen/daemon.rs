@@ -76,6 +76,10 @@ pub struct XenBackendArgs {
     /// --fence sanlock: lockspace, host id, lease device, per-disk leases.
     #[command(flatten)]
     pub sanlock: crate::storage::fencing::sanlock::SanlockArgs,
+    /// Serve Prometheus metrics over HTTP at http://ADDR/metrics
+    /// (HOST:PORT; a bare port binds 127.0.0.1) [default: off].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 }
 
 impl XenBackendArgs {
@@ -333,6 +337,12 @@ pub fn run(args: XenBackendArgs) -> Result<(), Box<dyn std::error::Error>> {
         None => None,
     };
     config.liveness = registration.as_ref().map(|r| Arc::clone(&r.liveness));
+    if let Some(addr) = &args.metrics {
+        let m = Arc::new(crate::metrics::Metrics::new());
+        let bound = crate::metrics::http::serve(addr, Arc::clone(&m))?;
+        log::info!("metrics on http://{bound}/metrics");
+        config.metrics = Some(m);
+    }
     let mut sup = Supervisor::new(
         XenStoreHandle::open,
         &args.backend_root,

@@ -11,6 +11,7 @@
 //! corruption of seeds/003.
 
 use crate::handoff::{Disk, Writer};
+use crate::metrics::{DiskMetrics, Op, RequestTimer};
 use crate::storage::{AlignedBuf, IoDone, IoOutcome, StorageIo};
 use crate::xen::abi::BlkifAbi;
 use crate::xen::blkif::{parse_request, Limits, Operation, Parsed, Request, Response, Status};
@@ -72,6 +73,8 @@ pub struct RingConfig {
     /// `feature-persistent` negotiated: keep data grants mapped.
     pub persistent: bool,
     pub target: Target,
+    /// `--metrics`: the disk's request counters and latencies.
+    pub metrics: Option<Arc<DiskMetrics>>,
     /// A name for logs and the thread.
     pub name: String,
 }
@@ -112,6 +115,7 @@ struct Shared {
     broken: AtomicBool,
     in_flight: AtomicUsize,
     stats: RingStats,
+    metrics: Option<Arc<DiskMetrics>>,
 }
 
 /// A running ring. Stops (and joins its thread) when dropped.
@@ -140,6 +144,7 @@ impl RingHandle {
             broken: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             stats: RingStats::default(),
+            metrics: config.metrics,
         });
         let s = Arc::clone(&shared);
         let thread = thread::Builder::new()
@@ -459,6 +464,20 @@ fn execute(s: &Arc<Shared>, req: Request) {
     }
     let offset = req.sector_number * SECTOR_SIZE as u64;
     let tag = req.id;
+    let op = match &req.operation {
+        Operation::Read(_) => Op::Read,
+        Operation::Write(_) => Op::Write,
+        Operation::WriteBarrier(_) | Operation::Flush(_) => Op::Flush,
+        Operation::Discard { secure: true, .. } => Op::WriteZeroes,
+        Operation::Discard { .. } => Op::Trim,
+    };
+    let timer = DiskMetrics::start(&s.metrics, op);
+    // Counted before the answer goes out; payload only when it succeeded.
+    let record = move |t: Option<RequestTimer>, status: Status| {
+        if let Some(t) = t {
+            t.done(if status == Status::Okay { bytes } else { 0 });
+        }
+    };
     match &req.operation {
         Operation::Read(_) => {
             let buf = AlignedBuf::zeroed((req.nr_sectors() as usize) * SECTOR_SIZE);
@@ -479,6 +498,7 @@ fn execute(s: &Arc<Shared>, req: Request) {
                             status = Status::Error;
                         }
                     }
+                    record(timer, status);
                     respond(&s2, req.response(status));
                 }),
             );
@@ -488,6 +508,7 @@ fn execute(s: &Arc<Shared>, req: Request) {
                 Ok(b) => b,
                 Err(e) => {
                     log::warn!("ring {}: write {:#x}: {e}", s.name, req.id);
+                    record(timer, Status::Error);
                     return respond(s, req.response(Status::Error));
                 }
             };
@@ -499,7 +520,11 @@ fn execute(s: &Arc<Shared>, req: Request) {
                     buf,
                     fua: false,
                 },
-                Box::new(move |o| respond(&s2, req.response(status_of(&o.result)))),
+                Box::new(move |o| {
+                    let status = status_of(&o.result);
+                    record(timer, status);
+                    respond(&s2, req.response(status))
+                }),
             );
         }
         Operation::WriteBarrier(segs) | Operation::Flush(segs) => {
@@ -511,6 +536,7 @@ fn execute(s: &Arc<Shared>, req: Request) {
                     Ok(b) => Some(b),
                     Err(e) => {
                         log::warn!("ring {}: flush {:#x}: {e}", s.name, req.id);
+                        record(timer, Status::Error);
                         return respond(s, req.response(Status::Error));
                     }
                 }
@@ -531,15 +557,23 @@ fn execute(s: &Arc<Shared>, req: Request) {
                                     buf,
                                     fua: true,
                                 },
-                                Box::new(move |o| respond(&s3, req.response(status_of(&o.result)))),
+                                Box::new(move |o| {
+                                    let status = status_of(&o.result);
+                                    record(timer, status);
+                                    respond(&s3, req.response(status))
+                                }),
                             );
                         }
-                        (st, _) => respond(&s2, req.response(st)),
+                        (st, _) => {
+                            record(timer, st);
+                            respond(&s2, req.response(st))
+                        }
                     }
                 }),
             );
         }
         Operation::Discard { nr_sectors, .. } if *nr_sectors == 0 => {
+            record(timer, Status::Okay);
             respond(s, req.response(Status::Okay));
         }
         Operation::Discard { nr_sectors, secure } => {
@@ -559,7 +593,11 @@ fn execute(s: &Arc<Shared>, req: Request) {
             s.target.submit(
                 tag,
                 io,
-                Box::new(move |o| respond(&s2, req.response(status_of(&o.result)))),
+                Box::new(move |o| {
+                    let status = status_of(&o.result);
+                    record(timer, status);
+                    respond(&s2, req.response(status))
+                }),
             );
         }
     }

@@ -27,6 +27,7 @@ use super::allocation::AllocationMap;
 use super::handshake::Negotiated;
 use super::proto::*;
 use crate::handoff::{Disk, Writer};
+use crate::metrics::{DiskMetrics, Op, RequestTimer};
 use crate::storage::{AlignedBuf, IoOutcome, LocalQueue, StorageIo};
 use crate::sys::recv_nowait;
 use parking_lot::{Condvar, Mutex};
@@ -47,6 +48,9 @@ pub struct ConnStats {
     pub in_flight: AtomicUsize,
     pub requests: AtomicU64,
     pub refused_stale: AtomicU64,
+    /// The disk's request metrics, when `--metrics` is on.
+    #[serde(skip)]
+    pub metrics: Option<Arc<DiskMetrics>>,
 }
 
 /// Why a connection's transmission phase ended other than by the client's
@@ -384,9 +388,11 @@ fn read_loop(
                 len,
                 req_one,
             } => {
+                let timer = DiskMetrics::start(&ctx.stats.metrics, Op::BlockStatus);
                 let extents = allocation
                     .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
                     .and_then(|a| a.extents(offset, len, lim.min_block as u64, req_one));
+                record(timer, 0);
                 match extents {
                     Ok(e) if !e.is_empty() => ctx.send(Reply::Raw {
                         bytes: encode_block_status(handle, &e),
@@ -406,6 +412,7 @@ fn read_loop(
                 let bytes = len as u64;
                 take(r, bytes)?;
                 let c = ctx.clone();
+                let timer = DiskMetrics::start(&ctx.stats.metrics, Op::Read);
                 disk.submit(
                     writer,
                     handle,
@@ -415,6 +422,7 @@ fn read_loop(
                     },
                     Box::new(move |o: IoOutcome| match (o.result, o.buf) {
                         (Ok(()), Some(buf)) => {
+                            record(timer, bytes);
                             c.send(Reply::Data {
                                 handle,
                                 offset,
@@ -431,6 +439,7 @@ fn read_loop(
                             } else {
                                 outcome_error(&r)
                             };
+                            record(timer, 0);
                             c.finish(handle, bytes, err)
                         }
                     }),
@@ -445,6 +454,7 @@ fn read_loop(
                     return Err(ConnError::VanishedMidWrite(e));
                 }
                 let c = ctx.clone();
+                let timer = DiskMetrics::start(&ctx.stats.metrics, Op::Write);
                 disk.submit(
                     writer,
                     handle,
@@ -453,6 +463,7 @@ fn read_loop(
                         if let Some(b) = o.buf {
                             c.pool.put(b);
                         }
+                        record(timer, if o.result.is_ok() { bytes } else { 0 });
                         c.finish(handle, bytes, outcome_error(&o.result))
                     }),
                 );
@@ -460,11 +471,15 @@ fn read_loop(
             Command::Flush => {
                 take(r, 0)?;
                 let c = ctx.clone();
+                let timer = DiskMetrics::start(&ctx.stats.metrics, Op::Flush);
                 disk.submit(
                     writer,
                     handle,
                     StorageIo::Flush,
-                    Box::new(move |o: IoOutcome| c.finish(handle, 0, outcome_error(&o.result))),
+                    Box::new(move |o: IoOutcome| {
+                        record(timer, 0);
+                        c.finish(handle, 0, outcome_error(&o.result))
+                    }),
                 );
             }
             Command::Trim { offset, len, fua } => {
@@ -473,7 +488,8 @@ fn read_loop(
                     offset,
                     len: len as u64,
                 };
-                submit_then_flush(disk, writer, handle, io, fua, ctx);
+                let timer = DiskMetrics::start(&ctx.stats.metrics, Op::Trim);
+                submit_then_flush(disk, writer, handle, io, fua, ctx, timer);
             }
             Command::WriteZeroes {
                 offset,
@@ -482,7 +498,9 @@ fn read_loop(
                 may_unmap,
                 fast_only,
             } => {
+                let timer = DiskMetrics::start(&ctx.stats.metrics, Op::WriteZeroes);
                 if fast_only && !fast_zero {
+                    record(timer, 0);
                     ctx.send(Reply::Status {
                         handle,
                         error: NBD_ENOTSUP,
@@ -497,7 +515,7 @@ fn read_loop(
                     len: len as u64,
                     may_unmap,
                 };
-                submit_then_flush(disk, writer, handle, io, fua, ctx);
+                submit_then_flush(disk, writer, handle, io, fua, ctx, timer);
             }
         }
     }
@@ -512,6 +530,7 @@ fn submit_then_flush(
     io: StorageIo,
     fua: bool,
     ctx: &Ctx,
+    timer: Option<RequestTimer>,
 ) {
     let c = ctx.clone();
     let (d, w) = (Arc::clone(disk), Arc::clone(writer));
@@ -521,6 +540,7 @@ fn submit_then_flush(
         io,
         Box::new(move |o: IoOutcome| {
             if o.result.is_err() || !fua {
+                record(timer, 0);
                 return c.finish(handle, 0, outcome_error(&o.result));
             }
             let c2 = c.clone();
@@ -528,10 +548,20 @@ fn submit_then_flush(
                 &w,
                 handle,
                 StorageIo::Flush,
-                Box::new(move |o: IoOutcome| c2.finish(handle, 0, outcome_error(&o.result))),
+                Box::new(move |o: IoOutcome| {
+                    record(timer, 0);
+                    c2.finish(handle, 0, outcome_error(&o.result))
+                }),
             );
         }),
     );
+}
+
+/// Count a request as answered (metrics on), before its reply goes out.
+fn record(timer: Option<RequestTimer>, ok_bytes: u64) {
+    if let Some(t) = timer {
+        t.done(ok_bytes);
+    }
 }
 
 /// Reused payload buffers: a fresh 1 MiB buffer costs an mmap and 256

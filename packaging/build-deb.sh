@@ -13,7 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-command -v cargo-deb >/dev/null || cargo install cargo-deb --locked
+# The version tested; newer ones may refuse --dev (the dev profile).
+command -v cargo-deb >/dev/null || cargo install cargo-deb --locked --version 3.8.0
 
 # Man pages rendered from the clap definitions (examples/mangen.rs), gzip'd
 # without timestamps as Debian policy asks.

@@ -104,10 +104,8 @@ fn ready_after_the_socket_accepts_and_stopping_at_sigterm() {
     drop(nbd);
 
     // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(
-        unsafe { libc::kill(server.0.id() as i32, libc::SIGTERM) },
-        0
-    );
+    let killed = unsafe { libc::kill(server.0.id() as i32, libc::SIGTERM) };
+    assert_eq!(killed, 0);
     let stopping = recv(&notify).expect("no STOPPING=1 within 60 s of SIGTERM");
     assert!(has(&stopping, "STOPPING=1"), "{stopping:?}");
     let end = Instant::now() + Duration::from_secs(60);

@@ -125,7 +125,8 @@ struct ServeArgs {
 
 #[derive(clap::Args, Debug)]
 struct CtlArgs {
-    /// Control socket of the server (clap prints the default: not repeated here).
+    // The default is clap's to print: repeating it here printed it twice.
+    /// Control socket of the server.
     #[arg(long, default_value = "blkshim.ctl")]
     control: PathBuf,
     /// Print the raw JSON response.

@@ -23,9 +23,7 @@ deb=$(ls -t target/debian/blkshim_*.deb | head -1)
 echo "package: $deb ($(du -h "$deb" | cut -f1))"
 
 root=$(mktemp -d /tmp/blkshim-deb-XXXXXX)
-pid=
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$root"; }
-trap cleanup EXIT
+trap 'rm -rf "$root"' EXIT
 fail() { echo "package_deb: FAIL: $*" >&2; exit 1; }
 
 dpkg-deb -x "$deb" "$root"
@@ -66,20 +64,25 @@ n.bind(notify)
 n.settimeout(60)
 srv = subprocess.Popen([root + "/usr/bin/blkshim", "serve", "--config", root + "/example.toml"],
                        env=dict(os.environ, NOTIFY_SOCKET=notify), stdout=subprocess.DEVNULL)
-while True:
+try:
+    while True:
+        msg = n.recv(4096).decode().splitlines()
+        if "READY=1" in msg:
+            break
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(root + "/run/blkshim/example/nbd.sock")  # at once: it must already accept
+    s.settimeout(10)
+    assert s.recv(8) == b"NBDMAGIC", "no NBD greeting"
+    s.close()
+    assert os.path.getsize(root + "/var/lib/blkshim/example-vm1.raw") == 10 << 30
+    srv.send_signal(signal.SIGTERM)
     msg = n.recv(4096).decode().splitlines()
-    if "READY=1" in msg:
-        break
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.connect(root + "/run/blkshim/example/nbd.sock")  # at once: it must already accept
-s.settimeout(10)
-assert s.recv(8) == b"NBDMAGIC", "no NBD greeting"
-s.close()
-assert os.path.getsize(root + "/var/lib/blkshim/example-vm1.raw") == 10 << 30
-srv.send_signal(signal.SIGTERM)
-msg = n.recv(4096).decode().splitlines()
-assert "STOPPING=1" in msg, msg
-assert srv.wait(60) == 0, "serve did not exit 0"
+    assert "STOPPING=1" in msg, msg
+    assert srv.wait(60) == 0, "serve did not exit 0"
+finally:
+    if srv.poll() is None:  # a failed check must not leave it running
+        srv.kill()
+        srv.wait()
 print("extracted blkshim serve: READY=1 after the NBD socket answered, STOPPING=1, exit 0")
 PY
 

@@ -41,6 +41,10 @@ dpkg -s libsanlock-dev >/dev/null 2>&1 || pkgs+=(libsanlock-dev)
 # namespaces of its own (ip netns, a bridge, veth pairs: iproute2).
 command -v nft >/dev/null || pkgs+=(nftables)
 command -v ip >/dev/null || pkgs+=(iproute2)
+# tests/systemd_units.rs and tests/package_deb.sh: systemd-analyze verify
+# (no systemd as PID 1 needed), and man for the packaged man pages.
+command -v systemd-analyze >/dev/null || pkgs+=(systemd)
+command -v man >/dev/null || pkgs+=(man-db)
 if [ ${#pkgs[@]} -gt 0 ]; then
   echo "installing: ${pkgs[*]}"
   apt-get update -qq
@@ -74,6 +78,12 @@ cargo test
 
 section "C API: tests/c/handoff.c with cc (shared, and static under ASan/UBSan), header drift"
 cargo test -p blkshim-capi
+
+section "Debian package: built (debug build), extracted, its blkshim serve run, its units verified"
+# The debug build keeps this to about a minute (the release build of the
+# package costs several more); cargo-deb is installed once when missing
+# (cargo install: about 7 minutes on 2 cores).
+bash tests/package_deb.sh
 
 section "Xen: link and call the real libxenstore/libxengnttab/libxenevtchn"
 cargo test --features xen --test xen_real

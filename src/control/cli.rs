@@ -129,7 +129,8 @@ struct ServeArgs {
 
 #[derive(clap::Args, Debug)]
 struct CtlArgs {
-    /// Control socket of the server [default: ./blkshim.ctl].
+    // The default is clap's to print: repeating it here printed it twice.
+    /// Control socket of the server.
     #[arg(long, default_value = "blkshim.ctl")]
     control: PathBuf,
     /// Print the raw JSON response.
@@ -313,6 +314,12 @@ fn ctl(a: CtlArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// The clap definition of the whole command line, for tools that render it
+/// (`examples/mangen.rs` writes the man pages from it).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 /// Parse the command line and run the subcommand.
 pub fn run() -> Result<(), Box<dyn std::error::Error>> {
     let cli = Cli::parse();
@@ -339,5 +346,48 @@ mod tests {
     #[test]
     fn command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// Every command of the tree, with its path (`blkshim ctl status`).
+    fn walk(cmd: &clap::Command, path: String, out: &mut Vec<(String, clap::Command)>) {
+        out.push((path.clone(), cmd.clone()));
+        for sub in cmd.get_subcommands() {
+            walk(sub, format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    /// No option says its default twice in `--help` or `-h` (once in its
+    /// doc comment and once from clap's `default_value`), as `ctl
+    /// --control` did: per argument, and per rendered help line.
+    #[test]
+    fn no_default_printed_twice() {
+        let mut cmds = Vec::new();
+        walk(&command(), "blkshim".into(), &mut cmds);
+        assert!(cmds.len() > 10, "the walk sees the subcommands");
+        for (path, mut cmd) in cmds {
+            for a in cmd.get_arguments() {
+                let doc = [a.get_help(), a.get_long_help()]
+                    .into_iter()
+                    .flatten()
+                    .map(|h| h.to_string())
+                    .collect::<String>();
+                let clap_shows_default =
+                    !a.get_default_values().is_empty() && !a.is_hide_default_value_set();
+                assert!(
+                    !(doc.contains("[default:") && clap_shows_default),
+                    "{path} --{}: the doc comment and clap both give the default",
+                    a.get_id()
+                );
+            }
+            cmd.build();
+            for help in [cmd.render_help(), cmd.render_long_help()] {
+                for line in help.to_string().lines() {
+                    assert!(
+                        line.matches("[default:").count() <= 1,
+                        "{path} --help: {line:?}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -284,6 +284,13 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
         use std::io::Write;
         let _ = std::io::stdout().flush();
     }
+    // Listeners bound, disks open, SIGTERM handled: a Type=notify unit may
+    // now start what depends on it.
+    crate::control::systemd::ready(&format!(
+        "serving {} disk(s) on {}",
+        server.exports.disks.len(),
+        abs(&socket).display()
+    ));
 
     // Accept until a signal arrives.
     loop {
@@ -317,6 +324,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
 
     // Stop: no new connections; no new requests; let what is in flight finish.
     log::info!("signal received: stopping");
+    crate::control::systemd::stopping("draining in-flight requests, then flushing");
     drop(unix);
     drop(tcp);
     let _ = std::fs::remove_file(&socket);

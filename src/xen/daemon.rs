@@ -351,6 +351,10 @@ pub fn run(args: XenBackendArgs) -> Result<(), Box<dyn std::error::Error>> {
         config,
     )?;
     log::info!("xen-backend: watching {}", args.backend_root);
+    // The watch is set: a Type=notify unit is up (READY=1), and a SIGTERM
+    // from systemd is announced (STOPPING=1) before it ends the daemon.
+    crate::control::systemd::stopping_on_sigterm()?;
+    crate::control::systemd::ready(&format!("watching {}", args.backend_root));
     let stop = AtomicBool::new(false);
     sup.run(&stop)?;
     Ok(())

@@ -52,7 +52,7 @@ DELAY=${DELAY:-30}
 HOOK_DELAY=${HOOK_DELAY:-60}
 MIGRATE_DELAY=${MIGRATE_DELAY:-}
 BLKSHIM=${BLKSHIM:-}
-TIMEOUT=${TIMEOUT:-1200}
+TIMEOUT=${TIMEOUT:-}
 BLKSHIM_ARGS=${BLKSHIM_ARGS:-}
 XEN_REAL_BIN=${XEN_REAL_BIN:-}
 FULL=0
@@ -92,9 +92,32 @@ cleanup() {
     wait 2>/dev/null
 }
 trap cleanup EXIT
-trap 'say "interrupted"; exit 130' INT TERM
-# The whole run is bounded: a watchdog signals this script at --timeout.
-( sleep "$TIMEOUT" && { echo "xen.sh: overall timeout ${TIMEOUT}s" >&2; kill -TERM $$; } ) &
+# Interrupted (the overall timeout, or a signal): judge the boot under way
+# from what its console said so far, and FAIL every planned scenario that
+# has no result yet. A run that stops early never reads as a pass.
+CUR_BE=""; CUR_SCNS=""
+mark_unjudged() { # why
+    local be s
+    for be in $BACKENDS; do
+        for s in $(scns_for "$be" 2>/dev/null | tail -1 | tr ':' ' '); do
+            grep -q "^XEN-RESULT $s $be " "$WORKDIR/results" 2>/dev/null && continue
+            echo "XEN-RESULT $s $be FAIL interrupted=1 -- not judged: $1" | tee -a "$WORKDIR/results"
+        done
+    done
+}
+on_interrupt() {
+    say "interrupted"
+    if [ -n "$CUR_BE" ] && [ -f "$WORKDIR/serial-$CUR_BE.log" ] && ! grep -q " $CUR_BE " "$WORKDIR/results" 2>/dev/null; then
+        python3 -c "$JUDGEPY" "$WORKDIR" "$CUR_BE" "$CUR_SCNS"
+    fi
+    mark_unjudged "the run was interrupted (overall timeout ${TIMEOUT:-none}s, or a signal)"
+    exit 130
+}
+trap on_interrupt INT TERM
+# The whole run is bounded: a watchdog signals this script at --timeout
+# (default: every boot's own bound plus 10 minutes to build; set below, once
+# the scenarios are known). Until then, an hour.
+( sleep "${TIMEOUT:-3600}" && { echo "xen.sh: overall timeout ${TIMEOUT:-3600}s" >&2; kill -TERM $$; } ) &
 WDPID=$!
 
 # ---- prerequisites -----------------------------------------------------------
@@ -394,6 +417,15 @@ with open(os.path.join(wd, "results"), "a") as f:
         print(line); f.write(line + "\n")
 '
 
+if [ -z "$TIMEOUT" ]; then
+    TIMEOUT=600
+    for be in $BACKENDS; do TIMEOUT=$((TIMEOUT + $(estimate "$(scns_for "$be" | tail -1)"))); done
+    kill "$WDPID" 2>/dev/null
+    ( sleep "$((TIMEOUT - ($(date +%s) - START)))" && { echo "xen.sh: overall timeout ${TIMEOUT}s" >&2; kill -TERM $$; } ) &
+    WDPID=$!
+    say "overall bound ${TIMEOUT}s (the boots' own bounds plus 600s)"
+fi
+
 # The selftest's binary: tests/xen_real built with the xen feature.
 if echo "$BACKENDS" | grep -q blkshim && echo ":$(scns_for blkshim 2>/dev/null):" | grep -q ':selftest:' && [ -z "$XEN_REAL_BIN" ]; then
     say "cargo test --features xen --test xen_real --no-run"
@@ -417,8 +449,10 @@ fi
 for be in $BACKENDS; do
     scns=$(scns_for "$be")
     [ -n "$scns" ] || continue
+    CUR_BE=$be; CUR_SCNS=$scns
     boot "$be" "$scns"
     python3 -c "$JUDGEPY" "$WORKDIR" "$be" "$scns"
+    CUR_BE=""
 done
 
 pass=$(grep -c ' PASS ' "$WORKDIR/results" 2>/dev/null); pass=${pass:-0}

@@ -205,8 +205,15 @@ struct Shared {
     /// Held by a writer from encrypting to the end of its raw write, so
     /// records leave in the order they were made.
     send: Mutex<()>,
-    /// The reader's buffer of ciphertext.
-    rbuf: Mutex<Vec<u8>>,
+    /// The reader's ciphertext, read from the socket but not yet taken
+    /// by the session.
+    rbuf: Mutex<ReadBuf>,
+}
+
+struct ReadBuf {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
 }
 
 impl std::fmt::Debug for TlsSock {
@@ -267,7 +274,11 @@ impl TlsSock {
             raw,
             conn: Mutex::new(conn),
             send: Mutex::new(()),
-            rbuf: Mutex::new(vec![0u8; 18 << 10]),
+            rbuf: Mutex::new(ReadBuf {
+                buf: vec![0u8; 18 << 10],
+                start: 0,
+                end: 0,
+            }),
         };
         Ok((TlsSock(Arc::new(shared)), identity))
     }
@@ -299,31 +310,39 @@ impl TlsSock {
         if buf.is_empty() {
             return Ok(0);
         }
-        let mut rbuf = self.0.rbuf.lock();
+        let mut guard = self.0.rbuf.lock();
+        let rb = &mut *guard;
         loop {
-            match self.0.conn.lock().reader().read(buf) {
-                Ok(n) => return Ok(n), // 0: the client's close_notify
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-            // Blocking, and holding no lock a writer needs.
-            let n = self.0.raw.raw_read(&mut rbuf)?;
-            if n == 0 {
-                // Closed without close_notify: an end like any other to
-                // NBD, whose framing shows a cut request for what it is.
-                return Ok(0);
-            }
             let failed = {
                 let mut c = self.0.conn.lock();
-                let mut ct = &rbuf[..n];
-                let mut failed = None;
-                while !ct.is_empty() && failed.is_none() {
-                    c.read_tls(&mut ct)?;
+                // rustls takes more ciphertext only once its plaintext has
+                // been read ("received plaintext buffer full" otherwise),
+                // so the rest waits in `rb` for the next call.
+                loop {
+                    match c.reader().read(buf) {
+                        Ok(n) => return Ok(n), // 0: the client's close_notify
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                    if rb.start == rb.end {
+                        break None;
+                    }
+                    let mut ct = &rb.buf[rb.start..rb.end];
+                    let k = c.read_tls(&mut ct)?;
+                    rb.start += k;
                     if let Err(e) = c.process_new_packets() {
-                        failed = Some(e);
+                        break Some(e);
+                    }
+                    if k == 0 {
+                        // Nothing taken and (below) nothing to read: stuck.
+                        return match c.reader().read(buf) {
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                Err(io::Error::other("TLS session took no input"))
+                            }
+                            r => r,
+                        };
                     }
                 }
-                failed
             };
             if let Some(e) = failed {
                 // Send the alert unless a writer is busy (it would then).
@@ -332,6 +351,14 @@ impl TlsSock {
                 }
                 return Err(tls_err(e));
             }
+            // Blocking, and holding no lock a writer needs.
+            let n = self.0.raw.raw_read(&mut rb.buf)?;
+            if n == 0 {
+                // Closed without close_notify: an end like any other to
+                // NBD, whose framing shows a cut request for what it is.
+                return Ok(0);
+            }
+            (rb.start, rb.end) = (0, n);
         }
     }
 

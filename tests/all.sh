@@ -23,6 +23,8 @@ command -v nbdinfo >/dev/null || pkgs+=(libnbd-bin)
 # nbdsh is python: the Debian interpreter needs the nbd module.
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || pkgs+=(python3-libnbd)
 command -v nbdkit >/dev/null || pkgs+=(nbdkit)
+# tests/nbd_tls.rs makes its CA and certificates with the openssl CLI.
+command -v openssl >/dev/null || pkgs+=(openssl)
 [ -x /bin/busybox ] || pkgs+=(busybox-static)
 command -v cpio >/dev/null || pkgs+=(cpio)
 dpkg -s libclang-dev >/dev/null 2>&1 || pkgs+=(libclang-dev)

@@ -408,6 +408,87 @@ mod tests {
         assert_eq!(attr_name("1.2.840.113549.1.9.1"), "1.2.840.113549.1.9.1");
     }
 
+    /// A CA and a server certificate for localhost, made by the openssl CLI
+    /// (as tests/nbd_tls.rs does) in `dir`.
+    fn make_pki(dir: &Path) {
+        let script = r#"set -e
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca-key.pem \
+  -out ca-cert.pem -days 2 -subj "/CN=unit CA" \
+  -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout server-key.pem \
+  -out server.csr -subj "/O=unit/CN=localhost"
+printf 'subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n' > server.ext
+openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
+  -out server-cert.pem -days 2 -extfile server.ext
+"#;
+        let out = std::process::Command::new("bash")
+            .args(["-c", script])
+            .current_dir(dir)
+            .output()
+            .expect("openssl (apt-get install openssl)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A writer stuck on a full socket (the client sends everything before
+    /// it reads anything) must not stop the reader from taking the
+    /// client's data: with the session lock held across the raw write,
+    /// both sides would wait for each other forever. And the server's
+    /// close_notify ends the client's reading cleanly.
+    #[test]
+    fn a_blocked_writer_does_not_stall_the_reader_and_shutdown_says_close_notify() {
+        use std::os::unix::net::UnixStream;
+        let dir = tempfile::tempdir().unwrap();
+        make_pki(dir.path());
+        let cfg = server_config(dir.path(), false).unwrap();
+        let server_cert =
+            CertificateDer::from_pem_file(dir.path().join("server-cert.pem")).unwrap();
+        // RFC 4514 order: the last RDN (CN) first.
+        assert_eq!(subject_of(&server_cert).unwrap(), "CN=localhost,O=unit");
+        let mut roots = RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(dir.path().join("ca-cert.pem")).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let client_cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let (a, b) = UnixStream::pair().unwrap();
+        const LEN: usize = 8 << 20;
+        let pattern = |i: usize| (i % 251) as u8;
+        let server = std::thread::spawn(move || {
+            let (tls, who) = TlsSock::accept(Sock::Unix(a), &cfg).unwrap();
+            assert_eq!(who, None, "no client certificate");
+            let w = tls.clone();
+            let writer = std::thread::spawn(move || {
+                let data: Vec<u8> = (0..LEN).map(pattern).collect();
+                let mut s = Sock::Tls(w);
+                s.write_all(&data).unwrap();
+                s.shutdown(Shutdown::Write).unwrap();
+            });
+            let mut got = vec![0u8; LEN];
+            Sock::Tls(tls).read_exact(&mut got).unwrap();
+            assert!(got.iter().enumerate().all(|(i, &b)| b == pattern(i)));
+            writer.join().unwrap();
+        });
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let conn = rustls::ClientConnection::new(Arc::new(client_cfg), name).unwrap();
+        let mut c = rustls::StreamOwned::new(conn, b);
+        let data: Vec<u8> = (0..LEN).map(pattern).collect();
+        c.write_all(&data).unwrap();
+        c.flush().unwrap();
+        let mut back = Vec::new();
+        // read_to_end fails on an end without close_notify.
+        c.read_to_end(&mut back).unwrap();
+        assert_eq!(back.len(), LEN);
+        assert!(back == data);
+        server.join().unwrap();
+    }
+
     #[test]
     fn modes_parse() {
         assert_eq!("require".parse::<TlsMode>().unwrap(), TlsMode::Require);

@@ -61,6 +61,11 @@ struct ServeArgs {
     /// verify-peer); false: one is asked for but optional.
     #[arg(long, action = clap::ArgAction::Set, value_name = "BOOL")]
     tls_verify_peer: Option<bool>,
+    /// TLS with pre-shared keys instead of certificates: a file of
+    /// USERNAME:HEXKEY lines (as qemu's tls-creds-psk and nbdkit's
+    /// --tls-psk); the username is the client's identity.
+    #[arg(long, conflicts_with = "tls_certificates")]
+    tls_psk: Option<PathBuf>,
     /// Size of the sparse image created when a disk file does not exist (e.g. 10G).
     #[arg(long, value_parser = config::parse_size)]
     size: Option<u64>,
@@ -214,6 +219,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         tls: a.tls,
         tls_certificates: a.tls_certificates,
         tls_verify_peer: a.tls_verify_peer.unwrap_or(true),
+        tls_psk: a.tls_psk,
         clients: Vec::new(),
     };
     if let Some(p) = &a.config {

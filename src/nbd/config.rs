@@ -11,6 +11,7 @@
 //! tls = "require"                  # off, on or require (TCP default: require)
 //! tls_certificates = "/etc/blkshim/pki"  # ca-cert.pem, server-cert.pem, server-key.pem
 //! tls_verify_peer = true           # clients need a certificate from ca-cert.pem
+//! # tls_psk = "/etc/blkshim/keys.psk"  # or: pre-shared keys, USERNAME:HEXKEY lines
 //!
 //! [[disk]]
 //! name = "vm1"
@@ -68,6 +69,9 @@ pub struct ServeConfig {
     pub tls_certificates: Option<PathBuf>,
     /// `--tls-verify-peer`: a client certificate is required.
     pub tls_verify_peer: bool,
+    /// `--tls-psk FILE`: TLS with pre-shared keys (`USERNAME:HEXKEY`
+    /// lines) instead of certificates.
+    pub tls_psk: Option<PathBuf>,
     /// `[[client]]` entries: who may open which disk.
     pub clients: Vec<ClientRule>,
 }
@@ -159,9 +163,12 @@ impl ServeConfig {
     /// permissions) offers TLS when there are certificates and requires
     /// it only when `--tls require` is given.
     pub fn tls_modes(&self) -> Result<(Option<TlsMode>, TlsMode), String> {
-        let certs = self.tls_certificates.is_some();
+        if self.tls_certificates.is_some() && self.tls_psk.is_some() {
+            return Err("--tls-certificates and --tls-psk: give one".into());
+        }
+        let certs = self.tls_certificates.is_some() || self.tls_psk.is_some();
         if matches!(self.tls, Some(TlsMode::On | TlsMode::Require)) && !certs {
-            return Err("--tls on/require needs --tls-certificates DIR (ca-cert.pem, server-cert.pem, server-key.pem)".into());
+            return Err("--tls on/require needs --tls-certificates DIR (ca-cert.pem, server-cert.pem, server-key.pem) or --tls-psk FILE".into());
         }
         let tcp = match (&self.listen, self.tls) {
             (None, _) => None,
@@ -320,6 +327,7 @@ struct FileConfig {
     tls: Option<TlsMode>,
     tls_certificates: Option<PathBuf>,
     tls_verify_peer: Option<bool>,
+    tls_psk: Option<PathBuf>,
     #[serde(default)]
     client: Vec<ClientRule>,
 }
@@ -369,6 +377,9 @@ pub fn load_file(path: &Path, base: &mut ServeConfig, cli_set: &CliSet) -> Resul
     }
     if base.tls_certificates.is_none() {
         base.tls_certificates = f.tls_certificates;
+    }
+    if base.tls_psk.is_none() {
+        base.tls_psk = f.tls_psk;
     }
     if !cli_set.tls_verify_peer {
         if let Some(v) = f.tls_verify_peer {
@@ -505,6 +516,7 @@ mod tests {
             tls: None,
             tls_certificates: None,
             tls_verify_peer: true,
+            tls_psk: None,
             clients: Vec::new(),
         }
     }
@@ -538,6 +550,14 @@ mod tests {
         c.listen = None;
         c.tls = None;
         assert_eq!(c.tls_modes().unwrap(), (None, TlsMode::On));
+        c.tls_psk = Some("/keys.psk".into());
+        assert!(c.tls_modes().is_err(), "certificates and PSK");
+        c.tls_certificates = None;
+        c.listen = Some("10809".into());
+        assert_eq!(
+            c.tls_modes().unwrap(),
+            (Some(TlsMode::Require), TlsMode::On)
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use super::allocation::AllocationMap;
 use super::authz::{Authz, Grant, ANONYMOUS};
 use super::proto::*;
-use super::tls::{TlsMode, TlsPolicy};
+use super::tls::{TlsEngine, TlsMode, TlsPolicy};
 use crate::handoff::{Disk, DiskError, Writer};
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -32,7 +32,7 @@ impl Exports {
 pub trait Transport: Read + Write {
     /// Run the TLS handshake and go on over TLS; returns the client
     /// certificate's subject, if it sent one.
-    fn start_tls(&mut self, cfg: &Arc<rustls::ServerConfig>) -> io::Result<Option<String>>;
+    fn start_tls(&mut self, cfg: &TlsEngine) -> io::Result<Option<String>>;
 }
 
 /// Who may connect how: the listener's TLS policy and the authorization
@@ -566,7 +566,7 @@ mod tests {
     }
 
     impl Transport for Fake {
-        fn start_tls(&mut self, _: &Arc<rustls::ServerConfig>) -> io::Result<Option<String>> {
+        fn start_tls(&mut self, _: &TlsEngine) -> io::Result<Option<String>> {
             self.started += 1;
             Ok(self.identity.clone())
         }
@@ -591,8 +591,8 @@ mod tests {
     }
 
     /// Any server config: the fake never uses it.
-    fn tls_config() -> Arc<rustls::ServerConfig> {
-        Arc::new(
+    fn tls_config() -> TlsEngine {
+        TlsEngine::X509(Arc::new(
             rustls::ServerConfig::builder_with_provider(Arc::new(
                 rustls::crypto::ring::default_provider(),
             ))
@@ -600,7 +600,7 @@ mod tests {
             .unwrap()
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(rustls::server::ResolvesServerCertUsingSni::new())),
-        )
+        ))
     }
 
     fn policy(mode: TlsMode) -> TlsPolicy {

@@ -9,7 +9,7 @@ use super::config::ServeConfig;
 use super::config::{DiskSpec, HostSideConfig};
 use super::connection::{self, ConnStats, Sock};
 use super::handshake::{handshake, Access, Exports};
-use super::tls::{TlsMode, TlsPolicy};
+use super::tls::{TlsEngine, TlsMode, TlsPolicy};
 use crate::control::ctl::{self, CtlRequest};
 use crate::epoch::EpochStore;
 use crate::handoff::{Disk, DiskOptions, HandoffLedger, HostSide, HostSidePolicy};
@@ -151,16 +151,16 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
     // TLS and authorization first: a bad certificate or rule stops the
     // server before it touches a disk.
     let (tcp_mode, unix_mode) = cfg.tls_modes()?;
-    let tls_config = match &cfg.tls_certificates {
-        Some(dir)
-            if tcp_mode.unwrap_or(TlsMode::Off) != TlsMode::Off || unix_mode != TlsMode::Off =>
-        {
-            Some(
-                super::tls::server_config(dir, cfg.tls_verify_peer)
-                    .map_err(|e| format!("TLS: {e}"))?,
-            )
-        }
-        _ => None,
+    let tls_wanted = tcp_mode.unwrap_or(TlsMode::Off) != TlsMode::Off || unix_mode != TlsMode::Off;
+    let tls_config = match (&cfg.tls_certificates, &cfg.tls_psk) {
+        _ if !tls_wanted => None,
+        (Some(dir), _) => Some(TlsEngine::X509(
+            super::tls::server_config(dir, cfg.tls_verify_peer).map_err(|e| format!("TLS: {e}"))?,
+        )),
+        (None, Some(file)) => Some(TlsEngine::Psk(
+            super::tls::PskServer::from_file(file).map_err(|e| format!("TLS-PSK: {e}"))?,
+        )),
+        (None, None) => None,
     };
     let policy = |mode: TlsMode| TlsPolicy {
         mode,

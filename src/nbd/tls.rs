@@ -11,6 +11,11 @@
 //! a value that is not a string as `#` and its hex bytes. A certificate
 //! made with `-subj /O=blkshim-test/CN=host-a` is `CN=host-a,O=blkshim-test`.
 //!
+//! With `--tls-psk FILE` the engine is OpenSSL with pre-shared keys
+//! instead (qemu's `tls-creds-psk`, nbdkit's `--tls-psk`): rustls has no
+//! external PSK support (rustls issue #174). The identity is then the
+//! PSK username.
+//!
 //! [`TlsSock`] is one TLS session over a socket, shared by the request
 //! reader and the reply writer of a connection (see its docs for how they
 //! avoid blocking each other).
@@ -51,12 +56,20 @@ impl std::str::FromStr for TlsMode {
     }
 }
 
+/// The TLS engine and credentials a listener uses: X.509 on rustls, or
+/// pre-shared keys on OpenSSL (rustls has no external PSK support).
+#[derive(Clone)]
+pub enum TlsEngine {
+    X509(Arc<ServerConfig>),
+    Psk(Arc<PskServer>),
+}
+
 /// A listener's TLS policy for the handshake.
 #[derive(Clone)]
 pub struct TlsPolicy {
     pub mode: TlsMode,
     /// `None` exactly when `mode` is `Off`.
-    pub config: Option<Arc<ServerConfig>>,
+    pub config: Option<TlsEngine>,
 }
 
 impl TlsPolicy {
@@ -201,7 +214,7 @@ pub struct TlsSock(Arc<Shared>);
 struct Shared {
     /// The plain socket under the session (never `Sock::Tls`).
     raw: Sock,
-    conn: Mutex<ServerConnection>,
+    conn: Mutex<Session>,
     /// Held by a writer from encrypting to the end of its raw write, so
     /// records leave in the order they were made.
     send: Mutex<()>,
@@ -251,10 +264,29 @@ const WRITE_CHUNK: usize = 32 << 10;
 impl TlsSock {
     /// Run the server side of the TLS handshake on `raw` (the NBD
     /// handshake's STARTTLS has just been acknowledged). Returns the
-    /// session and the client certificate's subject, if it sent one.
-    pub fn accept(raw: Sock, cfg: &Arc<ServerConfig>) -> io::Result<(TlsSock, Option<String>)> {
+    /// session and the client's identity: its certificate's subject, if
+    /// it sent one, or its PSK username.
+    pub fn accept(raw: Sock, engine: &TlsEngine) -> io::Result<(TlsSock, Option<String>)> {
+        let (session, identity) = match engine {
+            TlsEngine::X509(cfg) => Self::accept_x509(&raw, cfg)?,
+            TlsEngine::Psk(psk) => psk.accept(&raw)?,
+        };
+        let shared = Shared {
+            raw,
+            conn: Mutex::new(session),
+            send: Mutex::new(()),
+            rbuf: Mutex::new(ReadBuf {
+                buf: vec![0u8; 18 << 10],
+                start: 0,
+                end: 0,
+            }),
+        };
+        Ok((TlsSock(Arc::new(shared)), identity))
+    }
+
+    fn accept_x509(raw: &Sock, cfg: &Arc<ServerConfig>) -> io::Result<(Session, Option<String>)> {
         let mut conn = ServerConnection::new(Arc::clone(cfg)).map_err(tls_err)?;
-        let mut io = RawIo(&raw);
+        let mut io = RawIo(raw);
         while conn.is_handshaking() {
             // Sends the alert itself when the client's certificate fails.
             conn.complete_io(&mut io)?;
@@ -270,17 +302,7 @@ impl TlsSock {
             ),
             None => None,
         };
-        let shared = Shared {
-            raw,
-            conn: Mutex::new(conn),
-            send: Mutex::new(()),
-            rbuf: Mutex::new(ReadBuf {
-                buf: vec![0u8; 18 << 10],
-                start: 0,
-                end: 0,
-            }),
-        };
-        Ok((TlsSock(Arc::new(shared)), identity))
+        Ok((Session::Rustls(Box::new(conn)), identity))
     }
 
     pub fn raw(&self) -> &Sock {
@@ -294,12 +316,10 @@ impl TlsSock {
             let n = if plain.is_empty() {
                 0
             } else {
-                c.writer().write(plain)?
+                c.write_plain(plain)?
             };
             let mut out = Vec::with_capacity(n + 64);
-            while c.wants_write() {
-                c.write_tls(&mut out)?;
-            }
+            c.take_output(&mut out)?;
             (n, out)
         };
         RawIo(&self.0.raw).write_all(&out)?;
@@ -319,7 +339,7 @@ impl TlsSock {
                 // been read ("received plaintext buffer full" otherwise),
                 // so the rest waits in `rb` for the next call.
                 loop {
-                    match c.reader().read(buf) {
+                    match c.read_plain(buf) {
                         Ok(n) => return Ok(n), // 0: the client's close_notify
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) => return Err(e),
@@ -327,15 +347,14 @@ impl TlsSock {
                     if rb.start == rb.end {
                         break None;
                     }
-                    let mut ct = &rb.buf[rb.start..rb.end];
-                    let k = c.read_tls(&mut ct)?;
+                    let k = match c.feed(&rb.buf[rb.start..rb.end]) {
+                        Ok(k) => k,
+                        Err(e) => break Some(e),
+                    };
                     rb.start += k;
-                    if let Err(e) = c.process_new_packets() {
-                        break Some(e);
-                    }
                     if k == 0 {
                         // Nothing taken and (below) nothing to read: stuck.
-                        return match c.reader().read(buf) {
+                        return match c.read_plain(buf) {
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                                 Err(io::Error::other("TLS session took no input"))
                             }
@@ -349,7 +368,7 @@ impl TlsSock {
                 if let Some(_g) = self.0.send.try_lock() {
                     let _ = self.write_out(&[]);
                 }
-                return Err(tls_err(e));
+                return Err(e);
             }
             // Blocking, and holding no lock a writer needs.
             let n = self.0.raw.raw_read(&mut rb.buf)?;
@@ -380,11 +399,232 @@ impl TlsSock {
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         if how != Shutdown::Read {
             if let Some(_g) = self.0.send.try_lock() {
-                self.0.conn.lock().send_close_notify();
+                self.0.conn.lock().close_notify();
                 let _ = self.write_out(&[]);
             }
         }
         self.0.raw.shutdown(how)
+    }
+}
+
+/// One TLS session's state, whichever engine runs it.
+enum Session {
+    Rustls(Box<ServerConnection>),
+    Openssl(Box<openssl::ssl::SslStream<MemIo>>),
+}
+
+fn openssl_err(e: openssl::ssl::Error) -> io::Error {
+    match e.into_io_error() {
+        Ok(e) => e,
+        Err(e) => io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+    }
+}
+
+impl Session {
+    /// Decrypted bytes; `WouldBlock` when there are none yet, 0 after the
+    /// client's close_notify.
+    fn read_plain(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Session::Rustls(c) => c.reader().read(buf),
+            Session::Openssl(s) => match s.ssl_read(buf) {
+                Ok(n) => Ok(n),
+                Err(e) if e.code() == openssl::ssl::ErrorCode::ZERO_RETURN => Ok(0),
+                Err(e) if e.code() == openssl::ssl::ErrorCode::WANT_READ => {
+                    Err(io::ErrorKind::WouldBlock.into())
+                }
+                Err(e) => Err(openssl_err(e)),
+            },
+        }
+    }
+
+    /// Take ciphertext (as much as the engine takes now) and decrypt it.
+    fn feed(&mut self, mut ct: &[u8]) -> io::Result<usize> {
+        match self {
+            Session::Rustls(c) => {
+                let k = c.read_tls(&mut ct)?;
+                c.process_new_packets().map_err(tls_err)?;
+                Ok(k)
+            }
+            Session::Openssl(s) => {
+                s.get_mut().push(ct);
+                Ok(ct.len())
+            }
+        }
+    }
+
+    fn write_plain(&mut self, plain: &[u8]) -> io::Result<usize> {
+        match self {
+            Session::Rustls(c) => c.writer().write(plain),
+            Session::Openssl(s) => s.ssl_write(plain).map_err(openssl_err),
+        }
+    }
+
+    /// Append the ciphertext the session has queued to `out`.
+    fn take_output(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
+        match self {
+            Session::Rustls(c) => {
+                while c.wants_write() {
+                    c.write_tls(out)?;
+                }
+            }
+            Session::Openssl(s) => out.append(&mut s.get_mut().out),
+        }
+        Ok(())
+    }
+
+    fn close_notify(&mut self) {
+        match self {
+            Session::Rustls(c) => c.send_close_notify(),
+            Session::Openssl(s) => {
+                let _ = s.shutdown();
+            }
+        }
+    }
+}
+
+/// OpenSSL's transport: ciphertext in memory, moved to and from the
+/// socket by [`TlsSock`] (so OpenSSL never blocks on the socket holding
+/// the session).
+#[derive(Default)]
+struct MemIo {
+    input: Vec<u8>,
+    pos: usize,
+    out: Vec<u8>,
+}
+
+impl MemIo {
+    fn push(&mut self, ct: &[u8]) {
+        if self.pos == self.input.len() {
+            self.input.clear();
+            self.pos = 0;
+        }
+        self.input.extend_from_slice(ct);
+    }
+}
+
+impl Read for MemIo {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let rest = &self.input[self.pos..];
+        if rest.is_empty() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = rest.len().min(buf.len());
+        buf[..n].copy_from_slice(&rest[..n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+impl Write for MemIo {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// TLS-PSK (`--tls-psk FILE`), on OpenSSL: the keys file is qemu's and
+/// nbdkit's, one `USERNAME:HEXKEY` a line. The client's identity is its
+/// username.
+pub struct PskServer {
+    ctx: openssl::ssl::SslContext,
+    user: openssl::ex_data::Index<openssl::ssl::Ssl, String>,
+}
+
+/// Parse a PSK keys file: `USERNAME:HEXKEY` lines (blank lines and `#`
+/// comments skipped).
+pub fn parse_psk_file(text: &str) -> Result<std::collections::BTreeMap<String, Vec<u8>>, String> {
+    let mut keys = std::collections::BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = |why: &str| format!("line {}: {why}", i + 1);
+        let (user, hex) = line
+            .split_once(':')
+            .ok_or_else(|| bad("expected USERNAME:HEXKEY"))?;
+        if user.is_empty() || user == super::authz::ANONYMOUS {
+            return Err(bad("empty or reserved username"));
+        }
+        if hex.is_empty() || hex.len() % 2 != 0 || hex.len() > 512 {
+            return Err(bad(
+                "the key must be an even number of hex digits (at most 256 bytes)",
+            ));
+        }
+        let key = (0..hex.len())
+            .step_by(2)
+            .map(|j| u8::from_str_radix(&hex[j..j + 2], 16))
+            .collect::<Result<Vec<u8>, _>>()
+            .map_err(|_| bad("the key is not hex"))?;
+        if keys.insert(user.to_string(), key).is_some() {
+            return Err(bad("username given twice"));
+        }
+    }
+    if keys.is_empty() {
+        return Err("no USERNAME:HEXKEY line".into());
+    }
+    Ok(keys)
+}
+
+impl PskServer {
+    pub fn from_file(path: &Path) -> Result<Arc<PskServer>, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let keys = parse_psk_file(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::new(keys).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    fn new(keys: std::collections::BTreeMap<String, Vec<u8>>) -> Result<Arc<PskServer>, String> {
+        use openssl::ssl::{Ssl, SslContext, SslMethod};
+        let user = Ssl::new_ex_index::<String>().map_err(|e| e.to_string())?;
+        let mut b = SslContext::builder(SslMethod::tls_server()).map_err(|e| e.to_string())?;
+        // PSK suites only (TLS 1.2); TLS 1.3 uses its own with the key.
+        b.set_cipher_list("ECDHE-PSK:DHE-PSK:PSK:!NULL")
+            .map_err(|e| e.to_string())?;
+        b.set_psk_server_callback(move |ssl, identity, psk| {
+            let name = identity.and_then(|i| std::str::from_utf8(i).ok());
+            match name.and_then(|n| keys.get(n).map(|k| (n, k))) {
+                Some((n, k)) if k.len() <= psk.len() => {
+                    psk[..k.len()].copy_from_slice(k);
+                    ssl.set_ex_data(user, n.to_string());
+                    Ok(k.len())
+                }
+                // An unknown user: the handshake fails.
+                _ => Ok(0),
+            }
+        });
+        Ok(Arc::new(PskServer {
+            ctx: b.build(),
+            user,
+        }))
+    }
+
+    fn accept(&self, raw: &Sock) -> io::Result<(Session, Option<String>)> {
+        use openssl::ssl::{ErrorCode, Ssl, SslStream};
+        let mut ssl = Ssl::new(&self.ctx).map_err(io::Error::other)?;
+        ssl.set_accept_state();
+        let mut s = SslStream::new(ssl, MemIo::default()).map_err(io::Error::other)?;
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            let r = s.do_handshake();
+            let out = std::mem::take(&mut s.get_mut().out);
+            RawIo(raw).write_all(&out)?;
+            match r {
+                Ok(()) => break,
+                Err(e) if e.code() == ErrorCode::WANT_READ => {
+                    let n = raw.raw_read(&mut buf)?;
+                    if n == 0 {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                    s.get_mut().push(&buf[..n]);
+                }
+                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+            }
+        }
+        let identity = s.ssl().ex_data(self.user).cloned();
+        Ok((Session::Openssl(Box::new(s)), identity))
     }
 }
 
@@ -461,7 +701,7 @@ openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateseri
         const LEN: usize = 8 << 20;
         let pattern = |i: usize| (i % 251) as u8;
         let server = std::thread::spawn(move || {
-            let (tls, who) = TlsSock::accept(Sock::Unix(a), &cfg).unwrap();
+            let (tls, who) = TlsSock::accept(Sock::Unix(a), &TlsEngine::X509(cfg)).unwrap();
             assert_eq!(who, None, "no client certificate");
             let w = tls.clone();
             let writer = std::thread::spawn(move || {
@@ -487,6 +727,27 @@ openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateseri
         assert_eq!(back.len(), LEN);
         assert!(back == data);
         server.join().unwrap();
+    }
+
+    #[test]
+    fn psk_files_are_username_colon_hex_lines() {
+        let k = parse_psk_file("# keys\nalice:00ff10\n\nbob:abcd\n").unwrap();
+        assert_eq!(k["alice"], [0x00, 0xff, 0x10]);
+        assert_eq!(k["bob"], [0xab, 0xcd]);
+        for bad in [
+            "",
+            "alice",
+            "alice:",
+            "alice:abc",
+            "alice:zz",
+            ":00",
+            "anonymous:00",
+            "a:00\na:11",
+        ] {
+            assert!(parse_psk_file(bad).is_err(), "{bad:?}");
+        }
+        let e = parse_psk_file("a:00\nb:xyz1").unwrap_err();
+        assert!(e.starts_with("line 2:"), "{e}");
     }
 
     #[test]

@@ -5,10 +5,9 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
 use std::time::Duration;
 
-use crate::nbd::tls::TlsSock;
+use crate::nbd::tls::{TlsEngine, TlsSock};
 
 /// A client socket, unix or TCP, or a TLS session over one (after
 /// STARTTLS). A TLS socket's clones share the one session; `shutdown`,
@@ -73,7 +72,7 @@ impl Sock {
 
 impl crate::nbd::handshake::Transport for Sock {
     /// Replace this plain socket with a TLS session over it.
-    fn start_tls(&mut self, cfg: &Arc<rustls::ServerConfig>) -> io::Result<Option<String>> {
+    fn start_tls(&mut self, cfg: &TlsEngine) -> io::Result<Option<String>> {
         if self.is_tls() {
             return Err(io::Error::other("TLS already started"));
         }

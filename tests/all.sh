@@ -23,9 +23,14 @@ command -v nbdinfo >/dev/null || pkgs+=(libnbd-bin)
 # nbdsh is python: the Debian interpreter needs the nbd module.
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || pkgs+=(python3-libnbd)
 command -v nbdkit >/dev/null || pkgs+=(nbdkit)
+# tests/nbd_tls.rs makes its CA and certificates with the openssl CLI.
+command -v openssl >/dev/null || pkgs+=(openssl)
 [ -x /bin/busybox ] || pkgs+=(busybox-static)
 command -v cpio >/dev/null || pkgs+=(cpio)
 dpkg -s libclang-dev >/dev/null 2>&1 || pkgs+=(libclang-dev)
+# The openssl crate (TLS-PSK, `serve --tls-psk`) links libssl via pkg-config.
+dpkg -s libssl-dev >/dev/null 2>&1 || pkgs+=(libssl-dev)
+command -v pkg-config >/dev/null || pkgs+=(pkg-config)
 dpkg -s libxen-dev >/dev/null 2>&1 || pkgs+=(libxen-dev)
 # qemu-harness/xen.sh: device-mapper in dom0, the static probe, strip.
 command -v dmsetup >/dev/null || pkgs+=(dmsetup)

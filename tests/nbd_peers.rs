@@ -276,7 +276,8 @@ fn nbd_parallel_qemu_io_clients_and_tcp() {
         .unwrap()
         .port();
     let listen = format!("127.0.0.1:{port}");
-    let srv = Server::start(&["vm1"], "32M", &["--listen", &listen]);
+    // Plain TCP: this test is about TCP, not TLS (tests/nbd_tls.rs).
+    let srv = Server::start(&["vm1"], "32M", &["--listen", &listen, "--tls", "off"]);
     let mut kids = Vec::new();
     for i in 0..6u32 {
         let uri = if i % 2 == 0 {

@@ -46,8 +46,26 @@ struct ServeArgs {
     #[arg(long)]
     socket: Option<PathBuf>,
     /// Also serve NBD over TCP on HOST:PORT (a bare port binds 127.0.0.1).
+    /// TLS is then required unless --tls off.
     #[arg(long)]
     listen: Option<String>,
+    /// TLS (STARTTLS): off, on (offered) or require [default: require over
+    /// TCP; over the unix socket on with --tls-certificates, else off].
+    #[arg(long, value_enum)]
+    tls: Option<crate::nbd::tls::TlsMode>,
+    /// Directory with ca-cert.pem, server-cert.pem and server-key.pem (as
+    /// qemu's tls-creds-x509 and nbdkit's --tls-certificates).
+    #[arg(long)]
+    tls_certificates: Option<PathBuf>,
+    /// Clients must present a certificate signed by ca-cert.pem (as qemu's
+    /// verify-peer); false: one is asked for but optional.
+    #[arg(long, action = clap::ArgAction::Set, value_name = "BOOL")]
+    tls_verify_peer: Option<bool>,
+    /// TLS with pre-shared keys instead of certificates: a file of
+    /// USERNAME:HEXKEY lines (as qemu's tls-creds-psk and nbdkit's
+    /// --tls-psk); the username is the client's identity.
+    #[arg(long, conflicts_with = "tls_certificates")]
+    tls_psk: Option<PathBuf>,
     /// Size of the sparse image created when a disk file does not exist (e.g. 10G).
     #[arg(long, value_parser = config::parse_size)]
     size: Option<u64>,
@@ -181,6 +199,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         control: a.control.is_some(),
         fence_timeout: a.fence_timeout.is_some(),
         cache: a.cache.is_some(),
+        tls_verify_peer: a.tls_verify_peer.is_some(),
     };
     let mut cfg = ServeConfig {
         socket: a.socket,
@@ -208,6 +227,11 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             pr_preempt: a.pr_preempt,
             sanlock: a.sanlock.clone(),
         }),
+        tls: a.tls,
+        tls_certificates: a.tls_certificates,
+        tls_verify_peer: a.tls_verify_peer.unwrap_or(true),
+        tls_psk: a.tls_psk,
+        clients: Vec::new(),
     };
     if let Some(p) = &a.config {
         config::load_file(p, &mut cfg, &set)?;

@@ -10,13 +10,25 @@
 //! fence_timeout = "5s"
 //! cache = "writeback"              # or "none" (O_DIRECT)
 //! metrics = "127.0.0.1:9187"       # optional Prometheus /metrics (a bare port: loopback)
+//! tls = "require"                  # off, on or require (TCP default: require)
+//! tls_certificates = "/etc/blkshim/pki"  # ca-cert.pem, server-cert.pem, server-key.pem
+//! tls_verify_peer = true           # clients need a certificate from ca-cert.pem
+//! # tls_psk = "/etc/blkshim/keys.psk"  # or: pre-shared keys, USERNAME:HEXKEY lines
 //!
 //! [[disk]]
 //! name = "vm1"
 //! path = "/images/vm1.raw"
 //! size = "10G"                     # created sparse when missing
+//!
+//! [[client]]                       # see nbd::authz
+//! identity = "CN=host-a,O=example"
+//! disks = ["vm1"]
+//! access = "rw"
+//! advance = true
 //! ```
 
+use super::authz::ClientRule;
+use super::tls::TlsMode;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -58,6 +70,17 @@ pub struct ServeConfig {
     /// Host-side mode (`--fence`): this server is one host's writer of
     /// shared disks, admitted at the first write. `None`: a gateway.
     pub host_side: Option<HostSideConfig>,
+    /// `--tls`; `None`: the default (see [`ServeConfig::tls_modes`]).
+    pub tls: Option<TlsMode>,
+    /// `--tls-certificates DIR` (qemu's layout).
+    pub tls_certificates: Option<PathBuf>,
+    /// `--tls-verify-peer`: a client certificate is required.
+    pub tls_verify_peer: bool,
+    /// `--tls-psk FILE`: TLS with pre-shared keys (`USERNAME:HEXKEY`
+    /// lines) instead of certificates.
+    pub tls_psk: Option<PathBuf>,
+    /// `[[client]]` entries: who may open which disk.
+    pub clients: Vec<ClientRule>,
 }
 
 /// `blkshim serve --fence ...`: one host of a host-side deployment.
@@ -137,6 +160,40 @@ impl ServeConfig {
         self.epoch_store
             .clone()
             .unwrap_or_else(|| crate::epoch::StoreUrl::File(self.epoch_dir()))
+    }
+
+    /// The TLS modes of the TCP listener (`None`: none) and the unix
+    /// socket. Over TCP anyone who reaches the port is a client, so TLS is
+    /// required unless `--tls off` says otherwise; with neither
+    /// certificates nor `--tls off` the server refuses to start rather
+    /// than serve in the clear. The unix socket (guarded by file
+    /// permissions) offers TLS when there are certificates and requires
+    /// it only when `--tls require` is given.
+    pub fn tls_modes(&self) -> Result<(Option<TlsMode>, TlsMode), String> {
+        if self.tls_certificates.is_some() && self.tls_psk.is_some() {
+            return Err("--tls-certificates and --tls-psk: give one".into());
+        }
+        let certs = self.tls_certificates.is_some() || self.tls_psk.is_some();
+        if matches!(self.tls, Some(TlsMode::On | TlsMode::Require)) && !certs {
+            return Err("--tls on/require needs --tls-certificates DIR (ca-cert.pem, server-cert.pem, server-key.pem) or --tls-psk FILE".into());
+        }
+        let tcp = match (&self.listen, self.tls) {
+            (None, _) => None,
+            (Some(_), Some(m)) => Some(m),
+            (Some(_), None) if certs => Some(TlsMode::Require),
+            (Some(addr), None) => {
+                return Err(format!(
+                    "--listen {addr}: NBD over TCP requires TLS by default, so that not everyone who can reach the port may open (and take over) the disks: give --tls-certificates DIR, or --tls off to serve in the clear anyway"
+                ))
+            }
+        };
+        let unix = match self.tls {
+            Some(TlsMode::Off) => TlsMode::Off,
+            Some(TlsMode::Require) => TlsMode::Require,
+            _ if certs => TlsMode::On,
+            _ => TlsMode::Off,
+        };
+        Ok((tcp, unix))
     }
 }
 
@@ -276,6 +333,12 @@ struct FileConfig {
     metrics: Option<String>,
     #[serde(default)]
     disk: Vec<FileDisk>,
+    tls: Option<TlsMode>,
+    tls_certificates: Option<PathBuf>,
+    tls_verify_peer: Option<bool>,
+    tls_psk: Option<PathBuf>,
+    #[serde(default)]
+    client: Vec<ClientRule>,
 }
 
 /// Read a TOML config file into `base` (command-line values already set
@@ -324,6 +387,21 @@ pub fn load_file(path: &Path, base: &mut ServeConfig, cli_set: &CliSet) -> Resul
     if base.metrics.is_none() {
         base.metrics = f.metrics;
     }
+    if base.tls.is_none() {
+        base.tls = f.tls;
+    }
+    if base.tls_certificates.is_none() {
+        base.tls_certificates = f.tls_certificates;
+    }
+    if base.tls_psk.is_none() {
+        base.tls_psk = f.tls_psk;
+    }
+    if !cli_set.tls_verify_peer {
+        if let Some(v) = f.tls_verify_peer {
+            base.tls_verify_peer = v;
+        }
+    }
+    base.clients.extend(f.client);
     let default_size = f.size.as_ref().map(SizeValue::bytes).transpose()?;
     for d in f.disk {
         let size = d
@@ -348,6 +426,7 @@ pub struct CliSet {
     pub control: bool,
     pub fence_timeout: bool,
     pub cache: bool,
+    pub tls_verify_peer: bool,
 }
 
 /// Page cache or not.
@@ -451,6 +530,79 @@ mod tests {
             metrics: None,
             disks,
             host_side: None,
+            tls: None,
+            tls_certificates: None,
+            tls_verify_peer: true,
+            tls_psk: None,
+            clients: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn tcp_requires_tls_unless_turned_off_and_unix_offers_it() {
+        let mut c = config(vec![]);
+        assert_eq!(c.tls_modes().unwrap(), (None, TlsMode::Off), "as before");
+        c.listen = Some("10809".into());
+        let e = c.tls_modes().unwrap_err();
+        assert!(
+            e.contains("--tls-certificates") && e.contains("--tls off"),
+            "names both ways out: {e}"
+        );
+        c.tls = Some(TlsMode::Off);
+        assert_eq!(c.tls_modes().unwrap(), (Some(TlsMode::Off), TlsMode::Off));
+        c.tls = Some(TlsMode::Require);
+        assert!(c.tls_modes().is_err(), "require without certificates");
+        c.tls_certificates = Some("/pki".into());
+        assert_eq!(
+            c.tls_modes().unwrap(),
+            (Some(TlsMode::Require), TlsMode::Require)
+        );
+        c.tls = None;
+        assert_eq!(
+            c.tls_modes().unwrap(),
+            (Some(TlsMode::Require), TlsMode::On)
+        );
+        c.tls = Some(TlsMode::On);
+        assert_eq!(c.tls_modes().unwrap(), (Some(TlsMode::On), TlsMode::On));
+        c.listen = None;
+        c.tls = None;
+        assert_eq!(c.tls_modes().unwrap(), (None, TlsMode::On));
+        c.tls_psk = Some("/keys.psk".into());
+        assert!(c.tls_modes().is_err(), "certificates and PSK");
+        c.tls_certificates = None;
+        c.listen = Some("10809".into());
+        assert_eq!(
+            c.tls_modes().unwrap(),
+            (Some(TlsMode::Require), TlsMode::On)
+        );
+    }
+
+    #[test]
+    fn toml_tls_and_clients() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "tls = \"require\"\ntls_certificates = \"/pki\"\ntls_verify_peer = false\n[[client]]\nidentity = \"CN=a\"\ndisks = [\"vm1\"]\naccess = \"rw\"\nadvance = true\n[[client]]\nidentity = \"CN=b\"\ndisks = [\"*\"]\n",
+        )
+        .unwrap();
+        let mut c = config(vec![]);
+        load_file(&p, &mut c, &CliSet::default()).unwrap();
+        assert_eq!(c.tls, Some(TlsMode::Require));
+        assert_eq!(c.tls_certificates, Some(PathBuf::from("/pki")));
+        assert!(!c.tls_verify_peer);
+        assert_eq!(c.clients.len(), 2);
+        assert!(c.clients[0].advance);
+        assert_eq!(c.clients[1].access, crate::nbd::authz::Access::Ro);
+        for bad in [
+            "tls = \"maybe\"\n",
+            "[[client]]\nidentity = \"CN=a\"\ndisks = [\"vm1\"]\naccess = \"write\"\n",
+            "[[client]]\nidentity = \"CN=a\"\n",
+            "[[client]]\nidentity = \"CN=a\"\ndisks = [\"vm1\"]\nadvanse = true\n",
+        ] {
+            std::fs::write(&p, bad).unwrap();
+            let e = load_file(&p, &mut config(vec![]), &CliSet::default()).unwrap_err();
+            assert!(e.contains("c.toml"), "{bad}: {e}");
         }
     }
 

@@ -10,10 +10,15 @@
 //! - [`server`]: listeners, export table, control socket, SIGTERM;
 //! - [`config`]: command line and TOML config, and the storage opener;
 //! - [`allocation`]: `base:allocation` block status from the image's holes;
+//! - [`tls`]: STARTTLS with X.509 certificates (rustls) or PSK (OpenSSL),
+//!   client identities;
+//! - [`authz`]: which identity may open which disk, and advance its epoch;
 
 pub mod allocation;
+pub mod authz;
 pub mod config;
 pub mod connection;
 pub mod handshake;
 pub mod proto;
 pub mod server;
+pub mod tls;

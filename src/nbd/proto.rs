@@ -38,6 +38,8 @@ pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+/// TLS is required before this option (the listener's `--tls require`).
+pub const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 pub const REP_ERR_SHUTDOWN: u32 = (1 << 31) + 7;
 pub const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
@@ -50,6 +52,7 @@ pub const INFO_BLOCK_SIZE: u16 = 3;
 
 // Transmission flags.
 pub const TF_HAS_FLAGS: u16 = 1;
+pub const TF_READ_ONLY: u16 = 1 << 1;
 pub const TF_SEND_FLUSH: u16 = 1 << 2;
 pub const TF_SEND_FUA: u16 = 1 << 3;
 pub const TF_SEND_TRIM: u16 = 1 << 5;
@@ -322,6 +325,9 @@ pub struct ExportLimits {
     pub structured: bool,
     /// `base:allocation` was negotiated: BLOCK_STATUS is allowed.
     pub block_status: bool,
+    /// The client may only read (a read-only grant): writes, trims and
+    /// zeroes are refused with EPERM.
+    pub read_only: bool,
 }
 
 /// A request that passed validation.
@@ -386,6 +392,9 @@ pub fn validate_request(h: &RequestHeader, lim: &ExportLimits) -> Result<Command
     };
     if h.flags & !allowed_flags != 0 {
         return Err(refuse(NBD_EINVAL, "unsupported command flags"));
+    }
+    if lim.read_only && matches!(h.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES) {
+        return Err(refuse(NBD_EPERM, "export is read-only for this client"));
     }
     let fua = h.flags & CMD_FLAG_FUA != 0;
     let needs_range = matches!(
@@ -622,6 +631,7 @@ pub fn fuzz_nbd_input(data: &[u8]) {
         trim: rest.get(2).is_some_and(|&b| b & 1 == 1),
         structured: rest.get(2).is_some_and(|&b| b & 2 == 2),
         block_status: rest.get(2).is_some_and(|&b| b & 4 == 4),
+        read_only: rest.get(2).is_some_and(|&b| b & 8 == 8),
     };
     while rest.len() >= REQUEST_LEN {
         match parse_request_header(rest) {
@@ -629,6 +639,15 @@ pub fn fuzz_nbd_input(data: &[u8]) {
                 let r = validate_request(&h, &lim);
                 if let Ok(Command::Read { offset, len } | Command::Write { offset, len, .. }) = r {
                     assert!(len <= MAX_PAYLOAD && offset + len as u64 <= lim.size);
+                }
+                if lim.read_only {
+                    let writes = matches!(
+                        r,
+                        Ok(Command::Write { .. }
+                            | Command::Trim { .. }
+                            | Command::WriteZeroes { .. })
+                    );
+                    assert!(!writes, "a read-only export let a write through");
                 }
                 let skip = match r {
                     Ok(Command::Write { len, .. }) => len as usize,
@@ -653,7 +672,30 @@ mod tests {
             trim: true,
             structured: false,
             block_status: false,
+            read_only: false,
         }
+    }
+
+    #[test]
+    fn a_read_only_export_refuses_writes_trims_and_zeroes_with_eperm() {
+        let ro = ExportLimits {
+            read_only: true,
+            ..lim()
+        };
+        for kind in [CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES] {
+            let e = validate_request(&req(kind, 0, 0, 512), &ro).unwrap_err();
+            assert_eq!(e.error, NBD_EPERM, "kind {kind}");
+            // A refused write's payload is skipped, so the stream goes on.
+            let drain = if kind == CMD_WRITE {
+                Some(512)
+            } else {
+                Some(0)
+            };
+            assert_eq!(e.drain, drain);
+        }
+        assert!(validate_request(&req(CMD_READ, 0, 0, 512), &ro).is_ok());
+        assert!(validate_request(&req(CMD_FLUSH, 0, 0, 0), &ro).is_ok());
+        assert!(validate_request(&req(CMD_WRITE, 0, 0, 512), &lim()).is_ok());
     }
 
     fn req(kind: u16, flags: u16, offset: u64, len: u32) -> RequestHeader {

@@ -3,11 +3,13 @@
 //! flight, flush, exit 0).
 
 use super::allocation::AllocationMap;
+use super::authz::Authz;
 use super::config::open_disk_storage;
 use super::config::ServeConfig;
 use super::config::{DiskSpec, HostSideConfig};
 use super::connection::{self, ConnStats, Sock};
-use super::handshake::{handshake, Exports};
+use super::handshake::{handshake, Access, Exports};
+use super::tls::{TlsEngine, TlsMode, TlsPolicy};
 use crate::control::ctl::{self, CtlRequest};
 use crate::epoch::EpochStore;
 use crate::handoff::{Disk, DiskOptions, HandoffLedger, HostSide, HostSidePolicy};
@@ -43,6 +45,10 @@ struct Server {
     next_id: AtomicU64,
     /// Per-disk request metrics (`--metrics`); empty when off.
     metrics: BTreeMap<String, Arc<crate::metrics::DiskMetrics>>,
+    /// The TCP listener's and the unix socket's TLS policies.
+    tcp_tls: TlsPolicy,
+    unix_tls: TlsPolicy,
+    authz: Authz,
 }
 
 /// Write end of the self-pipe the signal handler pokes.
@@ -144,6 +150,51 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
     if cfg.disks.is_empty() {
         return Err("no disk to serve (give DISK arguments or a config file)".into());
     }
+    // TLS and authorization first: a bad certificate or rule stops the
+    // server before it touches a disk.
+    let (tcp_mode, unix_mode) = cfg.tls_modes()?;
+    let tls_wanted = tcp_mode.unwrap_or(TlsMode::Off) != TlsMode::Off || unix_mode != TlsMode::Off;
+    let tls_config = match (&cfg.tls_certificates, &cfg.tls_psk) {
+        _ if !tls_wanted => None,
+        (Some(dir), _) => Some(TlsEngine::X509(
+            super::tls::server_config(dir, cfg.tls_verify_peer).map_err(|e| format!("TLS: {e}"))?,
+        )),
+        (None, Some(file)) => Some(TlsEngine::Psk(
+            super::tls::PskServer::from_file(file).map_err(|e| format!("TLS-PSK: {e}"))?,
+        )),
+        (None, None) => None,
+    };
+    let policy = |mode: TlsMode| TlsPolicy {
+        mode,
+        config: if mode == TlsMode::Off {
+            None
+        } else {
+            tls_config.clone()
+        },
+    };
+    let tcp_tls = policy(tcp_mode.unwrap_or(TlsMode::Off));
+    let unix_tls = policy(unix_mode);
+    let authz = Authz::new(cfg.clients.clone()).map_err(|e| format!("config: {e}"))?;
+    for r in authz.rules() {
+        for d in &r.disks {
+            if d != "*" && !cfg.disks.iter().any(|s| &s.name == d) {
+                log::warn!("[[client]] {:?}: no disk named {d:?} is served", r.identity);
+            }
+        }
+    }
+    if tls_config.is_some() && authz.is_empty() {
+        log::warn!(
+            "TLS without [[client]] entries: clients with a certificate may open no disk{}",
+            if cfg.tls_verify_peer {
+                ""
+            } else {
+                ", clients without one every disk"
+            }
+        );
+    }
+    if tcp_mode == Some(TlsMode::Off) {
+        log::warn!("--tls off: NBD over TCP in the clear; anyone who reaches the port may open and take over the disks");
+    }
     raise_fd_limit();
     let epoch_dir = cfg.epoch_dir();
     let store_url = cfg.store_url();
@@ -241,6 +292,9 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
         storages,
         conns: Mutex::new(BTreeMap::new()),
         next_id: AtomicU64::new(1),
+        tcp_tls,
+        unix_tls,
+        authz,
     });
 
     let srv = Arc::clone(&server);
@@ -309,14 +363,14 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
         while let Ok((s, _)) = unix.accept() {
             let peer = "unix".to_string();
             if s.set_nonblocking(false).is_ok() {
-                spawn_connection(&server, Sock::Unix(s), peer);
+                spawn_connection(&server, Sock::Unix(s), peer, false);
             }
         }
         if let Some(t) = &tcp {
             while let Ok((s, addr)) = t.accept() {
                 let _ = s.set_nodelay(true);
                 if s.set_nonblocking(false).is_ok() {
-                    spawn_connection(&server, Sock::Tcp(s), addr.to_string());
+                    spawn_connection(&server, Sock::Tcp(s), addr.to_string(), true);
                 }
             }
         }
@@ -405,14 +459,18 @@ fn print_banner(server: &Server, cfg: &ServeConfig, socket: &Path, tcp: Option<&
             "  fio:     fio --name={name} --ioengine=nbd --uri='nbd+unix:///{name}?socket={sock}' --rw=randwrite --bs=4k --iodepth=32"
         );
         if let Some(a) = tcp.and_then(|t| t.local_addr().ok()) {
-            println!("  tcp:     nbd://{a}/{name}");
+            if server.tcp_tls.mode == TlsMode::Off {
+                println!("  tcp:     nbd://{a}/{name}");
+            } else {
+                println!("  tcp:     nbds://{a}/{name}?tls-certificates=CLIENT-DIR");
+            }
         }
     }
     use std::io::Write;
     let _ = std::io::stdout().flush();
 }
 
-fn spawn_connection(server: &Arc<Server>, sock: Sock, peer: String) {
+fn spawn_connection(server: &Arc<Server>, sock: Sock, peer: String, tcp: bool) {
     let id = server.next_id.fetch_add(1, Ordering::Relaxed);
     let Ok(clone) = sock.try_clone() else {
         return;
@@ -429,7 +487,7 @@ fn spawn_connection(server: &Arc<Server>, sock: Sock, peer: String) {
         .name(format!("nbd-conn-{id}"))
         .stack_size(512 << 10)
         .spawn(move || {
-            run_connection(&srv, id, sock, peer);
+            run_connection(&srv, id, sock, peer, tcp);
             srv.conns.lock().remove(&id);
         });
     if let Err(e) = spawned {
@@ -438,10 +496,18 @@ fn spawn_connection(server: &Arc<Server>, sock: Sock, peer: String) {
     }
 }
 
-fn run_connection(server: &Arc<Server>, id: u64, mut sock: Sock, peer: String) {
+fn run_connection(server: &Arc<Server>, id: u64, mut sock: Sock, peer: String, tcp: bool) {
     let label = format!("conn {id} ({peer})");
     let _ = sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-    let neg = match handshake(&mut sock, &server.exports, &label) {
+    let access = Access {
+        tls: if tcp {
+            &server.tcp_tls
+        } else {
+            &server.unix_tls
+        },
+        authz: &server.authz,
+    };
+    let neg = match handshake(&mut sock, &server.exports, &access, &label) {
         Ok(Some(n)) => n,
         Ok(None) => {
             log::debug!("{label}: left during the handshake");
@@ -453,6 +519,12 @@ fn run_connection(server: &Arc<Server>, id: u64, mut sock: Sock, peer: String) {
         }
     };
     let _ = sock.set_read_timeout(None);
+    let peer = match (&neg.identity, neg.tls) {
+        (Some(who), _) => format!("{peer}, {who}"),
+        (None, true) => format!("{peer}, TLS without certificate"),
+        (None, false) => peer,
+    };
+    let label = format!("conn {id} ({peer})");
     let stats = Arc::new(ConnStats {
         id,
         peer: peer.clone(),
@@ -465,11 +537,16 @@ fn run_connection(server: &Arc<Server>, id: u64, mut sock: Sock, peer: String) {
         e.stats = Some(Arc::clone(&stats));
     }
     log::info!(
-        "{label}: serving {:?} at epoch {} (disk at {}, structured replies: {})",
+        "{label}: serving {:?} at epoch {} (disk at {}, structured replies: {}, {})",
         stats.disk,
         stats.epoch,
         neg.disk.current_epoch(),
-        neg.structured
+        neg.structured,
+        if neg.read_only {
+            "read-only"
+        } else {
+            "read-write"
+        }
     );
     connection::serve(sock, neg, stats);
 }

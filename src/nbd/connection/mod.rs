@@ -206,11 +206,17 @@ pub fn serve(sock: Sock, neg: Negotiated, stats: Arc<ConnStats>) {
         ..
     } = neg;
     let writer = Arc::new(writer);
-    let queue = match disk.local_queue() {
-        Ok(q) => q,
-        Err(e) => {
-            log::warn!("{label}: no per-connection I/O queue ({e}); using the shared one");
-            None
+    // The queue sleeps on the raw socket and reads it without blocking,
+    // which a TLS session (with plaintext it may already hold) cannot do.
+    let queue = if sock.is_tls() {
+        None
+    } else {
+        match disk.local_queue() {
+            Ok(q) => q,
+            Err(e) => {
+                log::warn!("{label}: no per-connection I/O queue ({e}); using the shared one");
+                None
+            }
         }
     };
     if queue.is_some() {

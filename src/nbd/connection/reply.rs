@@ -114,7 +114,13 @@ impl Ctx {
         let Some(mut st) = self.sink.state.try_lock() else {
             return Err(replies);
         };
-        if st.broken || !st.pending.is_empty() || !st.w.buffer().is_empty() {
+        // TLS: records must be made under the session's own locks, never
+        // by a raw send (all replies go through the writer).
+        if st.broken
+            || !st.pending.is_empty()
+            || !st.w.buffer().is_empty()
+            || st.w.get_ref().is_tls()
+        {
             return Err(replies);
         }
         let mut heads = Vec::with_capacity(replies.len() * 32);

@@ -1,4 +1,5 @@
-//! The client socket (unix or TCP) and reading request headers from it.
+//! The client socket (unix or TCP, plain or TLS) and reading request
+//! headers from it.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -6,11 +7,16 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-/// A client socket, unix or TCP.
+use crate::nbd::tls::{TlsEngine, TlsSock};
+
+/// A client socket, unix or TCP, or a TLS session over one (after
+/// STARTTLS). A TLS socket's clones share the one session; `shutdown`,
+/// `set_read_timeout` and the descriptor are the raw socket's.
 #[derive(Debug)]
 pub enum Sock {
     Unix(UnixStream),
     Tcp(TcpStream),
+    Tls(TlsSock),
 }
 
 impl Sock {
@@ -18,6 +24,7 @@ impl Sock {
         Ok(match self {
             Sock::Unix(s) => Sock::Unix(s.try_clone()?),
             Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
+            Sock::Tls(t) => Sock::Tls(t.clone()),
         })
     }
 
@@ -25,6 +32,7 @@ impl Sock {
         match self {
             Sock::Unix(s) => s.shutdown(how),
             Sock::Tcp(s) => s.shutdown(how),
+            Sock::Tls(t) => t.shutdown(how),
         }
     }
 
@@ -32,7 +40,45 @@ impl Sock {
         match self {
             Sock::Unix(s) => s.set_read_timeout(d),
             Sock::Tcp(s) => s.set_read_timeout(d),
+            Sock::Tls(t) => t.raw().set_read_timeout(d),
         }
+    }
+
+    /// Encrypted: the bytes on the descriptor are not the NBD stream, so
+    /// nothing may `recv`/`send` on it directly (the per-connection I/O
+    /// queue and the direct reply path stay off).
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Sock::Tls(_))
+    }
+
+    /// Read the plain socket through a shared reference (the TLS reader
+    /// and writer use one socket at once).
+    pub(crate) fn raw_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Sock::Unix(s) => (&*s).read(buf),
+            Sock::Tcp(s) => (&*s).read(buf),
+            Sock::Tls(_) => Err(io::Error::other("TLS over TLS")),
+        }
+    }
+
+    pub(crate) fn raw_write(&self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sock::Unix(s) => (&*s).write(buf),
+            Sock::Tcp(s) => (&*s).write(buf),
+            Sock::Tls(_) => Err(io::Error::other("TLS over TLS")),
+        }
+    }
+}
+
+impl crate::nbd::handshake::Transport for Sock {
+    /// Replace this plain socket with a TLS session over it.
+    fn start_tls(&mut self, cfg: &TlsEngine) -> io::Result<Option<String>> {
+        if self.is_tls() {
+            return Err(io::Error::other("TLS already started"));
+        }
+        let (tls, identity) = TlsSock::accept(self.try_clone()?, cfg)?;
+        *self = Sock::Tls(tls);
+        Ok(identity)
     }
 }
 
@@ -41,6 +87,7 @@ impl AsFd for Sock {
         match self {
             Sock::Unix(s) => s.as_fd(),
             Sock::Tcp(s) => s.as_fd(),
+            Sock::Tls(t) => t.raw().as_fd(),
         }
     }
 }
@@ -56,6 +103,7 @@ impl Read for Sock {
         match self {
             Sock::Unix(s) => s.read(buf),
             Sock::Tcp(s) => s.read(buf),
+            Sock::Tls(t) => t.read(buf),
         }
     }
 }
@@ -65,12 +113,14 @@ impl Write for Sock {
         match self {
             Sock::Unix(s) => s.write(buf),
             Sock::Tcp(s) => s.write(buf),
+            Sock::Tls(t) => t.write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Sock::Unix(s) => s.flush(),
             Sock::Tcp(s) => s.flush(),
+            Sock::Tls(t) => t.flush(),
         }
     }
 }

@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve disks over NBD (unix socket, optionally TCP).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Query or drive a running server through its control socket.
     Ctl(CtlArgs),
     /// Run the deterministic simulation (guest, blkfront, backends, adversarial storage).
@@ -348,7 +348,7 @@ pub fn command() -> clap::Command {
 pub fn run() -> Result<(), Box<dyn std::error::Error>> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(a) => serve(a)?,
+        Command::Serve(a) => serve(*a)?,
         Command::Ctl(a) => ctl(a)?,
         Command::Sim(args) => crate::sim::cli_main(args)?,
         Command::XenBackend(args) => crate::xen::daemon::run(args)?,

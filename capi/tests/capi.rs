@@ -17,6 +17,16 @@ const MANIFEST: &str = env!("CARGO_MANIFEST_DIR");
 fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    // `cargo test` links the tests against the rlib only: build the
+    // cdylib and staticlib too (the same profile and target directory).
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(cargo);
+    build.args(["build", "-p", "blkshim-capi", "--lib"]);
+    if dir.file_name().is_some_and(|n| n == "release") {
+        build.arg("--release");
+    }
+    let status = build.status().expect("cargo build -p blkshim-capi");
+    assert!(status.success(), "cargo build -p blkshim-capi: {status}");
     assert!(
         dir.join("libblkshim_capi.so").exists() && dir.join("libblkshim_capi.a").exists(),
         "libblkshim_capi.so/.a not in {}",
@@ -104,7 +114,10 @@ fn c_programs_static_asan() {
                 "-fno-omit-frame-pointer",
                 "-fno-sanitize-recover=all",
                 a.to_str().unwrap(),
-                // rustc --print native-static-libs for this crate.
+                // rustc --print native-static-libs for this crate
+                // (OpenSSL: the NBD server's TLS-PSK).
+                "-lssl",
+                "-lcrypto",
                 "-lgcc_s",
                 "-lutil",
                 "-lrt",

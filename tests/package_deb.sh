@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The Debian package, really built and really run, without installing it:
+# The Debian package, really built and really run (extracted, then
+# installed with dpkg -i and purged again):
 # packaging/build-deb.sh builds it (the debug build unless --release: the
 # same packaging, minutes cheaper), dpkg-deb -x extracts it into a scratch
 # root, and this checks
@@ -94,4 +95,45 @@ MANPATH="$root/usr/share/man" systemd-analyze verify --root="$root" \
   blkshim-serve@example.service blkshim-xen-backend.service 2>"$root/verify.err" \
   || { cat "$root/verify.err"; fail "systemd-analyze verify"; }
 [ ! -s "$root/verify.err" ] || { cat "$root/verify.err"; fail "systemd-analyze verify warned"; }
+
+# And for real, as an operator would: dpkg -i, the installed blkshim
+# serves, the installed units verify; purged again at the end (a
+# /usr/bin/blkshim that no package owned is put back).
+backup=""
+if [ -e /usr/bin/blkshim ] && ! dpkg -S /usr/bin/blkshim >/dev/null 2>&1; then
+  backup=$(mktemp /tmp/blkshim-bin-XXXXXX); cp -a /usr/bin/blkshim "$backup"
+fi
+trap 'dpkg --purge blkshim >/dev/null 2>&1 || true; [ -z "$backup" ] || mv "$backup" /usr/bin/blkshim; rm -rf "$root"' EXIT
+dpkg -i "$deb" >"$root/dpkg.log" 2>&1 || { cat "$root/dpkg.log"; fail "dpkg -i"; }
+dpkg -L blkshim | grep -qx /usr/bin/blkshim || fail "dpkg -L blkshim lacks /usr/bin/blkshim"
+/usr/bin/blkshim --version
+mkdir -p "$root/installed"
+python3 - "$root/installed" <<'PY'
+import os, signal, socket, subprocess, sys, time
+d = sys.argv[1]
+srv = subprocess.Popen(["/usr/bin/blkshim", "serve", "--socket", d + "/nbd.sock", "--control", d + "/ctl.sock",
+                        "--state-dir", d + "/state", "--size", "1M", "vm1=" + d + "/vm1.img"],
+                       stdout=subprocess.DEVNULL)
+try:
+    t = time.time()
+    while not os.path.exists(d + "/nbd.sock"):
+        assert time.time() - t < 30 and srv.poll() is None, "the installed blkshim did not start serving"
+        time.sleep(0.05)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(d + "/nbd.sock")
+    s.settimeout(10)
+    assert s.recv(8) == b"NBDMAGIC", "no NBD greeting"
+    s.close()
+    srv.send_signal(signal.SIGTERM)
+    assert srv.wait(60) == 0, "serve did not exit 0"
+finally:
+    if srv.poll() is None:
+        srv.kill()
+        srv.wait()
+print("dpkg -i: /usr/bin/blkshim serves (NBD greeting), exits 0 at SIGTERM")
+PY
+systemd-analyze verify blkshim-serve@example.service blkshim-xen-backend.service 2>"$root/verify-installed.err" \
+  || { cat "$root/verify-installed.err"; fail "systemd-analyze verify of the installed units"; }
+[ ! -s "$root/verify-installed.err" ] || { cat "$root/verify-installed.err"; fail "systemd-analyze verify of the installed units warned"; }
+echo "dpkg -i: the installed units verify"
 echo "package_deb: OK ($(( $(date +%s) - t0 )) s)"

@@ -4,7 +4,15 @@
 # limit). Prints IOPS and MB/s per job and each peer's ratio to blkshim.
 #
 #   benches/nbd_fio.sh [--cache=none|writeback|both] [--size=1G] [--runtime=10]
-#                      [--repeat=1] [--dir=/var/tmp]
+#                      [--repeat=1] [--dir=/var/tmp] [--tls]
+#
+# --tls adds the same servers over TLS (X.509, client certificates checked
+# against the CA, made here with openssl): blkshim-tls (--tls require and a
+# [[client]] grant), qemu-nbd-tls (--tls-creds, verify-peer=on) and
+# nbdkit-tls (--tls=require --tls-verify-peer); fio connects with
+# nbds+unix://, libnbd taking the client certificate from /etc/pki/libnbd
+# in a private mount namespace (fio's engine refuses tls-certificates= in
+# the URI; root, for unshare -m).
 #
 # With --repeat=N every server runs every job N times, the rounds
 # interleaved (so drift hits all servers alike), and each cell is the
@@ -17,7 +25,7 @@
 # Needs: fio, qemu-nbd, nbdkit, python3 (apt-get install fio qemu-utils nbdkit).
 set -euo pipefail
 
-CACHE=both SIZE=1G RUNTIME=10 DIR=/var/tmp REPEAT=1
+CACHE=both SIZE=1G RUNTIME=10 DIR=/var/tmp REPEAT=1 TLS=0
 for a in "$@"; do
   case $a in
     --cache=*) CACHE=${a#*=} ;;
@@ -25,6 +33,7 @@ for a in "$@"; do
     --runtime=*) RUNTIME=${a#*=} ;;
     --dir=*) DIR=${a#*=} ;;
     --repeat=*) REPEAT=${a#*=} ;;
+    --tls) TLS=1 ;;
     -h|--help) sed -n 2,18p "$0"; exit 0 ;;
     *) echo "unknown argument $a" >&2; exit 2 ;;
   esac
@@ -45,6 +54,29 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+
+if [ "$TLS" = 1 ]; then
+  command -v openssl >/dev/null || { echo "missing openssl" >&2; exit 1; }
+  PKI=$WORK/pki
+  mkdir -p "$PKI/server" "$PKI/client"
+  ( cd "$PKI"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca-key.pem \
+      -out ca-cert.pem -days 2 -subj "/O=blkshim-bench/CN=bench CA" \
+      -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
+    for kind in server client; do
+      cp ca-cert.pem "$kind/"
+      openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$kind/$kind-key.pem" \
+        -out "$kind.csr" -subj "/O=blkshim-bench/CN=$kind"
+      if [ $kind = server ]; then
+        printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature\n' >ext
+      else
+        printf 'extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n' >ext
+      fi
+      openssl x509 -req -in "$kind.csr" -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
+        -out "$kind/$kind-cert.pem" -days 2 -extfile ext
+    done ) >/dev/null 2>&1
+  printf '[[client]]\nidentity = "CN=client,O=blkshim-bench"\ndisks = ["*"]\naccess = "rw"\n' >"$WORK/authz.toml"
+fi
 
 # A fully allocated file, so reads hit real blocks for every server.
 fio --name=fill --filename="$IMG" --size="$SIZE" --rw=write --bs=1M --ioengine=psync \
@@ -89,8 +121,32 @@ start_server() { # name mode
       nbdkit --foreground --exit-with-parent -U "$SOCK" -e vm file "$IMG" cache=$c \
         2>"$WORK/nbdkit.log" &
       SERVER_PID=$! ;;
+    blkshim-tls)
+      "$BLKSHIM" serve --cache="$2" --socket="$SOCK" --control="$WORK/ctl.sock" \
+        --state-dir="$WORK/epochs" --tls require --tls-certificates "$PKI/server" \
+        --config "$WORK/authz.toml" vm="$IMG" >/dev/null 2>"$WORK/blkshim-tls.log" &
+      SERVER_PID=$! ;;
+    qemu-nbd-tls)
+      local c=writeback; [ "$2" = none ] && c=none
+      qemu-nbd --aio=io_uring --cache=$c -f raw -x vm --shared=16 --persistent \
+        --object "tls-creds-x509,id=tls0,dir=$PKI/server,endpoint=server,verify-peer=on" \
+        --tls-creds tls0 --socket="$SOCK" "$IMG" 2>"$WORK/qemu-nbd-tls.log" &
+      SERVER_PID=$! ;;
+    nbdkit-tls)
+      local c=default; [ "$2" = none ] && c=none
+      nbdkit --foreground --exit-with-parent -U "$SOCK" -e vm --tls=require \
+        --tls-certificates="$PKI/server" --tls-verify-peer file "$IMG" cache=$c \
+        2>"$WORK/nbdkit-tls.log" &
+      SERVER_PID=$! ;;
   esac
   wait_socket
+}
+
+uri_of() { # server -> the URI fio's nbd engine connects to
+  case $1 in
+    *-tls) echo "nbds+unix:///vm?socket=$SOCK" ;;
+    *) echo "nbd+unix:///vm?socket=$SOCK" ;;
+  esac
 }
 
 # run_fio name mode jobargs -> "iops mbps"
@@ -104,7 +160,19 @@ run_fio() {
     fio $common $args --ioengine=io_uring --direct=$d --filename="$IMG"
   else
     # shellcheck disable=SC2086
-    fio $common $args --ioengine=nbd --uri="nbd+unix:///vm?socket=$SOCK"
+    case $name in
+    *-tls)
+      # fio's engine may not name local files in the URI, and libnbd run
+      # by root reads its client certificate from /etc/pki/libnbd: give
+      # fio a private /etc/pki (a mount namespace; the host's is untouched).
+      # shellcheck disable=SC2016,SC2086
+      unshare -m sh -c 'mkdir -p /etc/pki && mount -t tmpfs tmpfs /etc/pki && mkdir /etc/pki/libnbd &&
+        cp "$0"/* /etc/pki/libnbd/ && exec "$@"' "$PKI/client" \
+        fio $common $args --ioengine=nbd --uri="$(uri_of "$name")" ;;
+    *)
+      # shellcheck disable=SC2086
+      fio $common $args --ioengine=nbd --uri="$(uri_of "$name")" ;;
+    esac
   fi | python3 -c '
 import json, sys
 t = sys.stdin.read()
@@ -116,6 +184,7 @@ print("%.0f %.1f" % (iops, bw))'
 
 MODES=$CACHE; [ "$CACHE" = both ] && MODES="none writeback"
 SERVERS="blkshim qemu-nbd nbdkit fio-io_uring"
+[ "$TLS" = 1 ] && SERVERS="$SERVERS blkshim-tls qemu-nbd-tls nbdkit-tls"
 declare -A RUNS
 for round in $(seq "$REPEAT"); do
   for mode in $MODES; do

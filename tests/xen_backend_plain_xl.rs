@@ -15,10 +15,8 @@ use blkshim::epoch::{EpochStore, FileEpochStore};
 use blkshim::handoff::{DiskRegistry, HandoffLedger, HandoffRecord, SuspendMode};
 use blkshim::storage::{BlockStorage, Capabilities, IoDone, StorageIo};
 use blkshim::xen::backend::{BackendConfig, Phase, VbdHandle};
-use blkshim::xen::daemon::Supervisor;
 use blkshim::xen::frontend_emu::{EmulatedFrontend, FrontendOptions};
 use blkshim::xen::grant::EmulatedGuest;
-use blkshim::xen::platform::Platform;
 use blkshim::xen::testing::AdversarialStorage;
 use blkshim::xen::xenstore::{XenStore, XBT_NULL};
 use std::path::Path;
@@ -391,19 +389,11 @@ fn refuses_then_operator_takes_over(by_confirmation: bool) {
 fn supervisor_leaves_a_removed_vbd_to_finish_its_handoff() {
     let dir = tempfile::tempdir().unwrap();
     let storage = AdversarialStorage::new(DISK, 9, Duration::from_millis(1));
-    let store = blkshim::xen::xenstore::EmulatedXenStore::new();
-    let platform = blkshim::xen::platform::EmulatedPlatform::new();
-    let root = "/local/domain/0/backend/vbd";
-    let s2 = store.connect();
     let epochs: Arc<dyn EpochStore> = Arc::new(FileEpochStore::open(dir.path()).unwrap());
-    let mut sup = Supervisor::new(
-        move || Ok(s2.connect()),
-        root,
-        platform.clone() as Arc<dyn Platform>,
+    let (store, platform, mut sup) = supervisor(
         opener("vm1", storage.clone(), epochs),
         config(Design::Shipped, dir.path()),
-    )
-    .unwrap();
+    );
     let w = |k: &str, v: &str| store.write_str(XBT_NULL, &format!("{BE}/{k}"), v).unwrap();
     w("params", "aio:/shared/vm1.img");
     w("mode", "w");

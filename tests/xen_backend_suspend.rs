@@ -7,10 +7,8 @@ mod support;
 use blkshim::epoch::{EpochStore, MemEpochStore};
 use blkshim::storage::{BlockStorage, MemStorage};
 use blkshim::xen::backend::{BackendConfig, Phase};
-use blkshim::xen::daemon::Supervisor;
 use blkshim::xen::frontend_emu::{Bio, BioOp, EmulatedFrontend, FrontendOptions};
 use blkshim::xen::grant::EmulatedGuest;
-use blkshim::xen::platform::Platform;
 use blkshim::xen::testing::AdversarialStorage;
 use blkshim::xen::xenstore::{XenStore, XBT_NULL};
 use std::sync::atomic::Ordering;
@@ -168,19 +166,12 @@ fn xen_backend_destination_with_stale_record_is_refused() {
 
 #[test]
 fn xen_backend_supervisor_follows_backend_vbd() {
-    let store = blkshim::xen::xenstore::EmulatedXenStore::new();
-    let platform = blkshim::xen::platform::EmulatedPlatform::new();
     let mem: Arc<dyn BlockStorage> = Arc::new(MemStorage::new(1 << 20));
-    let root = "/local/domain/0/backend/vbd";
-    let s2 = store.connect();
-    let mut sup = Supervisor::new(
-        move || Ok(s2.connect()),
-        root,
-        platform.clone() as Arc<dyn Platform>,
+    let root = VBD_ROOT;
+    let (store, _platform, mut sup) = supervisor(
         opener("vm1", mem, Arc::new(MemEpochStore::default())),
         BackendConfig::default(),
-    )
-    .unwrap();
+    );
     sup.reconcile().unwrap();
     assert!(sup.vbds().is_empty());
     for (dom, dev) in [(7, 51712), (8, 51728)] {
@@ -215,19 +206,12 @@ fn xen_backend_supervisor_follows_backend_vbd() {
 /// that will never come.
 #[test]
 fn xen_backend_removed_before_params_finishes() {
-    let store = blkshim::xen::xenstore::EmulatedXenStore::new();
-    let platform = blkshim::xen::platform::EmulatedPlatform::new();
     let mem: Arc<dyn BlockStorage> = Arc::new(MemStorage::new(1 << 20));
-    let root = "/local/domain/0/backend/vbd";
-    let s2 = store.connect();
-    let mut sup = Supervisor::new(
-        move || Ok(s2.connect()),
-        root,
-        platform.clone() as Arc<dyn Platform>,
+    let root = VBD_ROOT;
+    let (store, _platform, mut sup) = supervisor(
         opener("vm1", mem, Arc::new(MemEpochStore::default())),
         BackendConfig::default(),
-    )
-    .unwrap();
+    );
     let be = format!("{root}/9/51712");
     let w = |k: &str, v: &str| store.write_str(XBT_NULL, &format!("{be}/{k}"), v).unwrap();
     w("frontend", "/local/domain/9/device/vbd/51712");

@@ -31,6 +31,37 @@ pub struct Host {
     ledgers: HashMap<std::path::PathBuf, Arc<HandoffLedger>>,
 }
 
+/// The backend/vbd root `xen-backend` watches.
+pub const VBD_ROOT: &str = "/local/domain/0/backend/vbd";
+
+/// A `xen-backend` supervisor over a fresh emulated XenStore and platform
+/// (returned, to play the toolstack and a frontend with), opening every vbd
+/// as `opener`.
+pub fn supervisor(
+    opener: DiskOpener,
+    config: BackendConfig,
+) -> (
+    EmulatedXenStore,
+    Arc<EmulatedPlatform>,
+    blkshim::xen::daemon::Supervisor<
+        EmulatedXenStore,
+        impl Fn() -> std::io::Result<EmulatedXenStore>,
+    >,
+) {
+    let store = EmulatedXenStore::new();
+    let platform = EmulatedPlatform::new();
+    let s2 = store.connect();
+    let sup = blkshim::xen::daemon::Supervisor::new(
+        move || Ok(s2.connect()),
+        VBD_ROOT,
+        platform.clone() as Arc<dyn blkshim::xen::platform::Platform>,
+        opener,
+        config,
+    )
+    .expect("supervisor");
+    (store, platform, sup)
+}
+
 pub fn opener(
     name: &str,
     storage: Arc<dyn BlockStorage>,

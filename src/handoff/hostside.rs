@@ -629,6 +629,23 @@ mod tests {
         rx.recv().unwrap().unwrap()
     }
 
+    /// Hosts A and B over one LU and shared memory, `fenced` or not, A
+    /// admitted by its guest's first write (epoch 1).
+    fn a_wrote_once(
+        dir: &Path,
+        fenced: bool,
+    ) -> (Arc<MemStorage>, Host, Host, super::super::Writer) {
+        let mem = Arc::new(MemStorage::new(1 << 20));
+        let (lu, mut paths) = ModelPath::paths(2);
+        let pb = paths.pop().unwrap();
+        let pa = paths.pop().unwrap();
+        let a = host("A", &mem, &lu, pa, dir, fenced);
+        let b = host("B", &mem, &lu, pb, dir, fenced);
+        let wa = a.disk.register(None, "guest on A").unwrap();
+        assert_eq!(write(&a, &wa, 1).recv().unwrap(), None);
+        (mem, a, b, wa)
+    }
+
     /// A cut-off source (alive, its write queued toward the storage) and a
     /// destination that takes over: with `--fence pr` the queued write is
     /// refused at the storage and the source stops; with `--fence none`
@@ -636,14 +653,7 @@ mod tests {
     /// and then (the confirmation being false) the stale write lands.
     fn cut_off_source(fenced: bool) -> (u8, Host) {
         let dir = tempfile::tempdir().unwrap();
-        let mem = Arc::new(MemStorage::new(1 << 20));
-        let (lu, mut paths) = ModelPath::paths(2);
-        let pb = paths.pop().unwrap();
-        let pa = paths.pop().unwrap();
-        let a = host("A", &mem, &lu, pa, dir.path(), fenced);
-        let b = host("B", &mem, &lu, pb, dir.path(), fenced);
-        let wa = a.disk.register(None, "guest on A").unwrap();
-        assert_eq!(write(&a, &wa, 1).recv().unwrap(), None);
+        let (mem, a, b, wa) = a_wrote_once(dir.path(), fenced);
         assert!(matches!(
             a.disk.host_side().unwrap().tenure(),
             Tenure::Admitted { epoch: 1, .. }
@@ -726,14 +736,7 @@ mod tests {
         wait: Duration,
     ) -> (Result<(Epoch, AdmittedBy), AdmitError>, Duration, usize) {
         let dir = tempfile::tempdir().unwrap();
-        let mem = Arc::new(MemStorage::new(1 << 20));
-        let (lu, mut paths) = ModelPath::paths(2);
-        let pb = paths.pop().unwrap();
-        let pa = paths.pop().unwrap();
-        let a = host("A", &mem, &lu, pa, dir.path(), fenced);
-        let b = host("B", &mem, &lu, pb, dir.path(), fenced);
-        let wa = a.disk.register(None, "guest on A").unwrap();
-        assert_eq!(write(&a, &wa, 1).recv().unwrap(), None);
+        let (_mem, _a, b, _wa) = a_wrote_once(dir.path(), fenced);
         let liveness = Arc::new(SetLiveness {
             gone: Mutex::new(if a_gone { vec!["A".into()] } else { vec![] }),
             asked: Default::default(),
@@ -773,14 +776,7 @@ mod tests {
     #[test]
     fn a_handed_over_disk_admits_the_next_host_by_record() {
         let dir = tempfile::tempdir().unwrap();
-        let mem = Arc::new(MemStorage::new(1 << 20));
-        let (lu, mut paths) = ModelPath::paths(2);
-        let pb = paths.pop().unwrap();
-        let pa = paths.pop().unwrap();
-        let a = host("A", &mem, &lu, pa, dir.path(), false);
-        let b = host("B", &mem, &lu, pb, dir.path(), false);
-        let wa = a.disk.register(None, "guest on A").unwrap();
-        assert_eq!(write(&a, &wa, 1).recv().unwrap(), None);
+        let (mem, a, b, wa) = a_wrote_once(dir.path(), false);
         a.path.hold();
         let inflight = write(&a, &wa, 2);
         let handed = std::thread::spawn({

@@ -3,7 +3,7 @@
  * writes and suspends, the destination resumes from the record, and the
  * old source's writes are refused with -ESTALE. Every outcome is asserted;
  * any failure exits non-zero. Usage: handoff WORKDIR (an empty directory). */
-#include "blkshim.h"
+#include "waited_io.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -13,58 +13,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#define CHECK(cond)                                                           \
-    do {                                                                      \
-        if (!(cond)) {                                                        \
-            fprintf(stderr, "FAIL %s:%d: %s (last error: %s)\n", __FILE__,    \
-                    __LINE__, #cond, blkshim_last_error());                   \
-            exit(1);                                                          \
-        }                                                                     \
-    } while (0)
-
 #define IMAGE_SIZE (1 << 20)
 #define BLOCK 4096
-
-struct io_wait {
-    pthread_mutex_t lock;
-    pthread_cond_t cond;
-    int done;
-    int calls;
-    int result;
-};
-
-/* May run on any thread: only signals the waiter. */
-static void on_done(void *opaque, int result)
-{
-    struct io_wait *w = opaque;
-    pthread_mutex_lock(&w->lock);
-    w->result = result;
-    w->calls++;
-    w->done = 1;
-    pthread_cond_signal(&w->cond);
-    pthread_mutex_unlock(&w->lock);
-}
-
-static uint64_t next_tag = 1;
-
-/* One I/O, waited for: the callback's result (it must run exactly once). */
-static int do_io(const blkshim_writer *w, uint32_t op, uint64_t offset,
-                 void *buf, size_t len)
-{
-    struct io_wait iw = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
-                         0, 0, 0};
-    int rc = blkshim_submit(w, op, offset, buf, len, 0, next_tag++, on_done,
-                            &iw);
-    CHECK(rc == 0);
-    pthread_mutex_lock(&iw.lock);
-    while (!iw.done)
-        pthread_cond_wait(&iw.cond, &iw.lock);
-    pthread_mutex_unlock(&iw.lock);
-    /* A second call would have come by now only if it raced; check anyway. */
-    usleep(1000);
-    CHECK(iw.calls == 1);
-    return iw.result;
-}
 
 static int all_bytes(const unsigned char *p, size_t len, unsigned char v)
 {

@@ -6,7 +6,7 @@
  * heap-allocated and freed in its callback, which ASan checks), and at the
  * end every block reads 0xBB: no source write landed after the hand-off.
  * Usage: racing WORKDIR (an empty directory). */
-#include "blkshim.h"
+#include "waited_io.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -16,15 +16,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-
-#define CHECK(cond)                                                           \
-    do {                                                                      \
-        if (!(cond)) {                                                        \
-            fprintf(stderr, "FAIL %s:%d: %s (last error: %s)\n", __FILE__,    \
-                    __LINE__, #cond, blkshim_last_error());                   \
-            exit(1);                                                          \
-        }                                                                     \
-    } while (0)
 
 #define BLOCK 4096
 #define BLOCKS 64
@@ -76,36 +67,6 @@ static void *source_writer(void *arg)
             usleep(100);
     }
     return NULL;
-}
-
-struct io_wait {
-    pthread_mutex_t lock;
-    pthread_cond_t cond;
-    int done;
-    int result;
-};
-
-static void on_done(void *opaque, int result)
-{
-    struct io_wait *w = opaque;
-    pthread_mutex_lock(&w->lock);
-    w->result = result;
-    w->done = 1;
-    pthread_cond_signal(&w->cond);
-    pthread_mutex_unlock(&w->lock);
-}
-
-static int do_io(const blkshim_writer *w, uint32_t op, uint64_t offset,
-                 void *buf, size_t len)
-{
-    struct io_wait iw = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
-                         0, 0};
-    CHECK(blkshim_submit(w, op, offset, buf, len, 0, 0, on_done, &iw) == 0);
-    pthread_mutex_lock(&iw.lock);
-    while (!iw.done)
-        pthread_cond_wait(&iw.cond, &iw.lock);
-    pthread_mutex_unlock(&iw.lock);
-    return iw.result;
 }
 
 int main(int argc, char **argv)

@@ -457,7 +457,8 @@ fn fence_races_completion_wake() {
 /// with the real lock order (queue, then shards ascending), the real fast
 /// path (only the request's shards, when none has a waiter), slow path,
 /// completion (home shard, then the others, then a wake under the queue
-/// lock) and the waiter-count/fence hand-shake of `wait_until_none`.
+/// lock) and the waiter count `wait_until_none` announces, which releases
+/// read under their shard locks.
 ///
 /// Three blocks in stripes of one block over three shards (block `b` is
 /// shard `b`), so a two-block request spans two shards: A = blocks 0-1
@@ -470,7 +471,7 @@ fn fence_races_completion_wake() {
 /// reaches the storage unfenced after a fence, no wake-up lost.
 mod sharded {
     use super::{check, Outcome, SlotState};
-    use loom::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+    use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     use loom::sync::{Arc, Condvar, Mutex, MutexGuard};
     use std::collections::VecDeque;
 
@@ -671,6 +672,7 @@ mod sharded {
             }
             l.sh(home).slots[s].state = SlotState::Free;
             let waiting = bits(slot.mask).any(|i| l.sh(i).waiting > 0);
+            let notify = self.idle_waiters.load(Ordering::Relaxed) > 0;
             drop(l);
             if waiting {
                 let mut q = self.queue.lock().unwrap();
@@ -683,7 +685,7 @@ mod sharded {
                     Self::promote(&mut q, &mut l, Some((slot.first, slot.end)), woken);
                 }
             }
-            self.notify_idle();
+            self.notify_idle(notify);
             if slot.fenced {
                 Outcome::Fenced
             } else {
@@ -750,9 +752,10 @@ mod sharded {
                 }
             }
             Self::promote(&mut q, &mut l, None, woken);
+            let notify = self.idle_waiters.load(Ordering::Relaxed) > 0;
             drop(l);
             drop(q);
-            self.notify_idle();
+            self.notify_idle(notify);
             cancelled
         }
 
@@ -768,20 +771,18 @@ mod sharded {
 
         /// `Tracker::wait_until_none` without a deadline.
         fn wait_until_none(&self, pred: impl Fn(&Slot) -> bool) {
-            self.idle_waiters.fetch_add(1, Ordering::SeqCst);
-            fence(Ordering::SeqCst);
+            self.idle_waiters.fetch_add(1, Ordering::Relaxed);
             let mut g = self.idle_lock.lock().unwrap();
             while self.any_live(&pred) {
                 g = self.idle.wait(g).unwrap();
             }
             drop(g);
-            self.idle_waiters.fetch_sub(1, Ordering::SeqCst);
+            self.idle_waiters.fetch_sub(1, Ordering::Relaxed);
         }
 
-        /// `Tracker::notify_idle`.
-        fn notify_idle(&self) {
-            fence(Ordering::SeqCst);
-            if self.idle_waiters.load(Ordering::Relaxed) > 0 {
+        /// `Tracker::notify_idle`: `notify` was read under the shard locks.
+        fn notify_idle(&self, notify: bool) {
+            if notify {
                 drop(self.idle_lock.lock().unwrap());
                 self.idle.notify_all();
             }

@@ -62,7 +62,7 @@ use parking_lot::{Condvar, Mutex, RawMutex};
 use std::cell::UnsafeCell;
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 /// Proof of admission; hand it back to [`Tracker::complete`] (or
@@ -266,6 +266,8 @@ pub struct Tracker<T> {
     idle_lock: Mutex<()>,
     idle: Condvar,
     /// Threads in `wait_until_none`: completions skip the notify when zero.
+    /// Read by releases under their shard locks, which the waiter's check
+    /// takes after incrementing it.
     idle_waiters: AtomicUsize,
 }
 
@@ -352,8 +354,8 @@ impl<T> Tracker<T> {
     }
 
     /// [`Tracker::with_grain`] with an explicit layout: stripes of
-    /// `stripe_blocks` tracked blocks (rounded up to a power of two) spread
-    /// over `shards` shards (1 to 64). Small stripes make ordinary requests
+    /// `stripe_blocks` tracked blocks spread over `shards` shards (1 to 64),
+    /// both rounded up to a power of two (a mask, not a division, per request). Small stripes make ordinary requests
     /// span several shards, which the tests use.
     pub fn with_shards(
         floor: Epoch,
@@ -363,7 +365,7 @@ impl<T> Tracker<T> {
     ) -> Self {
         let grain_shift = grain_sectors.max(1).next_power_of_two().trailing_zeros();
         let stripe_shift = stripe_blocks.max(1).next_power_of_two().trailing_zeros();
-        let n = shards.clamp(1, MAX_SHARDS);
+        let n = shards.clamp(1, MAX_SHARDS).next_power_of_two();
         let shards = (0..n)
             .map(|_| ShardCell {
                 lock: RawMutex::INIT,
@@ -415,7 +417,7 @@ impl<T> Tracker<T> {
         if s1 - s0 >= n - 1 {
             return self.all_shards();
         }
-        (s0..=s1).fold(0, |m, s| m | 1 << (s % n))
+        (s0..=s1).fold(0, |m, s| m | 1 << (s & (n - 1)))
     }
 
     /// Tracked blocks `[first, last)` a ranged request holds.
@@ -520,13 +522,14 @@ impl<T> Tracker<T> {
         self.deactivate(&mut l, ticket, &req, mask);
         let finished = release(l.shard(home), local, ticket);
         let waiting = bits(mask).any(|i| l.shard(i).waiting > 0);
+        let notify = self.idle_waiters.load(Ordering::Relaxed) > 0;
         drop(l);
         if waiting {
             // Only waiters that conflicted with this request can be freed
             // by it, and every such waiter counts on one of these shards.
             self.promote(Some(&finished.request), woken);
         }
-        self.notify_idle();
+        self.notify_idle(notify);
         Ok(finished)
     }
 
@@ -563,10 +566,11 @@ impl<T> Tracker<T> {
         }
         let mut finished = release(l.shard(home), local, ticket);
         finished.outcome = Outcome::Cancelled;
+        let notify = self.idle_waiters.load(Ordering::Relaxed) > 0;
         drop(l);
         self.promote_queue(&mut q, Some(&finished.request), woken);
         drop(q);
-        self.notify_idle();
+        self.notify_idle(notify);
         Ok(finished)
     }
 
@@ -620,9 +624,10 @@ impl<T> Tracker<T> {
             }
         }
         self.promote_locked(&mut q, &mut l, None, woken);
+        let notify = self.idle_waiters.load(Ordering::Relaxed) > 0;
         drop(l);
         drop(q);
-        self.notify_idle();
+        self.notify_idle(notify);
         report
     }
 
@@ -705,10 +710,10 @@ impl<T> Tracker<T> {
         mut pred: impl FnMut(&Request) -> bool,
         deadline: Option<Instant>,
     ) -> bool {
-        // Announce the waiter before looking (pairs with `notify_idle`'s
-        // fence): a completion either sees the waiter or is seen by it.
-        self.idle_waiters.fetch_add(1, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
+        // Announce the waiter before looking: a release reads the count
+        // under the shard lock this check takes next, so it either sees the
+        // waiter or is seen by it.
+        self.idle_waiters.fetch_add(1, Ordering::Relaxed);
         let mut g = self.idle_lock.lock();
         let none = loop {
             if !self.any_live(&mut pred) {
@@ -724,16 +729,17 @@ impl<T> Tracker<T> {
             }
         };
         drop(g);
-        self.idle_waiters.fetch_sub(1, Ordering::SeqCst);
+        self.idle_waiters.fetch_sub(1, Ordering::Relaxed);
         none
     }
 
-    /// Wake `wait_until_none` callers after a release; free when none wait.
-    /// Taking `idle_lock` before notifying means a waiter is either still
-    /// before its check (and will see the release) or already waiting.
-    fn notify_idle(&self) {
-        fence(Ordering::SeqCst);
-        if self.idle_waiters.load(Ordering::Relaxed) > 0 {
+    /// Wake `wait_until_none` callers after a release, when the release
+    /// saw one (`notify`, read while it still held its shards: no fence on
+    /// the fast path). Taking `idle_lock` before notifying means a waiter
+    /// is either still before its check (and will see the release) or
+    /// already waiting.
+    fn notify_idle(&self, notify: bool) {
+        if notify {
             drop(self.idle_lock.lock());
             self.idle.notify_all();
         }

@@ -301,11 +301,11 @@ fn many_threads_never_overlap_at_storage() {
     many_threads_never_overlap(Tracker::new(0));
 }
 
-/// The same with stripes of 4 sectors over 3 shards: most requests span
+/// The same with stripes of 4 sectors over 4 shards: most requests span
 /// several shards and share some with others.
 #[test]
 fn many_threads_never_overlap_across_shards() {
-    many_threads_never_overlap(Tracker::with_shards(0, 1, 4, 3));
+    many_threads_never_overlap(Tracker::with_shards(0, 1, 4, 4));
 }
 
 fn many_threads_never_overlap(t: Tracker<()>) {
@@ -414,9 +414,9 @@ fn sharded_matches_single_lock_reference() {
     let layouts = [
         (1, 1024, 16),
         (1, 1, 2),
-        (1, 2, 3),
+        (1, 2, 3), // rounded up to 4 shards
         (1, 4, 4),
-        (8, 1, 5),
+        (8, 1, 5), // 8 shards
         (8, 2, 64),
         (1, 8, 1),
     ];

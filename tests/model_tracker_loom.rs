@@ -19,6 +19,11 @@
 //! are never reused (no generations); the storage completes a request on
 //! the thread that started it.
 //!
+//! The top-level model is the single-lock tracker (now
+//! `src/tracking/reference.rs`); `mod sharded` at the end models the
+//! sharded one (`src/tracking/mod.rs`, issue #16) with requests spanning
+//! shards.
+//!
 //! What is checked in every interleaving:
 //! - two requests on one block are never at the storage together;
 //! - on each block, requests reach the storage in admission order, and
@@ -445,4 +450,513 @@ fn fence_races_completion_wake() {
         assert_eq!(ran + cancelled, 3, "each request ran or was cancelled once");
         assert_eq!(st.max_epoch[0].load(Ordering::SeqCst), 2, "C ran");
     });
+}
+
+/// The sharded tracker (`src/tracking/mod.rs` since issue #16) on loom's
+/// primitives: one lock per shard plus the shared arrival-ordered queue,
+/// with the real lock order (queue, then shards ascending), the real fast
+/// path (only the request's shards, when none has a waiter), slow path,
+/// completion (home shard, then the others, then a wake under the queue
+/// lock) and the waiter count `wait_until_none` announces, which releases
+/// read under their shard locks.
+///
+/// Three blocks in stripes of one block over three shards (block `b` is
+/// shard `b`), so a two-block request spans two shards: A = blocks 0-1
+/// (shards 0, 1) and B = blocks 1-2 (shards 1, 2) is the case of two
+/// requests sharing one shard each with another. Checked in every
+/// interleaving, as for the single-lock model: no two requests on a block
+/// at the storage together, each block sees requests in admission order
+/// (the order of their sequence numbers, taken while holding all their
+/// shards) and never an older epoch after a newer one, nothing stale
+/// reaches the storage unfenced after a fence, no wake-up lost.
+mod sharded {
+    use super::{check, Outcome, SlotState};
+    use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use loom::sync::{Arc, Condvar, Mutex, MutexGuard};
+    use std::collections::VecDeque;
+
+    const SHARDS: usize = 3;
+    const BLOCKS: usize = 3;
+
+    /// (home shard, slot there)
+    type Id = (usize, usize);
+
+    #[derive(Clone, Copy, Debug)]
+    struct Slot {
+        state: SlotState,
+        fenced: bool,
+        first: usize,
+        end: usize,
+        epoch: u64,
+        seq: u64,
+        mask: u8,
+    }
+
+    #[derive(Default)]
+    struct Shard {
+        /// Requests homed here (their lowest shard).
+        slots: Vec<Slot>,
+        /// Active requests per block, for requests touching this shard
+        /// (whole ranges, as the real index).
+        active: [u32; BLOCKS],
+        waiting: u32,
+    }
+
+    #[derive(Clone, Copy)]
+    struct Waiter {
+        id: Id,
+        first: usize,
+        end: usize,
+        mask: u8,
+    }
+
+    enum Admission {
+        Ready(Id),
+        Queued,
+    }
+
+    struct Tracker {
+        shards: Vec<Mutex<Shard>>,
+        queue: Mutex<VecDeque<Waiter>>,
+        floor: AtomicU64,
+        /// The highest floor a fence set (for the checks); written with
+        /// every shard locked.
+        fenced_floor: AtomicU64,
+        next_seq: AtomicU64,
+        idle_lock: Mutex<()>,
+        idle: Condvar,
+        idle_waiters: AtomicUsize,
+    }
+
+    struct Locked<'a> {
+        g: Vec<Option<MutexGuard<'a, Shard>>>,
+    }
+
+    impl Locked<'_> {
+        fn sh(&mut self, i: usize) -> &mut Shard {
+            self.g[i].as_mut().expect("shard locked")
+        }
+    }
+
+    fn bits(m: u8) -> impl Iterator<Item = usize> {
+        (0..SHARDS).filter(move |i| m & (1 << i) != 0)
+    }
+
+    fn mask(first: usize, end: usize) -> u8 {
+        (first..end).fold(0, |m, b| m | 1 << (b % SHARDS))
+    }
+
+    fn overlap(a: (usize, usize), b: (usize, usize)) -> bool {
+        a.0 < b.1 && b.0 < a.1
+    }
+
+    impl Tracker {
+        fn new(floor: u64) -> Self {
+            Tracker {
+                shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+                queue: Mutex::new(VecDeque::new()),
+                floor: AtomicU64::new(floor),
+                fenced_floor: AtomicU64::new(0),
+                next_seq: AtomicU64::new(0),
+                idle_lock: Mutex::new(()),
+                idle: Condvar::new(),
+                idle_waiters: AtomicUsize::new(0),
+            }
+        }
+
+        fn lock(&self, m: u8) -> Locked<'_> {
+            let mut l = Locked {
+                g: (0..SHARDS).map(|_| None).collect(),
+            };
+            self.lock_more(&mut l, m);
+            l
+        }
+
+        /// Ascending order only: `m` is above every shard held.
+        fn lock_more<'a>(&'a self, l: &mut Locked<'a>, m: u8) {
+            for i in bits(m) {
+                assert!(l.g[i + 1..].iter().all(|g| g.is_none()), "lock order");
+                l.g[i] = Some(self.shards[i].lock().unwrap());
+            }
+        }
+
+        fn alloc(
+            l: &mut Locked<'_>,
+            first: usize,
+            end: usize,
+            epoch: u64,
+            seq: u64,
+            state: SlotState,
+        ) -> Id {
+            let m = mask(first, end);
+            let home = m.trailing_zeros() as usize;
+            let sh = l.sh(home);
+            sh.slots.push(Slot {
+                state,
+                fenced: false,
+                first,
+                end,
+                epoch,
+                seq,
+                mask: m,
+            });
+            (home, sh.slots.len() - 1)
+        }
+
+        fn activate(l: &mut Locked<'_>, first: usize, end: usize) {
+            for i in bits(mask(first, end)) {
+                for b in first..end {
+                    l.sh(i).active[b] += 1;
+                }
+            }
+        }
+
+        fn busy(l: &mut Locked<'_>, first: usize, end: usize) -> bool {
+            bits(mask(first, end)).any(|i| (first..end).any(|b| l.sh(i).active[b] > 0))
+        }
+
+        /// `Tracker::admit`.
+        fn admit(&self, first: usize, end: usize, epoch: u64) -> Result<Admission, u64> {
+            let m = mask(first, end);
+            {
+                let mut l = self.lock(m);
+                let floor = self.floor.load(Ordering::Acquire);
+                if epoch < floor {
+                    return Err(floor);
+                }
+                if bits(m).all(|i| l.sh(i).waiting == 0) && !Self::busy(&mut l, first, end) {
+                    let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
+                    let id = Self::alloc(&mut l, first, end, epoch, seq, SlotState::Active);
+                    Self::activate(&mut l, first, end);
+                    return Ok(Admission::Ready(id));
+                }
+            }
+            let mut q = self.queue.lock().unwrap();
+            let mut l = self.lock(m);
+            let floor = self.floor.load(Ordering::Acquire);
+            if epoch < floor {
+                return Err(floor);
+            }
+            let conflict = Self::busy(&mut l, first, end)
+                || q.iter().any(|w| overlap((w.first, w.end), (first, end)));
+            let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
+            if conflict {
+                let id = Self::alloc(&mut l, first, end, epoch, seq, SlotState::Queued);
+                for i in bits(m) {
+                    l.sh(i).waiting += 1;
+                }
+                q.push_back(Waiter {
+                    id,
+                    first,
+                    end,
+                    mask: m,
+                });
+                Ok(Admission::Queued)
+            } else {
+                let id = Self::alloc(&mut l, first, end, epoch, seq, SlotState::Active);
+                Self::activate(&mut l, first, end);
+                Ok(Admission::Ready(id))
+            }
+        }
+
+        /// `Tracker::complete`.
+        fn complete(&self, (home, s): Id, woken: &mut Vec<Id>) -> Outcome {
+            let mut l = self.lock(1 << home);
+            let slot = l.sh(home).slots[s];
+            assert_eq!(slot.state, SlotState::Active, "completed twice");
+            self.lock_more(&mut l, slot.mask & !(1 << home));
+            for i in bits(slot.mask) {
+                for b in slot.first..slot.end {
+                    l.sh(i).active[b] -= 1;
+                }
+            }
+            l.sh(home).slots[s].state = SlotState::Free;
+            let waiting = bits(slot.mask).any(|i| l.sh(i).waiting > 0);
+            let notify = self.idle_waiters.load(Ordering::Relaxed) > 0;
+            drop(l);
+            if waiting {
+                let mut q = self.queue.lock().unwrap();
+                let need = q
+                    .iter()
+                    .filter(|w| overlap((w.first, w.end), (slot.first, slot.end)))
+                    .fold(0, |m, w| m | w.mask);
+                if need != 0 {
+                    let mut l = self.lock(need);
+                    Self::promote(&mut q, &mut l, Some((slot.first, slot.end)), woken);
+                }
+            }
+            self.notify_idle(notify);
+            if slot.fenced {
+                Outcome::Fenced
+            } else {
+                Outcome::Completed
+            }
+        }
+
+        /// `Tracker::promote_locked`: `l` holds every candidate's shards.
+        fn promote(
+            q: &mut VecDeque<Waiter>,
+            l: &mut Locked<'_>,
+            freed: Option<(usize, usize)>,
+            woken: &mut Vec<Id>,
+        ) {
+            let mut i = 0;
+            while i < q.len() {
+                let w = q[i];
+                let r = (w.first, w.end);
+                if freed.is_some_and(|f| !overlap(f, r)) {
+                    i += 1;
+                    continue;
+                }
+                let blocked = Self::busy(l, w.first, w.end)
+                    || q.iter().take(i).any(|e| overlap((e.first, e.end), r));
+                if blocked {
+                    i += 1;
+                    continue;
+                }
+                q.remove(i);
+                for s in bits(w.mask) {
+                    l.sh(s).waiting -= 1;
+                }
+                l.sh(w.id.0).slots[w.id.1].state = SlotState::Active;
+                Self::activate(l, w.first, w.end);
+                woken.push(w.id);
+            }
+        }
+
+        /// `Tracker::fence_with`: the queue and every shard.
+        fn fence_with(&self, floor: u64, woken: &mut Vec<Id>) -> usize {
+            let mut q = self.queue.lock().unwrap();
+            let mut l = self.lock((1 << SHARDS) - 1);
+            self.floor.fetch_max(floor, Ordering::Release);
+            self.fenced_floor.fetch_max(floor, Ordering::Release);
+            let mut cancelled = 0;
+            let mut kept = VecDeque::new();
+            while let Some(w) = q.pop_front() {
+                if l.sh(w.id.0).slots[w.id.1].epoch < floor {
+                    for s in bits(w.mask) {
+                        l.sh(s).waiting -= 1;
+                    }
+                    l.sh(w.id.0).slots[w.id.1].state = SlotState::Free;
+                    cancelled += 1;
+                } else {
+                    kept.push_back(w);
+                }
+            }
+            *q = kept;
+            for i in 0..SHARDS {
+                for slot in l.sh(i).slots.iter_mut() {
+                    if slot.state == SlotState::Active && slot.epoch < floor {
+                        slot.fenced = true;
+                    }
+                }
+            }
+            Self::promote(&mut q, &mut l, None, woken);
+            let notify = self.idle_waiters.load(Ordering::Relaxed) > 0;
+            drop(l);
+            drop(q);
+            self.notify_idle(notify);
+            cancelled
+        }
+
+        fn any_live(&self, pred: &impl Fn(&Slot) -> bool) -> bool {
+            let mut l = self.lock((1 << SHARDS) - 1);
+            (0..SHARDS).any(|i| {
+                l.sh(i)
+                    .slots
+                    .iter()
+                    .any(|s| s.state != SlotState::Free && pred(s))
+            })
+        }
+
+        /// `Tracker::wait_until_none` without a deadline.
+        fn wait_until_none(&self, pred: impl Fn(&Slot) -> bool) {
+            self.idle_waiters.fetch_add(1, Ordering::Relaxed);
+            let mut g = self.idle_lock.lock().unwrap();
+            while self.any_live(&pred) {
+                g = self.idle.wait(g).unwrap();
+            }
+            drop(g);
+            self.idle_waiters.fetch_sub(1, Ordering::Relaxed);
+        }
+
+        /// `Tracker::notify_idle`: `notify` was read under the shard locks.
+        fn notify_idle(&self, notify: bool) {
+            if notify {
+                drop(self.idle_lock.lock().unwrap());
+                self.idle.notify_all();
+            }
+        }
+
+        fn slot_and_fenced_floor(&self, (home, s): Id) -> (Slot, u64) {
+            let g = self.shards[home].lock().unwrap();
+            (g.slots[s], self.fenced_floor.load(Ordering::Acquire))
+        }
+    }
+
+    struct Storage {
+        at: [AtomicUsize; BLOCKS],
+        max_epoch: [AtomicU64; BLOCKS],
+        last_seq: [AtomicU64; BLOCKS],
+        started: AtomicUsize,
+        cancelled: AtomicUsize,
+    }
+
+    impl Storage {
+        fn new() -> Self {
+            Storage {
+                at: std::array::from_fn(|_| AtomicUsize::new(0)),
+                max_epoch: std::array::from_fn(|_| AtomicU64::new(0)),
+                last_seq: std::array::from_fn(|_| AtomicU64::new(0)),
+                started: AtomicUsize::new(0),
+                cancelled: AtomicUsize::new(0),
+            }
+        }
+    }
+
+    /// Start `id` at the storage, complete it, run what it woke.
+    fn run(t: &Tracker, st: &Storage, id: Id) {
+        let mut work = vec![id];
+        while let Some(id) = work.pop() {
+            let (slot, fenced_floor) = t.slot_and_fenced_floor(id);
+            assert_eq!(slot.state, SlotState::Active, "started while not active");
+            assert!(
+                slot.epoch >= fenced_floor || slot.fenced,
+                "stale request reached the storage after a fence, unfenced"
+            );
+            for b in slot.first..slot.end {
+                assert_eq!(
+                    st.at[b].fetch_add(1, Ordering::SeqCst),
+                    0,
+                    "two at block {b}"
+                );
+                let newest = st.max_epoch[b].fetch_max(slot.epoch, Ordering::SeqCst);
+                assert!(slot.epoch >= newest, "older epoch after newer at block {b}");
+                let prev = st.last_seq[b].fetch_max(slot.seq + 1, Ordering::SeqCst);
+                assert!(prev <= slot.seq, "block {b}: out of admission order");
+            }
+            for b in slot.first..slot.end {
+                st.at[b].fetch_sub(1, Ordering::SeqCst);
+            }
+            st.started.fetch_add(1, Ordering::SeqCst);
+            let mut woken = Vec::new();
+            t.complete(id, &mut woken);
+            work.extend(woken);
+        }
+    }
+
+    /// Writes `(first, end, epoch)`; returns how many were admitted.
+    fn writer(t: &Tracker, st: &Storage, writes: &[(usize, usize, u64)]) -> usize {
+        let mut admitted = 0;
+        for &(first, end, epoch) in writes {
+            match t.admit(first, end, epoch) {
+                Ok(Admission::Ready(id)) => {
+                    admitted += 1;
+                    run(t, st, id);
+                }
+                Ok(Admission::Queued) => admitted += 1,
+                Err(_) => {}
+            }
+        }
+        admitted
+    }
+
+    /// A (blocks 0-1) and B (blocks 1-2) from two threads while the main
+    /// thread writes block 2 then block 0 and waits for the drain: the
+    /// requests sharing a shard meet in one order on every shard, none is
+    /// lost, and the drain returns only when all are done.
+    #[test]
+    fn sharded_overlapping_spans() {
+        check("sharded_overlapping_spans", || {
+            let t = Arc::new(Tracker::new(1));
+            let st = Arc::new(Storage::new());
+            let a = {
+                let (t, st) = (t.clone(), st.clone());
+                loom::thread::spawn(move || writer(&t, &st, &[(0, 2, 1)]))
+            };
+            let b = {
+                let (t, st) = (t.clone(), st.clone());
+                loom::thread::spawn(move || writer(&t, &st, &[(1, 3, 1)]))
+            };
+            let mine = writer(&t, &st, &[(2, 3, 1), (0, 1, 1)]);
+            let admitted = a.join().unwrap() + b.join().unwrap() + mine;
+            t.wait_until_none(|_| true);
+            assert_eq!(admitted, 4);
+            assert_eq!(st.started.load(Ordering::SeqCst), 4, "a wake-up was lost");
+        });
+    }
+
+    /// A (blocks 0-1, epoch 1) is at the storage on another thread; B
+    /// (blocks 1-2, epoch 1) waits behind it and C (block 2, epoch 2)
+    /// waits behind B, on a shard A does not hold. A fence below 2 races
+    /// A's completion: B runs before it or is cancelled, C is woken exactly
+    /// once (by A's completion via B, or by the fence), never before B.
+    #[test]
+    fn sharded_fence_races_multi_shard_wake() {
+        check("sharded_fence_races_multi_shard_wake", || {
+            let t = Arc::new(Tracker::new(1));
+            let st = Arc::new(Storage::new());
+            let Ok(Admission::Ready(a)) = t.admit(0, 2, 1) else {
+                panic!("A is ready")
+            };
+            assert!(matches!(t.admit(1, 3, 1), Ok(Admission::Queued)));
+            assert!(matches!(t.admit(2, 3, 2), Ok(Admission::Queued)));
+            let runner = {
+                let (t, st) = (t.clone(), st.clone());
+                loom::thread::spawn(move || run(&t, &st, a))
+            };
+            let mut woken = Vec::new();
+            let cancelled = t.fence_with(2, &mut woken);
+            st.cancelled.fetch_add(cancelled, Ordering::SeqCst);
+            for id in woken {
+                run(&t, &st, id);
+            }
+            runner.join().unwrap();
+            t.wait_until_none(|_| true);
+            let ran = st.started.load(Ordering::SeqCst);
+            assert_eq!(ran + st.cancelled.load(Ordering::SeqCst), 3);
+            assert_eq!(st.max_epoch[2].load(Ordering::SeqCst), 2, "C ran");
+        });
+    }
+
+    /// The hand-off across shards: the source writes blocks 0-1 at epoch
+    /// 1, the destination raises the floor and writes blocks 1-2 at epoch
+    /// 2, the main thread fences epoch 1 and waits for it to drain.
+    #[test]
+    fn sharded_handoff_fence_and_drain() {
+        check("sharded_handoff_fence_and_drain", || {
+            let t = Arc::new(Tracker::new(1));
+            let st = Arc::new(Storage::new());
+            let src = {
+                let (t, st) = (t.clone(), st.clone());
+                loom::thread::spawn(move || writer(&t, &st, &[(0, 2, 1)]))
+            };
+            let dst = {
+                let (t, st) = (t.clone(), st.clone());
+                loom::thread::spawn(move || {
+                    {
+                        // `Tracker::raise_floor`: every shard locked.
+                        let _l = t.lock((1 << SHARDS) - 1);
+                        t.floor.fetch_max(2, Ordering::Release);
+                    }
+                    writer(&t, &st, &[(1, 3, 2)])
+                })
+            };
+            let mut woken = Vec::new();
+            let cancelled = t.fence_with(2, &mut woken);
+            st.cancelled.fetch_add(cancelled, Ordering::SeqCst);
+            for id in woken {
+                run(&t, &st, id);
+            }
+            t.wait_until_none(|s| s.epoch < 2);
+            assert!(!t.any_live(&|s: &Slot| s.epoch < 2), "drain returned early");
+            let admitted = src.join().unwrap() + dst.join().unwrap();
+            t.wait_until_none(|_| true);
+            assert_eq!(
+                st.started.load(Ordering::SeqCst) + st.cancelled.load(Ordering::SeqCst),
+                admitted
+            );
+            assert_eq!(st.max_epoch[1].load(Ordering::SeqCst), 2);
+        });
+    }
 }

@@ -16,23 +16,53 @@
 //!    those keep their ranges until the storage completes them, so a newer
 //!    writer's overlapping request is ordered after them.
 //!
-//! Memory is proportional to what is in flight: a slab of request slots, a
-//! hash index of the tracked blocks active requests hold (one probe per
-//! block for a small request; requests spanning many blocks sit in a short
-//! list) and a queue of the waiting ones. Once these reached their
-//! high-water mark the fast path (no conflict, nothing waiting) does not
-//! allocate.
+//! Sharding (issue #16). The tracked blocks are cut into stripes of
+//! `2^stripe_shift` blocks; stripe `s` belongs to shard `s % shards`. Each
+//! shard has its own lock, its own slab of request slots and its own hash
+//! index of the active requests touching it; a request's *shard set* is a
+//! bit mask. One queue of waiting requests, in arrival order, is shared by
+//! all shards behind its own lock. Locks are taken in one global order:
+//! queue first, then shards in ascending index, so nothing deadlocks.
+//!
+//! - Fast path (no conflict, nothing waiting on any of its shards): lock
+//!   the request's shards in ascending order, check and insert, unlock. Two
+//!   requests on different shards never share a lock; a request spanning
+//!   several shards holds all of them at once (two-phase), so any two
+//!   requests that share a shard are serialized in the same order on every
+//!   shard they share.
+//! - Slow path (a conflict, or a waiter on one of its shards): take the
+//!   queue lock, then the shards. The single queue gives every waiter one
+//!   global arrival position, so A (shards 1-2) and B (shards 2-3) are
+//!   ordered the same on every shard; a later request is never admitted
+//!   ahead of an earlier overlapping waiter because any overlap puts both
+//!   on a common shard, whose waiting count then sends it to the slow path.
+//! - Completion holds only the completed request's shards; when one of them
+//!   has waiters it releases them and wakes what it freed under the queue
+//!   lock plus the shards of the candidates.
+//! - Fences, snapshots and drains lock every shard: they are rare.
+//!
+//! Memory is proportional to what is in flight: per shard a slab of request
+//! slots and a hash index of the tracked blocks active requests hold (one
+//! probe per block for a small request; requests spanning many blocks sit
+//! in a short list), plus the queue of the waiting ones. Once these reached
+//! their high-water mark the fast path does not allocate.
 
 mod blocks;
+#[cfg(any(test, feature = "reference-tracker"))]
+#[doc(hidden)]
+pub mod reference;
 mod types;
 
 use blocks::BlockIndex;
 
 pub use types::{Epoch, OpKind, Request, SectorRange};
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::lock_api::RawMutex as _;
+use parking_lot::{Condvar, Mutex, RawMutex};
+use std::cell::UnsafeCell;
 use std::collections::VecDeque;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 /// Proof of admission; hand it back to [`Tracker::complete`] (or
@@ -166,21 +196,37 @@ struct Slot<T> {
     state: SlotState,
     fenced: bool,
     req: Request,
+    /// The request's shard set (0 for a flush, which holds no range).
+    mask: u64,
     token: Option<T>,
 }
 
-struct Inner<T> {
+/// One shard: the requests whose lowest shard it is (their "home"), and
+/// the index of every active request that touches one of its stripes.
+struct Shard<T> {
     slots: Vec<Slot<T>>,
     free: Vec<u32>,
-    /// Which tracked blocks active requests hold.
     index: BlockIndex,
-    /// All active requests, flushes included.
-    active_count: usize,
-    /// Waiting requests, in arrival order.
-    queue: VecDeque<u32>,
-    floor: Epoch,
-    /// Ranges are tracked in blocks of `2^grain_shift` sectors.
-    grain_shift: u32,
+    /// Queued requests whose shard set includes this shard: while it is not
+    /// zero, admissions and completions here take the slow path.
+    waiting: u32,
+    /// Slots in use (queued or active) homed here.
+    live: usize,
+}
+
+/// A shard behind its own raw lock, on its own cache lines so that two
+/// threads on two shards do not share one.
+#[repr(align(128))]
+struct ShardCell<T> {
+    lock: RawMutex,
+    data: UnsafeCell<Shard<T>>,
+}
+
+/// A waiting request, in the global arrival-ordered queue.
+struct Waiter {
+    ticket: Ticket,
+    req: Request,
+    mask: u64,
 }
 
 /// The in-flight tracker. `T` is the caller's per-request token (a request
@@ -204,11 +250,92 @@ struct Inner<T> {
 /// assert!(t.admit(Request::new(OpKind::Write, SectorRange::new(100, 8), 5), "C").is_err());
 /// ```
 pub struct Tracker<T> {
-    inner: Mutex<Inner<T>>,
+    shards: Box<[ShardCell<T>]>,
+    /// Waiting requests of every shard, in arrival order. Lock it before
+    /// any shard.
+    queue: Mutex<VecDeque<Waiter>>,
+    /// Written only with every shard locked, so a reader holding any shard
+    /// lock sees a floor no fence is changing.
+    floor: AtomicU64,
+    /// Ranges are tracked in blocks of `2^grain_shift` sectors.
+    grain_shift: u32,
+    /// Stripes are `2^stripe_shift` tracked blocks.
+    stripe_shift: u32,
+    /// Spreads flushes (which hold no range) over the shards' slabs.
+    next_flush_home: AtomicUsize,
+    idle_lock: Mutex<()>,
     idle: Condvar,
+    /// Threads in `wait_until_none`: completions skip the notify when zero.
+    /// Read by releases under their shard locks, which the waiter's check
+    /// takes after incrementing it.
+    idle_waiters: AtomicUsize,
 }
 
-const INITIAL_CAPACITY: usize = 256;
+// SAFETY: a shard's data is only reached through `Locked`, which holds that
+// shard's raw lock (a mutex, as `Mutex<Shard<T>>` would be: Sync for T:
+// Send); the rest of the tracker is Sync on its own.
+unsafe impl<T: Send> Sync for Tracker<T> {}
+
+/// Initial slots per shard (the slabs and indexes grow on demand).
+const SHARD_CAPACITY: usize = 32;
+/// 1024 tracked blocks a stripe: 4 MiB with 4 KiB blocks, so requests
+/// rarely span two stripes, while neighbouring regions land on different
+/// shards.
+const DEFAULT_STRIPE_BLOCKS: u64 = 1024;
+const DEFAULT_SHARDS: usize = 16;
+/// A shard set is a `u64` bit mask.
+const MAX_SHARDS: usize = 64;
+/// A ticket's slot is `home shard << LOCAL_BITS | slot in that shard`.
+const LOCAL_BITS: u32 = 26;
+const LOCAL_MASK: u32 = (1 << LOCAL_BITS) - 1;
+
+/// Shards held by one operation; unlocks them when dropped.
+struct Locked<'a, T> {
+    shards: &'a [ShardCell<T>],
+    mask: u64,
+}
+
+impl<'a, T> Locked<'a, T> {
+    /// Lock the shards in `more`, which must all be above the ones held
+    /// (the global ascending order).
+    fn lock_more(&mut self, more: u64) {
+        debug_assert!(self.mask == 0 || more.trailing_zeros() > 63 - self.mask.leading_zeros());
+        for i in bits(more) {
+            self.shards[i].lock.lock();
+            self.mask |= 1 << i;
+        }
+    }
+
+    #[inline]
+    fn shard(&mut self, i: usize) -> &mut Shard<T> {
+        assert!(self.mask & (1 << i) != 0, "shard {i} not locked");
+        // SAFETY: we hold shard i's lock (checked above) and `&mut self`
+        // hands out one shard at a time.
+        unsafe { &mut *self.shards[i].data.get() }
+    }
+}
+
+impl<T> Drop for Locked<'_, T> {
+    fn drop(&mut self) {
+        for i in bits(self.mask) {
+            // SAFETY: this guard locked shard i.
+            unsafe { self.shards[i].lock.unlock() };
+        }
+    }
+}
+
+/// The set bits of `mask`, lowest first.
+#[inline]
+fn bits(mut mask: u64) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        if mask == 0 {
+            return None;
+        }
+        let i = mask.trailing_zeros() as usize;
+        mask &= mask - 1;
+        Some(i)
+    })
+}
 
 impl<T> Tracker<T> {
     /// A tracker whose fence floor is `floor` (the disk's current epoch),
@@ -223,24 +350,99 @@ impl<T> Tracker<T> {
     /// do not overlap — a storage that works in 4 KiB blocks would
     /// otherwise still see seeds/003's overlap.
     pub fn with_grain(floor: Epoch, grain_sectors: u64) -> Self {
+        Self::with_shards(floor, grain_sectors, DEFAULT_STRIPE_BLOCKS, DEFAULT_SHARDS)
+    }
+
+    /// [`Tracker::with_grain`] with an explicit layout: stripes of
+    /// `stripe_blocks` tracked blocks spread over `shards` shards (1 to 64),
+    /// both rounded up to a power of two (a mask, not a division, per request). Small stripes make ordinary requests
+    /// span several shards, which the tests use.
+    pub fn with_shards(
+        floor: Epoch,
+        grain_sectors: u64,
+        stripe_blocks: u64,
+        shards: usize,
+    ) -> Self {
         let grain_shift = grain_sectors.max(1).next_power_of_two().trailing_zeros();
+        let stripe_shift = stripe_blocks.max(1).next_power_of_two().trailing_zeros();
+        let n = shards.clamp(1, MAX_SHARDS).next_power_of_two();
+        let shards = (0..n)
+            .map(|_| ShardCell {
+                lock: RawMutex::INIT,
+                data: UnsafeCell::new(Shard {
+                    slots: Vec::with_capacity(SHARD_CAPACITY),
+                    free: Vec::with_capacity(SHARD_CAPACITY),
+                    index: BlockIndex::with_capacity(SHARD_CAPACITY),
+                    waiting: 0,
+                    live: 0,
+                }),
+            })
+            .collect();
         Tracker {
-            inner: Mutex::new(Inner {
-                slots: Vec::with_capacity(INITIAL_CAPACITY),
-                free: Vec::with_capacity(INITIAL_CAPACITY),
-                index: BlockIndex::with_capacity(INITIAL_CAPACITY),
-                active_count: 0,
-                queue: VecDeque::with_capacity(16),
-                floor,
-                grain_shift,
-            }),
+            shards,
+            queue: Mutex::new(VecDeque::with_capacity(16)),
+            floor: AtomicU64::new(floor),
+            grain_shift,
+            stripe_shift,
+            next_flush_home: AtomicUsize::new(0),
+            idle_lock: Mutex::new(()),
             idle: Condvar::new(),
+            idle_waiters: AtomicUsize::new(0),
         }
     }
 
     /// The fence floor: modifying requests below it are refused.
     pub fn floor(&self) -> Epoch {
-        self.inner.lock().floor
+        self.floor.load(Ordering::Acquire)
+    }
+
+    fn all_shards(&self) -> u64 {
+        u64::MAX >> (64 - self.shards.len())
+    }
+
+    fn lock(&self, mask: u64) -> Locked<'_, T> {
+        let mut l = Locked {
+            shards: &self.shards,
+            mask: 0,
+        };
+        l.lock_more(mask);
+        l
+    }
+
+    /// The shards whose stripes a ranged request's blocks touch.
+    fn shard_mask(&self, first: u64, last: u64) -> u64 {
+        let n = self.shards.len() as u64;
+        let s0 = first >> self.stripe_shift;
+        let s1 = (last - 1) >> self.stripe_shift;
+        if s1 - s0 >= n - 1 {
+            return self.all_shards();
+        }
+        (s0..=s1).fold(0, |m, s| m | 1 << (s & (n - 1)))
+    }
+
+    /// Tracked blocks `[first, last)` a ranged request holds.
+    #[inline]
+    fn req_blocks(&self, req: &Request) -> (u64, u64) {
+        let (start, end) = req.span(self.grain_shift);
+        blocks(start, end, self.grain_shift)
+    }
+
+    fn stale(&self, req: &Request) -> Option<Refused> {
+        let floor = self.floor.load(Ordering::Acquire);
+        (req.kind.modifies() && req.epoch < floor).then_some(Refused::Stale {
+            epoch: req.epoch,
+            floor,
+        })
+    }
+
+    /// Split a ticket into its home shard and slot there.
+    fn decode(&self, t: Ticket) -> Result<(usize, u32), UnknownTicket> {
+        let home = (t.slot >> LOCAL_BITS) as usize;
+        if home < self.shards.len() {
+            Ok((home, t.slot & LOCAL_MASK))
+        } else {
+            Err(UnknownTicket(t))
+        }
     }
 
     /// Admit a request. Stale modifying requests are refused (the token
@@ -250,38 +452,53 @@ impl<T> Tracker<T> {
         if req.range.end().is_none() || (req.range.count == 0 && req.kind.needs_range()) {
             return Err((Refused::BadRange, token));
         }
-        let mut g = self.inner.lock();
-        let inner = &mut *g;
-        if req.kind.modifies() && req.epoch < inner.floor {
-            let floor = inner.floor;
-            return Err((
-                Refused::Stale {
-                    epoch: req.epoch,
-                    floor,
-                },
-                token,
-            ));
+        if !req.kind.has_range() {
+            // A flush never waits and is never stale: any shard may hold it.
+            let home = self.next_flush_home.fetch_add(1, Ordering::Relaxed) % self.shards.len();
+            let mut l = self.lock(1 << home);
+            let ticket = alloc(l.shard(home), home, req, 0, token, SlotState::Active);
+            return Ok(Admission::Ready(ticket));
         }
-        let g = inner.grain_shift;
-        let (start, end) = req.span(g);
+        let (first, last) = self.req_blocks(&req);
         let is_mod = req.kind.modifies();
-        let conflict = req.kind.has_range()
-            && (inner.active_conflict(start, end, is_mod)
-                || inner.queue.iter().any(|&s| {
-                    let q = &inner.slots[s as usize].req;
-                    conflicts(q, g, start, end, is_mod)
-                }));
-        let slot = inner.alloc(req, token);
-        let ticket = Ticket {
-            slot,
-            gen: inner.slots[slot as usize].gen,
-        };
+        let mask = self.shard_mask(first, last);
+        let home = mask.trailing_zeros() as usize;
+        {
+            let mut l = self.lock(mask);
+            if let Some(r) = self.stale(&req) {
+                return Err((r, token));
+            }
+            let free = bits(mask).all(|i| {
+                let s = l.shard(i);
+                s.waiting == 0 && !s.index.conflicts(first, last, is_mod)
+            });
+            if free {
+                let ticket = alloc(l.shard(home), home, req, mask, token, SlotState::Active);
+                activate(&mut l, ticket, &req, mask, first, last);
+                return Ok(Admission::Ready(ticket));
+            }
+        }
+        // Slow path: the queue's lock first, then the shards again (the
+        // state may have moved meanwhile; decide afresh).
+        let mut q = self.queue.lock();
+        let mut l = self.lock(mask);
+        if let Some(r) = self.stale(&req) {
+            return Err((r, token));
+        }
+        let g = self.grain_shift;
+        let (start, end) = req.span(g);
+        let conflict = bits(mask).any(|i| l.shard(i).index.conflicts(first, last, is_mod))
+            || q.iter().any(|w| conflicts(&w.req, g, start, end, is_mod));
         if conflict {
-            inner.slots[slot as usize].state = SlotState::Queued;
-            inner.queue.push_back(slot);
+            let ticket = alloc(l.shard(home), home, req, mask, token, SlotState::Queued);
+            for i in bits(mask) {
+                l.shard(i).waiting += 1;
+            }
+            q.push_back(Waiter { ticket, req, mask });
             Ok(Admission::Queued(ticket))
         } else {
-            inner.activate(slot);
+            let ticket = alloc(l.shard(home), home, req, mask, token, SlotState::Active);
+            activate(&mut l, ticket, &req, mask, first, last);
             Ok(Admission::Ready(ticket))
         }
     }
@@ -294,17 +511,25 @@ impl<T> Tracker<T> {
         ticket: Ticket,
         woken: &mut Vec<Woken>,
     ) -> Result<Finished<T>, UnknownTicket> {
-        let mut g = self.inner.lock();
-        let inner = &mut *g;
-        let slot = inner.check(ticket, SlotState::Active)?;
-        inner.deactivate(slot);
-        let finished = inner.release(ticket);
-        if !inner.queue.is_empty() {
-            // Only waiters that conflicted with this request can be freed by it.
-            inner.promote(woken, Some(&finished.request));
+        let (home, local) = self.decode(ticket)?;
+        let mut l = self.lock(1 << home);
+        let mask = l
+            .shard(home)
+            .check(local, ticket, Some(SlotState::Active))?;
+        // The home shard is the lowest of the set: the rest come after it.
+        l.lock_more(mask & !(1 << home));
+        let req = l.shard(home).slots[local as usize].req;
+        self.deactivate(&mut l, ticket, &req, mask);
+        let finished = release(l.shard(home), local, ticket);
+        let waiting = bits(mask).any(|i| l.shard(i).waiting > 0);
+        let notify = self.idle_waiters.load(Ordering::Relaxed) > 0;
+        drop(l);
+        if waiting {
+            // Only waiters that conflicted with this request can be freed
+            // by it, and every such waiter counts on one of these shards.
+            self.promote(Some(&finished.request), woken);
         }
-        drop(g);
-        self.idle.notify_all();
+        self.notify_idle(notify);
         Ok(finished)
     }
 
@@ -322,21 +547,30 @@ impl<T> Tracker<T> {
         ticket: Ticket,
         woken: &mut Vec<Woken>,
     ) -> Result<Finished<T>, UnknownTicket> {
-        let mut g = self.inner.lock();
-        let inner = &mut *g;
-        let slot = inner.check_live(ticket)?;
-        match inner.slots[slot as usize].state {
-            SlotState::Active => inner.deactivate(slot),
-            SlotState::Queued => inner.queue.retain(|&s| s != slot),
+        let (home, local) = self.decode(ticket)?;
+        let mut q = self.queue.lock();
+        let mut l = self.lock(1 << home);
+        let mask = l.shard(home).check(local, ticket, None)?;
+        l.lock_more(mask & !(1 << home));
+        let slot = &l.shard(home).slots[local as usize];
+        let (state, req) = (slot.state, slot.req);
+        match state {
+            SlotState::Active => self.deactivate(&mut l, ticket, &req, mask),
+            SlotState::Queued => {
+                q.retain(|w| w.ticket != ticket);
+                for i in bits(mask) {
+                    l.shard(i).waiting -= 1;
+                }
+            }
             SlotState::Free => return Err(UnknownTicket(ticket)),
         }
-        let mut finished = inner.release(ticket);
+        let mut finished = release(l.shard(home), local, ticket);
         finished.outcome = Outcome::Cancelled;
-        if !inner.queue.is_empty() {
-            inner.promote(woken, Some(&finished.request));
-        }
-        drop(g);
-        self.idle.notify_all();
+        let notify = self.idle_waiters.load(Ordering::Relaxed) > 0;
+        drop(l);
+        self.promote_queue(&mut q, Some(&finished.request), woken);
+        drop(q);
+        self.notify_idle(notify);
         Ok(finished)
     }
 
@@ -346,49 +580,54 @@ impl<T> Tracker<T> {
     /// reports [`Outcome::Fenced`]) and keep holding their ranges.
     /// Requests freed by the cancellations are appended to `woken`.
     pub fn fence_with(&self, floor: Epoch, woken: &mut Vec<Woken>) -> FenceReport<T> {
-        let mut g = self.inner.lock();
-        let inner = &mut *g;
-        let previous_floor = inner.floor;
+        let mut q = self.queue.lock();
+        let mut l = self.lock(self.all_shards());
+        let previous_floor = self.floor.load(Ordering::Relaxed);
+        self.floor
+            .store(previous_floor.max(floor), Ordering::Release);
         let mut report = FenceReport {
             previous_floor,
             cancelled: Vec::new(),
             fenced: Vec::new(),
         };
-        inner.floor = inner.floor.max(floor);
         let stale = |r: &Request| r.kind.modifies() && r.epoch < floor;
-        let mut kept = VecDeque::with_capacity(inner.queue.len());
-        while let Some(s) = inner.queue.pop_front() {
-            if stale(&inner.slots[s as usize].req) {
-                let ticket = Ticket {
-                    slot: s,
-                    gen: inner.slots[s as usize].gen,
-                };
-                let mut f = inner.release(ticket);
+        let mut kept = VecDeque::with_capacity(q.len());
+        while let Some(w) = q.pop_front() {
+            if stale(&w.req) {
+                for i in bits(w.mask) {
+                    l.shard(i).waiting -= 1;
+                }
+                let (home, local) = (
+                    (w.ticket.slot >> LOCAL_BITS) as usize,
+                    w.ticket.slot & LOCAL_MASK,
+                );
+                let mut f = release(l.shard(home), local, w.ticket);
                 f.outcome = Outcome::Cancelled;
                 report.cancelled.push(f);
             } else {
-                kept.push_back(s);
+                kept.push_back(w);
             }
         }
-        inner.queue = kept;
-        for (s, slot) in inner.slots.iter_mut().enumerate() {
-            let s = s as u32;
-            if slot.state == SlotState::Active && stale(&slot.req) {
-                slot.fenced = true;
-                report.fenced.push((
-                    Ticket {
-                        slot: s,
-                        gen: slot.gen,
-                    },
-                    slot.req,
-                ));
+        *q = kept;
+        for home in 0..self.shards.len() {
+            for (s, slot) in l.shard(home).slots.iter_mut().enumerate() {
+                if slot.state == SlotState::Active && stale(&slot.req) {
+                    slot.fenced = true;
+                    report.fenced.push((
+                        Ticket {
+                            slot: encode(home, s),
+                            gen: slot.gen,
+                        },
+                        slot.req,
+                    ));
+                }
             }
         }
-        if !inner.queue.is_empty() {
-            inner.promote(woken, None);
-        }
-        drop(g);
-        self.idle.notify_all();
+        self.promote_locked(&mut q, &mut l, None, woken);
+        let notify = self.idle_waiters.load(Ordering::Relaxed) > 0;
+        drop(l);
+        drop(q);
+        self.notify_idle(notify);
         report
     }
 
@@ -404,24 +643,28 @@ impl<T> Tracker<T> {
     /// modifying requests are refused, admitted ones may still finish (the
     /// drain half of a hand-off). Returns the previous floor.
     pub fn raise_floor(&self, floor: Epoch) -> Epoch {
-        let mut g = self.inner.lock();
-        let prev = g.floor;
-        g.floor = prev.max(floor);
+        // Every shard locked: no admission is between its floor check and
+        // its insertion while the floor moves.
+        let _l = self.lock(self.all_shards());
+        let prev = self.floor.load(Ordering::Relaxed);
+        self.floor.store(prev.max(floor), Ordering::Release);
         prev
     }
 
     /// Run `f` on the token of a request in flight (for instance to take
     /// out the I/O it parked while queued). `None` for an unknown ticket.
     pub fn with_token<R>(&self, ticket: Ticket, f: impl FnOnce(&mut T) -> R) -> Option<R> {
-        let mut g = self.inner.lock();
-        let slot = g.check_live(ticket).ok()?;
-        g.slots[slot as usize].token.as_mut().map(f)
+        let (home, local) = self.decode(ticket).ok()?;
+        let mut l = self.lock(1 << home);
+        let shard = l.shard(home);
+        shard.check(local, ticket, None).ok()?;
+        shard.slots[local as usize].token.as_mut().map(f)
     }
 
     /// Number of requests in flight (waiting or at the storage).
     pub fn len(&self) -> usize {
-        let g = self.inner.lock();
-        g.active_count + g.queue.len()
+        let mut l = self.lock(self.all_shards());
+        (0..self.shards.len()).map(|i| l.shard(i).live).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -430,21 +673,34 @@ impl<T> Tracker<T> {
 
     /// Requests in flight that match `pred`, in no particular order.
     pub fn snapshot(&self, mut pred: impl FnMut(&Request) -> bool) -> Vec<InFlight> {
-        let g = self.inner.lock();
-        g.slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.state != SlotState::Free && pred(&s.req))
-            .map(|(i, s)| InFlight {
-                ticket: Ticket {
-                    slot: i as u32,
-                    gen: s.gen,
-                },
-                request: s.req,
-                active: s.state == SlotState::Active,
-                fenced: s.fenced,
-            })
-            .collect()
+        let mut l = self.lock(self.all_shards());
+        let mut out = Vec::new();
+        for home in 0..self.shards.len() {
+            for (i, s) in l.shard(home).slots.iter().enumerate() {
+                if s.state != SlotState::Free && pred(&s.req) {
+                    out.push(InFlight {
+                        ticket: Ticket {
+                            slot: encode(home, i),
+                            gen: s.gen,
+                        },
+                        request: s.req,
+                        active: s.state == SlotState::Active,
+                        fenced: s.fenced,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    fn any_live(&self, pred: &mut impl FnMut(&Request) -> bool) -> bool {
+        let mut l = self.lock(self.all_shards());
+        (0..self.shards.len()).any(|i| {
+            l.shard(i)
+                .slots
+                .iter()
+                .any(|s| s.state != SlotState::Free && pred(&s.req))
+        })
     }
 
     /// Wait until no request matching `pred` is in flight, or `deadline`
@@ -454,26 +710,225 @@ impl<T> Tracker<T> {
         mut pred: impl FnMut(&Request) -> bool,
         deadline: Option<Instant>,
     ) -> bool {
-        let mut g = self.inner.lock();
-        loop {
-            let any = g
-                .slots
-                .iter()
-                .any(|s| s.state != SlotState::Free && pred(&s.req));
-            if !any {
-                return true;
+        // Announce the waiter before looking: a release reads the count
+        // under the shard lock this check takes next, so it either sees the
+        // waiter or is seen by it.
+        self.idle_waiters.fetch_add(1, Ordering::Relaxed);
+        let mut g = self.idle_lock.lock();
+        let none = loop {
+            if !self.any_live(&mut pred) {
+                break true;
             }
             match deadline {
                 Some(d) => {
                     if self.idle.wait_until(&mut g, d).timed_out() {
-                        return !g
-                            .slots
-                            .iter()
-                            .any(|s| s.state != SlotState::Free && pred(&s.req));
+                        break !self.any_live(&mut pred);
                     }
                 }
                 None => self.idle.wait(&mut g),
             }
+        };
+        drop(g);
+        self.idle_waiters.fetch_sub(1, Ordering::Relaxed);
+        none
+    }
+
+    /// Wake `wait_until_none` callers after a release, when the release
+    /// saw one (`notify`, read while it still held its shards: no fence on
+    /// the fast path). Taking `idle_lock` before notifying means a waiter
+    /// is either still before its check (and will see the release) or
+    /// already waiting.
+    fn notify_idle(&self, notify: bool) {
+        if notify {
+            drop(self.idle_lock.lock());
+            self.idle.notify_all();
+        }
+    }
+
+    fn deactivate(&self, l: &mut Locked<'_, T>, ticket: Ticket, req: &Request, mask: u64) {
+        if mask == 0 {
+            return; // a flush holds no range
+        }
+        let (first, last) = self.req_blocks(req);
+        for i in bits(mask) {
+            l.shard(i)
+                .index
+                .remove(first, last, req.kind.modifies(), ticket.slot);
+        }
+    }
+
+    /// Wake what a release may have freed: take the queue lock, then the
+    /// shards of the candidates.
+    fn promote(&self, freed: Option<&Request>, woken: &mut Vec<Woken>) {
+        let mut q = self.queue.lock();
+        self.promote_queue(&mut q, freed, woken);
+    }
+
+    /// With the queue locked and no shard held: lock the candidates' shards
+    /// and promote.
+    fn promote_queue(
+        &self,
+        q: &mut VecDeque<Waiter>,
+        freed: Option<&Request>,
+        woken: &mut Vec<Woken>,
+    ) {
+        let g = self.grain_shift;
+        let need = q
+            .iter()
+            .filter(|w| {
+                freed.is_none_or(|f| {
+                    let (start, end) = w.req.span(g);
+                    conflicts(f, g, start, end, w.req.kind.modifies())
+                })
+            })
+            .fold(0, |m, w| m | w.mask);
+        if need != 0 {
+            let mut l = self.lock(need);
+            self.promote_locked(q, &mut l, freed, woken);
+        }
+    }
+
+    /// Start every waiting request that no active and no earlier waiting
+    /// request conflicts with. With `freed`, only waiters that conflicted
+    /// with that (just released) request are candidates: the others are
+    /// still blocked by whatever blocked them. `l` holds every candidate's
+    /// shards.
+    fn promote_locked(
+        &self,
+        q: &mut VecDeque<Waiter>,
+        l: &mut Locked<'_, T>,
+        freed: Option<&Request>,
+        woken: &mut Vec<Woken>,
+    ) {
+        let g = self.grain_shift;
+        let mut i = 0;
+        while i < q.len() {
+            let (req, mask) = (q[i].req, q[i].mask);
+            let (start, end) = req.span(g);
+            let is_mod = req.kind.modifies();
+            if let Some(f) = freed {
+                if !conflicts(f, g, start, end, is_mod) {
+                    i += 1;
+                    continue;
+                }
+            }
+            let (first, last) = blocks(start, end, g);
+            let blocked = bits(mask).any(|s| l.shard(s).index.conflicts(first, last, is_mod))
+                || q.iter()
+                    .take(i)
+                    .any(|e| conflicts(&e.req, g, start, end, is_mod));
+            if blocked {
+                i += 1;
+                continue;
+            }
+            let Some(w) = q.remove(i) else { break };
+            for s in bits(mask) {
+                l.shard(s).waiting -= 1;
+            }
+            let home = (w.ticket.slot >> LOCAL_BITS) as usize;
+            l.shard(home).slots[(w.ticket.slot & LOCAL_MASK) as usize].state = SlotState::Active;
+            activate(l, w.ticket, &req, mask, first, last);
+            woken.push(Woken {
+                ticket: w.ticket,
+                request: req,
+            });
+        }
+    }
+}
+
+#[inline]
+fn encode(home: usize, local: usize) -> u32 {
+    ((home as u32) << LOCAL_BITS) | local as u32
+}
+
+/// Take a slot in the home shard.
+fn alloc<T>(
+    sh: &mut Shard<T>,
+    home: usize,
+    req: Request,
+    mask: u64,
+    token: T,
+    state: SlotState,
+) -> Ticket {
+    sh.live += 1;
+    let local = if let Some(s) = sh.free.pop() {
+        let slot = &mut sh.slots[s as usize];
+        slot.gen = slot.gen.wrapping_add(1);
+        slot.state = state;
+        slot.fenced = false;
+        slot.req = req;
+        slot.mask = mask;
+        slot.token = Some(token);
+        s
+    } else {
+        debug_assert!(sh.slots.len() < LOCAL_MASK as usize);
+        sh.slots.push(Slot {
+            gen: 0,
+            state,
+            fenced: false,
+            req,
+            mask,
+            token: Some(token),
+        });
+        (sh.slots.len() - 1) as u32
+    };
+    Ticket {
+        slot: encode(home, local as usize),
+        gen: sh.slots[local as usize].gen,
+    }
+}
+
+/// Insert an active request's blocks into the index of each of its shards
+/// (the whole range in each: a shard's index may list blocks of other
+/// stripes, which only costs a probe, never a wrong answer).
+fn activate<T>(
+    l: &mut Locked<'_, T>,
+    ticket: Ticket,
+    req: &Request,
+    mask: u64,
+    first: u64,
+    last: u64,
+) {
+    for i in bits(mask) {
+        l.shard(i)
+            .index
+            .insert(first, last, req.kind.modifies(), ticket.slot);
+    }
+}
+
+/// Free the slot and hand back what it held.
+fn release<T>(sh: &mut Shard<T>, local: u32, ticket: Ticket) -> Finished<T> {
+    sh.live -= 1;
+    let s = &mut sh.slots[local as usize];
+    s.state = SlotState::Free;
+    let outcome = if s.fenced {
+        Outcome::Fenced
+    } else {
+        Outcome::Completed
+    };
+    let token = s.token.take();
+    sh.free.push(local);
+    Finished {
+        ticket,
+        request: s.req,
+        outcome,
+        // A live slot always holds its token (set by `alloc`, taken here).
+        token: token.expect("live slot holds a token"),
+    }
+}
+
+impl<T> Shard<T> {
+    /// The slot's shard set if `t` names a live slot (in state `want`).
+    fn check(&self, local: u32, t: Ticket, want: Option<SlotState>) -> Result<u64, UnknownTicket> {
+        match self.slots.get(local as usize) {
+            Some(s)
+                if s.gen == t.gen
+                    && s.state != SlotState::Free
+                    && want.is_none_or(|w| w == s.state) =>
+            {
+                Ok(s.mask)
+            }
+            _ => Err(UnknownTicket(t)),
         }
     }
 }
@@ -491,136 +946,6 @@ fn conflicts(other: &Request, grain_shift: u32, start: u64, end: u64, is_mod: bo
     }
     let (s, e) = other.span(grain_shift);
     s < end && start < e
-}
-
-impl<T> Inner<T> {
-    /// Does any active request conflict with sectors `[start, end)`?
-    #[inline]
-    fn active_conflict(&self, start: u64, end: u64, is_mod: bool) -> bool {
-        let (first, last) = blocks(start, end, self.grain_shift);
-        self.index.conflicts(first, last, is_mod)
-    }
-
-    fn alloc(&mut self, req: Request, token: T) -> u32 {
-        if let Some(s) = self.free.pop() {
-            let slot = &mut self.slots[s as usize];
-            slot.gen = slot.gen.wrapping_add(1);
-            slot.fenced = false;
-            slot.req = req;
-            slot.token = Some(token);
-            s
-        } else {
-            self.slots.push(Slot {
-                gen: 0,
-                state: SlotState::Free,
-                fenced: false,
-                req,
-                token: Some(token),
-            });
-            (self.slots.len() - 1) as u32
-        }
-    }
-
-    fn activate(&mut self, slot: u32) {
-        let req = self.slots[slot as usize].req;
-        self.slots[slot as usize].state = SlotState::Active;
-        self.active_count += 1;
-        if req.kind.has_range() {
-            // A flush holds no range and takes no place in the index.
-            let (start, end) = req.span(self.grain_shift);
-            let (first, last) = blocks(start, end, self.grain_shift);
-            self.index.insert(first, last, req.kind.modifies(), slot);
-        }
-    }
-
-    fn deactivate(&mut self, slot: u32) {
-        let req = self.slots[slot as usize].req;
-        self.active_count -= 1;
-        if req.kind.has_range() {
-            let (start, end) = req.span(self.grain_shift);
-            let (first, last) = blocks(start, end, self.grain_shift);
-            self.index.remove(first, last, req.kind.modifies(), slot);
-        }
-    }
-
-    fn check_live(&self, t: Ticket) -> Result<u32, UnknownTicket> {
-        match self.slots.get(t.slot as usize) {
-            Some(s) if s.gen == t.gen && s.state != SlotState::Free => Ok(t.slot),
-            _ => Err(UnknownTicket(t)),
-        }
-    }
-
-    fn check(&self, t: Ticket, want: SlotState) -> Result<u32, UnknownTicket> {
-        let slot = self.check_live(t)?;
-        if self.slots[slot as usize].state == want {
-            Ok(slot)
-        } else {
-            Err(UnknownTicket(t))
-        }
-    }
-
-    /// Free the slot and hand back what it held.
-    fn release(&mut self, ticket: Ticket) -> Finished<T> {
-        let s = &mut self.slots[ticket.slot as usize];
-        s.state = SlotState::Free;
-        let outcome = if s.fenced {
-            Outcome::Fenced
-        } else {
-            Outcome::Completed
-        };
-        let token = s.token.take().expect("live slot holds a token");
-        self.free.push(ticket.slot);
-        Finished {
-            ticket,
-            request: s.req,
-            outcome,
-            token,
-        }
-    }
-
-    /// Start every waiting request that no active and no earlier waiting
-    /// request conflicts with. With `freed`, only waiters that conflicted
-    /// with that (just released) request are candidates: the others are
-    /// still blocked by whatever blocked them.
-    fn promote(&mut self, woken: &mut Vec<Woken>, freed: Option<&Request>) {
-        let mut i = 0;
-        while i < self.queue.len() {
-            let s = self.queue[i];
-            let req = self.slots[s as usize].req;
-            let (start, end) = req.span(self.grain_shift);
-            let is_mod = req.kind.modifies();
-            if let Some(f) = freed {
-                if !conflicts(f, self.grain_shift, start, end, is_mod) {
-                    i += 1;
-                    continue;
-                }
-            }
-            let blocked = req.kind.has_range()
-                && (self.active_conflict(start, end, is_mod)
-                    || self.queue.iter().take(i).any(|&e| {
-                        conflicts(
-                            &self.slots[e as usize].req,
-                            self.grain_shift,
-                            start,
-                            end,
-                            is_mod,
-                        )
-                    }));
-            if blocked {
-                i += 1;
-            } else {
-                self.queue.remove(i);
-                self.activate(s);
-                woken.push(Woken {
-                    ticket: Ticket {
-                        slot: s,
-                        gen: self.slots[s as usize].gen,
-                    },
-                    request: req,
-                });
-            }
-        }
-    }
 }
 
 #[cfg(test)]

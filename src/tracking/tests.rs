@@ -298,11 +298,22 @@ fn random_against_model() {
 
 #[test]
 fn many_threads_never_overlap_at_storage() {
+    many_threads_never_overlap(Tracker::new(0));
+}
+
+/// The same with stripes of 4 sectors over 4 shards: most requests span
+/// several shards and share some with others.
+#[test]
+fn many_threads_never_overlap_across_shards() {
+    many_threads_never_overlap(Tracker::with_shards(0, 1, 4, 4));
+}
+
+fn many_threads_never_overlap(t: Tracker<()>) {
     use std::sync::atomic::{AtomicU8, Ordering};
     use std::sync::Arc;
     // One byte per sector counts writers "at the storage"; it must never exceed 1.
     let sectors: Arc<Vec<AtomicU8>> = Arc::new((0..256).map(|_| AtomicU8::new(0)).collect());
-    let t: Arc<Tracker<()>> = Arc::new(Tracker::new(0));
+    let t: Arc<Tracker<()>> = Arc::new(t);
     let (tx, rx) = crossbeam_channel::unbounded::<(Ticket, Request)>();
     let threads: Vec<_> = (0..3)
         .map(|k| {
@@ -381,4 +392,160 @@ fn grain_orders_writes_within_one_block() {
     assert_eq!(woken.iter().map(|x| x.ticket).collect::<Vec<_>>(), vec![b]);
     // A range near the end of the sector space rounds without overflow.
     ready(t.admit(w(u64::MAX - 3, 2, 0), 3));
+}
+
+/// The sharded tracker against the single-lock one it replaced
+/// (`reference.rs`), in lockstep on random sequences of every operation
+/// Disk uses, over layouts from one shard to stripes of one block: the same
+/// admissions (ready, queued or refused), the same wake-ups in the same
+/// order, the same cancellations and fenced requests, the same snapshot.
+#[test]
+fn sharded_matches_single_lock_reference() {
+    use super::reference::RefTracker;
+    use std::collections::HashMap;
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut rnd = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    // (grain sectors, stripe blocks, shards)
+    let layouts = [
+        (1, 1024, 16),
+        (1, 1, 2),
+        (1, 2, 3), // rounded up to 4 shards
+        (1, 4, 4),
+        (8, 1, 5), // 8 shards
+        (8, 2, 64),
+        (1, 8, 1),
+    ];
+    for round in 0..600 {
+        let (grain, stripe, shards) = layouts[round % layouts.len()];
+        let new: Tracker<u64> = Tracker::with_shards(1, grain, stripe, shards);
+        let old: RefTracker<u64> = RefTracker::with_grain(1, grain);
+        // id -> (new ticket, old ticket, active)
+        let mut live: HashMap<u64, (Ticket, Ticket, bool)> = HashMap::new();
+        let mut new_ids: HashMap<Ticket, u64> = HashMap::new();
+        let mut old_ids: HashMap<Ticket, u64> = HashMap::new();
+        let (mut wn, mut wo) = (Vec::new(), Vec::new());
+        let mut floor = 1;
+        let mut next = 0u64;
+        let ctx =
+            |step: usize| format!("round {round} layout {grain}/{stripe}/{shards} step {step}");
+        for step in 0..300 {
+            let op = rnd(20);
+            wn.clear();
+            wo.clear();
+            if live.is_empty() || op < 9 {
+                let kind = match rnd(12) {
+                    0 | 1 => OpKind::Read,
+                    2 => OpKind::Trim,
+                    3 => OpKind::WriteZeroes,
+                    4 => OpKind::Flush,
+                    5 if rnd(4) == 0 => OpKind::Barrier,
+                    _ => OpKind::Write,
+                };
+                let count = match rnd(10) {
+                    0 => 0,
+                    1 => 200 + rnd(800),
+                    _ => 1 + rnd(24),
+                };
+                let count = if kind == OpKind::Barrier { 0 } else { count };
+                let epoch = floor - rnd(2).min(floor);
+                let req = Request::new(kind, SectorRange::new(rnd(96), count), epoch);
+                next += 1;
+                let a = new.admit(req, next);
+                let b = old.admit(req, next);
+                match (a, b) {
+                    (Ok(a), Ok(b)) => {
+                        let ra = matches!(a, Admission::Ready(_));
+                        assert_eq!(
+                            ra,
+                            matches!(b, Admission::Ready(_)),
+                            "{} {req:?}",
+                            ctx(step)
+                        );
+                        live.insert(next, (a.ticket(), b.ticket(), ra));
+                        new_ids.insert(a.ticket(), next);
+                        old_ids.insert(b.ticket(), next);
+                    }
+                    (Err((ra, _)), Err((rb, _))) => assert_eq!(ra, rb, "{}", ctx(step)),
+                    (a, b) => panic!("{}: {a:?} vs {b:?}", ctx(step)),
+                }
+            } else if op < 16 || op == 19 {
+                // Complete an active request, or (op 19) cancel one the
+                // caller still owns: a queued one or a ready one.
+                let mut ids: Vec<u64> = live.keys().copied().collect();
+                ids.sort_unstable();
+                let cancel = op == 19;
+                ids.retain(|id| cancel || live[id].2);
+                if ids.is_empty() {
+                    continue;
+                }
+                let id = ids[rnd(ids.len() as u64) as usize];
+                let (tn, to, _) = live[&id];
+                let (fa, fb) = if cancel {
+                    (new.cancel(tn, &mut wn), old.cancel(to, &mut wo))
+                } else {
+                    (new.complete(tn, &mut wn), old.complete(to, &mut wo))
+                };
+                let (fa, fb) = (fa.unwrap(), fb.unwrap());
+                assert_eq!(
+                    (fa.token, fa.outcome),
+                    (fb.token, fb.outcome),
+                    "{}",
+                    ctx(step)
+                );
+                live.remove(&id);
+                // Using a released ticket again is refused by both.
+                assert!(new.complete(tn, &mut wn).is_err());
+            } else if op < 18 {
+                floor += rnd(2);
+                let (ra, rb) = (
+                    new.fence_with(floor, &mut wn),
+                    old.fence_with(floor, &mut wo),
+                );
+                assert_eq!(ra.previous_floor, rb.previous_floor);
+                let ca: Vec<_> = ra.cancelled.iter().map(|f| (f.token, f.outcome)).collect();
+                let cb: Vec<_> = rb.cancelled.iter().map(|f| (f.token, f.outcome)).collect();
+                assert_eq!(ca, cb, "{}: cancelled", ctx(step));
+                let mut fa: Vec<u64> = ra.fenced.iter().map(|(t, _)| new_ids[t]).collect();
+                let mut fb: Vec<u64> = rb.fenced.iter().map(|(t, _)| old_ids[t]).collect();
+                fa.sort_unstable();
+                fb.sort_unstable();
+                assert_eq!(fa, fb, "{}: fenced", ctx(step));
+                for (id, _) in &ca {
+                    live.remove(id);
+                }
+            } else {
+                floor += rnd(2);
+                assert_eq!(new.raise_floor(floor), old.raise_floor(floor));
+            }
+            let woken_a: Vec<u64> = wn.iter().map(|w| new_ids[&w.ticket]).collect();
+            let woken_b: Vec<u64> = wo.iter().map(|w| old_ids[&w.ticket]).collect();
+            assert_eq!(woken_a, woken_b, "{}: woken", ctx(step));
+            for id in woken_a {
+                let e = live.get_mut(&id).expect("woken is live");
+                assert!(!e.2, "woken twice");
+                e.2 = true;
+            }
+            assert_eq!(new.len(), old.len(), "{}", ctx(step));
+            assert_eq!(new.floor(), old.floor());
+            let snap = |v: Vec<InFlight>, ids: &HashMap<Ticket, u64>| {
+                let mut v: Vec<_> = v
+                    .iter()
+                    .map(|f| (ids[&f.ticket], f.active, f.fenced))
+                    .collect();
+                v.sort_unstable();
+                v
+            };
+            assert_eq!(
+                snap(new.snapshot(|_| true), &new_ids),
+                snap(old.snapshot(|_| true), &old_ids),
+                "{}: snapshot",
+                ctx(step)
+            );
+        }
+    }
 }

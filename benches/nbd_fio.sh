@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# The same fio jobs against blkshim serve, qemu-nbd --aio=io_uring,
-# nbdkit's file plugin, and fio's own io_uring engine on the raw file (the
-# limit). Prints IOPS and MB/s per job and each peer's ratio to blkshim.
+# The same fio jobs against blkshim serve and its peers, qemu-nbd
+# --aio=io_uring, nbdkit's file plugin and qemu-storage-daemon's NBD export
+# (aio=io_uring), beside two limits: fio's own io_uring on the raw file
+# (the device) and nbdkit's memory plugin (the client and the socket, no
+# device). Prints IOPS and MB/s per job, each column's ratio to blkshim,
+# the cell's limit (the lower of the two), blkshim / limit and blkshim /
+# the best peer.
 #
 #   benches/nbd_fio.sh [--cache=none|writeback|both] [--size=1G] [--runtime=10]
-#                      [--repeat=1] [--dir=/var/tmp] [--tls]
+#                      [--repeat=1] [--dir=/var/tmp] [--tls] [--jobs=REGEX]
+#                      [--servers="blkshim qemu-nbd ..."]
+#
+# --jobs runs only the jobs whose name matches (e.g. --jobs='4k'); --servers
+# only the named columns (blkshim is always run).
 #
 # --tls adds the same servers over TLS (X.509, client certificates checked
 # against the CA, made here with openssl): blkshim-tls (--tls require and a
@@ -25,7 +33,7 @@
 # Needs: fio, qemu-nbd, nbdkit, python3 (apt-get install fio qemu-utils nbdkit).
 set -euo pipefail
 
-CACHE=both SIZE=1G RUNTIME=10 DIR=/var/tmp REPEAT=1 TLS=0
+CACHE=both SIZE=1G RUNTIME=10 DIR=/var/tmp REPEAT=1 TLS=0 JOBRE=. ONLY=
 for a in "$@"; do
   case $a in
     --cache=*) CACHE=${a#*=} ;;
@@ -34,11 +42,13 @@ for a in "$@"; do
     --dir=*) DIR=${a#*=} ;;
     --repeat=*) REPEAT=${a#*=} ;;
     --tls) TLS=1 ;;
-    -h|--help) sed -n 2,18p "$0"; exit 0 ;;
+    --jobs=*) JOBRE=${a#*=} ;;
+    --servers=*) ONLY=${a#*=} ;;
+    -h|--help) sed -n 2,27p "$0"; exit 0 ;;
     *) echo "unknown argument $a" >&2; exit 2 ;;
   esac
 done
-for t in fio qemu-nbd nbdkit python3; do
+for t in fio qemu-nbd nbdkit qemu-storage-daemon python3; do
   command -v $t >/dev/null || { echo "missing $t" >&2; exit 1; }
 done
 
@@ -121,6 +131,18 @@ start_server() { # name mode
       nbdkit --foreground --exit-with-parent -U "$SOCK" -e vm file "$IMG" cache=$c \
         2>"$WORK/nbdkit.log" &
       SERVER_PID=$! ;;
+    qemu-storage-daemon)
+      local d=off; [ "$2" = none ] && d=on
+      qemu-storage-daemon \
+        --blockdev "driver=file,node-name=f,filename=$IMG,cache.direct=$d,aio=io_uring" \
+        --nbd-server "addr.type=unix,addr.path=$SOCK,max-connections=16" \
+        --export type=nbd,id=e,node-name=f,name=vm,writable=on 2>"$WORK/qsd.log" &
+      SERVER_PID=$! ;;
+    nbdkit-memory)
+      # The limit of the client and the socket: no device behind it.
+      nbdkit --foreground --exit-with-parent -U "$SOCK" -e vm memory "$SIZE" \
+        2>"$WORK/nbdkit-memory.log" &
+      SERVER_PID=$! ;;
     blkshim-tls)
       "$BLKSHIM" serve --cache="$2" --socket="$SOCK" --control="$WORK/ctl.sock" \
         --state-dir="$WORK/epochs" --tls require --tls-certificates "$PKI/server" \
@@ -183,8 +205,17 @@ print("%.0f %.1f" % (iops, bw))'
 }
 
 MODES=$CACHE; [ "$CACHE" = both ] && MODES="none writeback"
-SERVERS="blkshim qemu-nbd nbdkit fio-io_uring"
-[ "$TLS" = 1 ] && SERVERS="$SERVERS blkshim-tls qemu-nbd-tls nbdkit-tls"
+PEERS="qemu-nbd nbdkit qemu-storage-daemon"
+LIMITS="fio-io_uring nbdkit-memory"
+[ "$TLS" = 1 ] && PEERS="$PEERS blkshim-tls qemu-nbd-tls nbdkit-tls"
+if [ -n "$ONLY" ]; then
+  keep() { local out=; for s in $1; do [[ " $ONLY " == *" $s "* ]] && out="$out $s"; done; echo $out; }
+  PEERS=$(keep "$PEERS") LIMITS=$(keep "$LIMITS")
+fi
+SERVERS="blkshim $PEERS $LIMITS"
+sel=()
+for job in "${JOBS[@]}"; do [[ ${job%%|*} =~ $JOBRE ]] && sel+=("$job"); done
+JOBS=("${sel[@]}")
 declare -A RUNS
 for round in $(seq "$REPEAT"); do
   for mode in $MODES; do
@@ -213,18 +244,26 @@ done
 printf '\nfio %s, %s file, %ss per job, median of %s, %s\n' "$(fio --version)" "$SIZE" "$RUNTIME" "$REPEAT" "$(uname -r)"
 printf '%-10s %-22s' mode job
 for srv in $SERVERS; do printf ' %24s' "$srv IOPS MB/s (x)"; done
-printf '\n'
+printf ' %8s %9s %9s\n' limit b/limit b/peer
 for mode in $MODES; do
   for job in "${JOBS[@]}"; do
     j=${job%%|*}
     read -r biops _ <<<"${R[$mode|blkshim|$j]}"
     printf '%-10s %-22s' "$mode" "$j"
+    best=0 limit=
     for srv in $SERVERS; do
       read -r iops mb <<<"${R[$mode|$srv|$j]}"
       ratio=$(python3 -c "print('%.2f' % ($iops / max($biops, 1)))")
       printf ' %9s %7s (%5s)' "$iops" "$mb" "$ratio"
+      case " $PEERS " in *" $srv "*) [ "$iops" -gt "$best" ] && best=$iops ;; esac
+      case " $LIMITS " in *" $srv "*) { [ -z "$limit" ] || [ "$iops" -lt "$limit" ]; } && limit=$iops ;; esac
     done
-    printf '\n'
+    python3 -c "
+import sys
+b, lim, best = float(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+print(' %8s %9s %9s' % (lim or '-', '%.2f' % (b / float(lim)) if lim else '-',
+                         '%.2f' % (b / best) if best else '-'))" "$biops" "$limit" "$best"
   done
 done
-printf '(x) = peer / blkshim; above 1.00 the peer is faster.\n'
+printf '(x) = column / blkshim; above 1.00 that column is faster. limit = the lower of\n'
+printf '%s; b/limit = blkshim / limit; b/peer = blkshim / the best of %s.\n' "$LIMITS" "$PEERS"

@@ -338,7 +338,10 @@ fn fence_below(t: &Tracker, st: &Storage, floor: u64) {
 const PREEMPTIONS: usize = 5;
 
 /// Every interleaving with at most `PREEMPTIONS` preemptions
-/// (`MODEL_LOOM_PREEMPTIONS` overrides it), with a time cap.
+/// (`MODEL_LOOM_PREEMPTIONS` overrides it), with a time cap: 50 s in
+/// release builds (exhaustive for all but the hand-off across shards), 20 s
+/// in debug builds, where CI's plain `cargo test` runs it next to the rest
+/// (`MODEL_LOOM_SECONDS` overrides both).
 fn check(name: &str, f: impl Fn() + Sync + Send + 'static) {
     static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let mut b = loom::model::Builder::new();
@@ -346,7 +349,11 @@ fn check(name: &str, f: impl Fn() + Sync + Send + 'static) {
         .ok()
         .and_then(|v| v.parse().ok())
         .or(Some(PREEMPTIONS));
-    b.max_duration = Some(std::time::Duration::from_secs(50));
+    let cap = std::env::var("MODEL_LOOM_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if cfg!(debug_assertions) { 20 } else { 50 });
+    b.max_duration = Some(std::time::Duration::from_secs(cap));
     let t0 = std::time::Instant::now();
     let before = RUNS.load(std::sync::atomic::Ordering::SeqCst);
     b.check(move || {

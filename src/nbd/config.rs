@@ -20,6 +20,13 @@
 //! path = "/images/vm1.raw"
 //! size = "10G"                     # created sparse when missing
 //!
+//! vhost_queues = 2                 # queues each vhost-user-blk device offers
+//!
+//! [[vhost_user_blk]]               # see crate::vhost
+//! disk = "vm1"
+//! epoch = 7                        # optional: the disk's current epoch
+//! socket = "/run/blkshim/vm1.vhost"
+//!
 //! [[client]]                       # see nbd::authz
 //! identity = "CN=host-a,O=example"
 //! disks = ["vm1"]
@@ -81,6 +88,10 @@ pub struct ServeConfig {
     pub tls_psk: Option<PathBuf>,
     /// `[[client]]` entries: who may open which disk.
     pub clients: Vec<ClientRule>,
+    /// `--vhost-user-blk DISK[@EPOCH]=SOCKET`, `[[vhost_user_blk]]`.
+    pub vhost_user_blk: Vec<crate::vhost::VhostSpec>,
+    /// `--vhost-queues`: queues each vhost-user-blk device offers.
+    pub vhost_queues: u16,
 }
 
 /// `blkshim serve --fence ...`: one host of a host-side deployment.
@@ -339,6 +350,17 @@ struct FileConfig {
     tls_psk: Option<PathBuf>,
     #[serde(default)]
     client: Vec<ClientRule>,
+    vhost_queues: Option<u16>,
+    #[serde(default)]
+    vhost_user_blk: Vec<FileVhost>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileVhost {
+    disk: String,
+    epoch: Option<u64>,
+    socket: PathBuf,
 }
 
 /// Read a TOML config file into `base` (command-line values already set
@@ -402,6 +424,20 @@ pub fn load_file(path: &Path, base: &mut ServeConfig, cli_set: &CliSet) -> Resul
         }
     }
     base.clients.extend(f.client);
+    if !cli_set.vhost_queues {
+        if let Some(q) = f.vhost_queues {
+            base.vhost_queues = q;
+        }
+    }
+    base.vhost_user_blk.extend(
+        f.vhost_user_blk
+            .into_iter()
+            .map(|v| crate::vhost::VhostSpec {
+                disk: v.disk,
+                epoch: v.epoch,
+                socket: v.socket,
+            }),
+    );
     let default_size = f.size.as_ref().map(SizeValue::bytes).transpose()?;
     for d in f.disk {
         let size = d
@@ -427,6 +463,7 @@ pub struct CliSet {
     pub fence_timeout: bool,
     pub cache: bool,
     pub tls_verify_peer: bool,
+    pub vhost_queues: bool,
 }
 
 /// Page cache or not.
@@ -535,6 +572,8 @@ mod tests {
             tls_verify_peer: true,
             tls_psk: None,
             clients: Vec::new(),
+            vhost_user_blk: Vec::new(),
+            vhost_queues: 2,
         }
     }
 

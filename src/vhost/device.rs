@@ -30,6 +30,9 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::QueueOwnedT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 /// Guest memory with qemu's dirty log behind it.
 pub type Mem = GuestMemoryMmap<BitmapMmapRegion>;
@@ -500,6 +503,18 @@ impl VhostUserBackend for BlkDevice {
     /// One worker thread per queue: `thread_id` is the queue's index.
     fn queues_per_thread(&self) -> Vec<u64> {
         (0..self.num_queues()).map(|i| 1u64 << i).collect()
+    }
+
+    /// The worker threads' exit events: without them the daemon's drop
+    /// (after the frontend left) would wait for its workers forever.
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                log::error!("{}: exit event: {e}", self.label);
+                None
+            }
+        }
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {

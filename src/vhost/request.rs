@@ -363,6 +363,69 @@ pub fn parse(
     Ok(Request { op, data, status })
 }
 
+/// The fuzz target's entry (`fuzz/fuzz_targets/vhost_request.rs`): the
+/// first byte is the number of descriptors (mod 8), each 13 bytes (address
+/// (8, only the low 16 bits kept, so chains hit the memory), length (4,
+/// mod 64 KiB), flags (1)); the rest is guest memory at address 0. Checks
+/// that a parsed request stays within the disk and the chain.
+pub fn fuzz_input(data: &[u8]) {
+    let Some((&n, rest)) = data.split_first() else {
+        return;
+    };
+    let n = usize::from(n % 8);
+    if rest.len() < 13 * n {
+        return;
+    }
+    let (table, mem) = rest.split_at(13 * n);
+    let descs: Vec<Desc> = table
+        .chunks_exact(13)
+        .map(|c| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&c[..8]);
+            let raw = u64::from_le_bytes(a);
+            Desc {
+                // Mostly inside the memory; sometimes far outside it.
+                addr: if c[12] & 2 != 0 { raw } else { raw & 0xffff },
+                len: u32::from_le_bytes([c[8], c[9], c[10], c[11]]) % 65536,
+                write_only: c[12] & 1 != 0,
+            }
+        })
+        .collect();
+    let mut read = |addr: u64, buf: &mut [u8]| {
+        let Ok(a) = usize::try_from(addr) else {
+            return false;
+        };
+        match a.checked_add(buf.len()) {
+            Some(end) if end <= mem.len() => {
+                buf.copy_from_slice(&mem[a..end]);
+                true
+            }
+            _ => false,
+        }
+    };
+    let limits = Limits {
+        capacity: 1 << 20,
+        block: 512,
+        max_data: 1 << 16,
+        max_discard_sectors: 1 << 10,
+        max_discard_seg: 1,
+    };
+    if let Ok(req) = parse(&descs, &mut read, &limits) {
+        let in_chain: u64 = descs.iter().map(|d| u64::from(d.len)).sum();
+        assert!(req.data_len() <= in_chain);
+        match req.op {
+            Op::Read { offset, len } | Op::Write { offset, len } => {
+                assert!(offset + len <= limits.capacity && len == req.data_len());
+            }
+            Op::Discard { offset, len } | Op::WriteZeroes { offset, len, .. } => {
+                assert!(offset + len <= limits.capacity && len > 0);
+            }
+            Op::GetId => assert!(req.data_len() <= 20),
+            Op::Flush => {}
+        }
+    }
+}
+
 /// Fill `buf` from the front of `segs`; returns the segments after those
 /// bytes, `None` when `segs` hold fewer bytes or memory is not readable.
 fn take_front(

@@ -124,6 +124,8 @@ pub struct BlkDevice {
     config: Vec<u8>,
     mem: GuestMemoryAtomic<Mem>,
     event_idx: AtomicBool,
+    /// VHOST_F_LOG_ALL acked (a migration is copying RAM).
+    log_all: AtomicBool,
     in_flight: Vec<Arc<InFlight>>,
     next_tag: AtomicU64,
     pub stats: Arc<DeviceStats>,
@@ -175,6 +177,7 @@ impl BlkDevice {
             config,
             mem,
             event_idx: AtomicBool::new(false),
+            log_all: AtomicBool::new(false),
             in_flight: (0..n).map(|_| Arc::new(InFlight::default())).collect(),
             next_tag: AtomicU64::new(1),
             stats: Arc::new(DeviceStats::default()),
@@ -479,6 +482,20 @@ impl VhostUserBackend for BlkDevice {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::LOG_SHMFD
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn acked_features(&self, features: u64) {
+        // qemu sets VHOST_F_LOG_ALL for a live migration's RAM copy (and
+        // sends the log with SET_LOG_BASE): the device's writes to guest
+        // memory then also mark qemu's dirty bitmap (BitmapMmapRegion).
+        let on = features & VHOST_F_LOG_ALL != 0;
+        if self.log_all.swap(on, Ordering::AcqRel) != on {
+            log::info!(
+                "{}: dirty logging {} (VHOST_F_LOG_ALL)",
+                self.label,
+                if on { "on" } else { "off" }
+            );
+        }
     }
 
     fn set_event_idx(&self, enabled: bool) {

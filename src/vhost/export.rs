@@ -241,8 +241,10 @@ fn serve_socket(
         let writer = match disk.register(spec.epoch, &label) {
             Ok(w) => Some(w),
             Err(e) => {
-                log::error!(
-                    "{label}: disk {:?}: {e}: its requests will be answered IOERR",
+                // Expected after a migration away from this socket's epoch:
+                // the socket stays (until `ctl vhost-remove`) but is fenced.
+                log::warn!(
+                    "{label}: disk {:?}: {e}: a frontend connecting here gets IOERR for every request",
                     spec.disk
                 );
                 None

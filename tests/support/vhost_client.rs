@@ -18,9 +18,10 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{fence, AtomicU16, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
@@ -41,6 +42,8 @@ const PAGE: u64 = 4096;
 /// The part of `struct virtio_blk_config` read with GET_CONFIG (up to and
 /// including `write_zeroes_may_unmap` and its padding).
 const CONFIG_LEN: usize = 60;
+/// How long each vhost-user message of the setup may wait for its answer.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// virtio-blk request types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -426,8 +429,14 @@ impl Queue {
 
     /// Harvests the used ring without blocking; returns how many were added.
     pub fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
-        let n0 = out.len();
+        let n = self.stash.len();
         out.append(&mut self.stash);
+        n + self.harvest(out)
+    }
+
+    /// The used ring's new entries (not the stash).
+    fn harvest(&mut self, out: &mut Vec<Completion>) -> usize {
+        let n0 = out.len();
         let used_idx = u16::from_le(self.u16_at(self.used + 2).load(Ordering::Acquire));
         while self.last_used != used_idx {
             let e = self.used + 4 + 8 * u64::from(self.last_used % self.size);
@@ -467,9 +476,20 @@ impl Queue {
         out: &mut Vec<Completion>,
         timeout: Option<Duration>,
     ) -> io::Result<usize> {
+        if !self.stash.is_empty() {
+            return Ok(self.poll(out));
+        }
+        self.wait_ring(out, timeout)
+    }
+
+    fn wait_ring(
+        &mut self,
+        out: &mut Vec<Completion>,
+        timeout: Option<Duration>,
+    ) -> io::Result<usize> {
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
-            let n = self.poll(out);
+            let n = self.harvest(out);
             if n > 0 {
                 return Ok(n);
             }
@@ -478,7 +498,7 @@ impl Queue {
                 self.u16_at(self.avail + 4 + 2 * u64::from(self.size))
                     .store(self.last_used.to_le(), Ordering::Release);
                 fence(Ordering::SeqCst);
-                let n = self.poll(out);
+                let n = self.harvest(out);
                 if n > 0 {
                     return Ok(n);
                 }
@@ -524,7 +544,7 @@ impl Queue {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "no completion"));
             }
             got.clear();
-            self.wait(&mut got, Some(left))?;
+            self.wait_ring(&mut got, Some(left))?;
             self.stash.append(&mut got);
         }
     }
@@ -683,8 +703,20 @@ impl VhostBlkClient {
         let size = per_queue * o.queues as u64;
 
         let mem = Arc::new(Memory::new(size)?);
-        let mut fe =
-            Frontend::connect(socket.as_ref(), o.queues as u64).map_err(|e| verr("connect", e))?;
+        // A backend that accepts but never answers fails the setup after
+        // SETUP_TIMEOUT instead of hanging the caller: a watchdog shuts the
+        // socket down unless this function returned first (dropping
+        // `_setup_done`). (Socket timeouts would not do: the vhost crate
+        // retries a recvmsg that timed out.)
+        let stream = UnixStream::connect(socket.as_ref())?;
+        let guard = stream.try_clone()?;
+        let (_setup_done, setup_rx) = mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if setup_rx.recv_timeout(SETUP_TIMEOUT) == Err(mpsc::RecvTimeoutError::Timeout) {
+                let _ = guard.shutdown(std::net::Shutdown::Both);
+            }
+        });
+        let mut fe = Frontend::from_stream(stream, o.queues as u64);
         fe.set_owner().map_err(|e| verr("SET_OWNER", e))?;
         let offered = fe.get_features().map_err(|e| verr("GET_FEATURES", e))?;
         let pf = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();

@@ -89,7 +89,7 @@ REGION_KB = int(ENV("WRITER_REGION_KB", "1024"))
 HELD_DELAY = float(ENV("HELD_DELAY", "10"))
 HELD_FENCE_TIMEOUT = float(ENV("HELD_FENCE_TIMEOUT", "4"))
 FIRST_EPOCH = int(ENV("FIRST_EPOCH", "5"))
-SCENARIOS = ENV("SCENARIOS", "migrate" if TRANSPORT == "vhost-user-blk" else
+SCENARIOS = ENV("SCENARIOS", "migrate,held-at-storage" if TRANSPORT == "vhost-user-blk" else
                 "migrate,held-at-storage,cutoff,failover,failback").split(",")
 GUEST = ENV("GUEST_DIR")
 QEMU = ENV("QEMU", "qemu-system-x86_64")
@@ -173,6 +173,7 @@ class NbdServer:
         log(f"nbd server ({NBD_SERVER}): {' '.join(argv)}")
         self.proc = spawn(argv, self.logfile)
         wait_connectable(self.sock, 20, self.proc)
+        SERVERS[self.sock] = self
 
     @staticmethod
     def export(epoch):
@@ -192,11 +193,13 @@ class NbdServer:
                 return d
         raise RuntimeError(f"no disk {EXPORT} in the server's status")
 
-    def vhost_socket(self, epoch):
-        """A vhost-user-blk socket of the disk at `epoch` (blkshim only)."""
+    def vhost_socket(self, epoch, who=None):
+        """A vhost-user-blk socket of the disk at `epoch` (blkshim only),
+        for the qemu named `who` (default: one per epoch)."""
         if NBD_SERVER != "blkshim":
             raise SystemExit("--transport vhost-user-blk needs blkshim")
-        path = os.path.join(os.path.dirname(self.sock), f"{self.tag}.e{epoch}.vhost")
+        name = who or f"e{epoch}"
+        path = os.path.join(os.path.dirname(self.sock), f"{self.tag}.{name}.vhost")
         r = self._status({"cmd": "vhost_add", "disk": EXPORT, "epoch": epoch, "socket": path})
         if not r.get("ok", False):
             raise RuntimeError(f"vhost_add {path}: {r}")
@@ -252,6 +255,9 @@ class NbdServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
+
+
+SERVERS = {}  # NBD socket path -> NbdServer, so a Guest can ask it for a vhost socket
 
 
 class Console:
@@ -344,6 +350,14 @@ class Guest:
                 "-chardev", f"socket,id=ser0,path={self.ser_path},server=on,wait=off",
                 "-serial", "chardev:ser0",
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        if vhost is None and disk_sock and TRANSPORT == "vhost-user-blk":
+            # A scenario written for NBD (socket + export vm1@EPOCH): the
+            # server gives this qemu a vhost-user-blk socket at that epoch.
+            srv = SERVERS.get(disk_sock)
+            if srv is None:
+                raise RuntimeError(f"{name}: no blkshim serves {disk_sock} (vhost-user-blk "
+                                   "needs the gateway itself, not a proxy)")
+            vhost = srv.vhost_socket(int(export.rsplit("@", 1)[1]), name)
         if vhost:
             argv += ["-object", f"memory-backend-memfd,id=mem,size={MEM},share=on",
                      "-numa", "node,memdev=mem",
@@ -985,6 +999,10 @@ def held_migration(workdir, srv, src, dst, path, epoch):
     if NBD_SERVER == "blkshim":
         path.hold()
         time.sleep(1.5)
+        # A loaded TCG guest may take a moment to send its next writes.
+        deadline = time.monotonic() + 10
+        while srv.status()["in_flight"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
         held = srv.status()["in_flight"]
         path.before_go()
         if held == 0:
@@ -1117,10 +1135,11 @@ def main():
     if TRANSPORT not in ("nbd", "vhost-user-blk"):
         raise SystemExit(f"TRANSPORT must be nbd or vhost-user-blk, not {TRANSPORT}")
     if TRANSPORT == "vhost-user-blk":
-        unsupported = [n for n in SCENARIOS if n.strip() and n.strip() != "migrate"]
+        unsupported = [n for n in SCENARIOS
+                       if n.strip() and n.strip() not in ("migrate", "held-at-storage")]
         if unsupported:
-            raise SystemExit(f"--transport vhost-user-blk runs only the migrate scenario so far, "
-                             f"not {','.join(unsupported)}")
+            raise SystemExit(f"--transport vhost-user-blk runs migrate and held-at-storage "
+                             f"(the others hold NBD traffic in a proxy), not {','.join(unsupported)}")
     accel = probe_accel(workdir)
     results = []
     for name in SCENARIOS:

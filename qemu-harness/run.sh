@@ -5,7 +5,7 @@
 #   qemu-harness/run.sh [options]
 #     --transport nbd|vhost-user-blk       how each qemu reaches the disk (env TRANSPORT, default nbd;
 #                                          vhost-user-blk: a socket per qemu at its epoch, blkshim only,
-#                                          migrate scenario only)
+#                                          migrate and held-at-storage only)
 #     --nbd-server blkshim|qemu-nbd        NBD server under test (env NBD_SERVER, default blkshim;
 #                                          qemu-nbd, with --expect-unfenced, shows the checks fail
 #                                          without fencing)

@@ -165,6 +165,17 @@ class NbdServer:
                      "ctl": self.ctl, "state": self.state}
             argv = [BLKSHIM] + [a.format(**subst) for a in shlex.split(BLKSHIM_ARGS)]
             argv += list(extra_args)
+        elif NBD_SERVER == "qemu-nbd" and TRANSPORT == "vhost-user-blk":
+            # The unfenced control of the vhost-user-blk runs: qemu-storage-
+            # daemon serves the image over NBD (export vm1, for the replay)
+            # and, added over QMP, one vhost-user-blk socket per qemu.
+            self.qmp_path = os.path.join(workdir, f"{tag}.qsd.qmp.sock")
+            argv = ["qemu-storage-daemon",
+                    "--blockdev", f"driver=file,node-name=f,filename={img},cache.direct=on,aio=io_uring",
+                    "--nbd-server", f"addr.type=unix,addr.path={self.sock},max-connections=32",
+                    "--export", f"type=nbd,id=nbd0,node-name=f,name={EXPORT},writable=on",
+                    "--chardev", f"socket,id=m,path={self.qmp_path},server=on,wait=off",
+                    "--monitor", "chardev=m"]
         elif NBD_SERVER == "qemu-nbd":
             argv = ["qemu-nbd", "-f", "raw", f"--socket={self.sock}", "-x", EXPORT,
                     "--shared=32", "-t", "--cache=none", "--aio=native", img]
@@ -196,10 +207,21 @@ class NbdServer:
     def vhost_socket(self, epoch, who=None):
         """A vhost-user-blk socket of the disk at `epoch` (blkshim only),
         for the qemu named `who` (default: one per epoch)."""
-        if NBD_SERVER != "blkshim":
-            raise SystemExit("--transport vhost-user-blk needs blkshim")
         name = who or f"e{epoch}"
         path = os.path.join(os.path.dirname(self.sock), f"{self.tag}.{name}.vhost")
+        if NBD_SERVER != "blkshim":  # qemu-storage-daemon: no epochs
+            q = QMP(self.qmp_path)
+            try:
+                q.cmd("block-export-add", **{
+                    "type": "vhost-user-blk", "id": f"vu-{name}", "node-name": "f",
+                    "addr": {"type": "unix", "path": path}, "writable": True,
+                    "num-queues": VHOST_QUEUES})
+            finally:
+                q.close()
+            self.vhost_ids = getattr(self, "vhost_ids", {})
+            self.vhost_ids[path] = f"vu-{name}"
+            log(f"qemu-storage-daemon vhost-user-blk socket {path} (no epochs)")
+            return path
         r = self._status({"cmd": "vhost_add", "disk": EXPORT, "epoch": epoch, "socket": path})
         if not r.get("ok", False):
             raise RuntimeError(f"vhost_add {path}: {r}")
@@ -207,6 +229,13 @@ class NbdServer:
         return path
 
     def vhost_remove(self, path):
+        if NBD_SERVER != "blkshim":
+            q = QMP(self.qmp_path)
+            try:
+                q.cmd("block-export-del", id=self.vhost_ids.pop(path))
+            finally:
+                q.close()
+            return
         r = self._status({"cmd": "vhost_remove", "socket": path})
         log(f"vhost-user-blk socket {path} removed: {r.get('ok')}")
 

@@ -154,6 +154,14 @@ fn vhost_reconnect_after_the_frontend_goes_away() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(srv.disk_status("vm1")["current_epoch"], 3);
+    // SIGTERM with a frontend connected: cut, drained, flushed, exit 0.
+    let mut srv = srv;
+    let mut c = connect(&sock, 1);
+    c.write(0, 0, &a).unwrap();
+    let t = Instant::now();
+    assert_eq!(srv.stop(), Some(0), "{}", srv.log());
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(!sock.exists(), "socket removed at exit");
 }
 
 #[test]

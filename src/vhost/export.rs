@@ -119,6 +119,14 @@ impl VhostExports {
             .cloned()
             .ok_or_else(|| format!("no disk named {:?}", spec.disk))?;
         if let Some(e) = spec.epoch {
+            if disk.host_side().is_some() {
+                return Err(format!(
+                    "disk {:?} is served host-side (--fence): its writers take the host's epoch; give {}={} without @{e}",
+                    spec.disk,
+                    spec.disk,
+                    spec.socket.display()
+                ));
+            }
             if e < disk.current_epoch() {
                 return Err(format!(
                     "disk {:?} is at epoch {}: epoch {e} is fenced",

@@ -420,3 +420,70 @@ fn vhost_ctl_add_and_remove_a_socket_at_runtime() {
     assert_eq!(vhost_status(&srv, "vm1").len(), 1);
     assert!(image_at(&srv, "vm1", 0, 4096) == vec![0x44u8; 4096]);
 }
+
+/// `--metrics`: vhost-user-blk requests are counted as NBD's are.
+#[test]
+fn vhost_requests_counted_in_metrics() {
+    use std::io::Write;
+    let srv = Server::start(
+        &["vm1"],
+        "16M",
+        &[
+            "--vhost-user-blk",
+            "vm1={dir}/vm1.vhost",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    );
+    let addr = {
+        let log = srv.log();
+        let i = log
+            .find("metrics on http://")
+            .expect("metrics address logged");
+        let rest = &log[i + "metrics on http://".len()..];
+        rest[..rest.find('/').unwrap()].to_string()
+    };
+    let mut c = connect(&srv.path("vm1.vhost"), 1);
+    let a = random_bytes(8192, 9);
+    c.write(0, 0, &a).unwrap();
+    c.write(0, 8192, &a).unwrap();
+    let mut back = vec![0u8; 8192];
+    c.read(0, 0, &mut back).unwrap();
+    c.flush(0).unwrap();
+    c.write_zeroes(0, 0, 4096, false).unwrap();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let sample = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    assert_eq!(
+        sample("blkshim_requests_total{disk=\"vm1\",op=\"write\"}"),
+        2.0
+    );
+    assert_eq!(
+        sample("blkshim_requests_total{disk=\"vm1\",op=\"read\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample("blkshim_requests_total{disk=\"vm1\",op=\"flush\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample("blkshim_requests_total{disk=\"vm1\",op=\"write_zeroes\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample("blkshim_bytes_total{disk=\"vm1\",op=\"write\"}"),
+        16384.0
+    );
+    assert_eq!(
+        sample("blkshim_bytes_total{disk=\"vm1\",op=\"read\"}"),
+        8192.0
+    );
+}

@@ -289,6 +289,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
     }
     let vhost = crate::vhost::VhostExports::new(
         exports.disks.clone(),
+        disk_metrics.clone(),
         crate::vhost::DeviceOptions {
             num_queues: cfg.vhost_queues.max(1),
             ..Default::default()

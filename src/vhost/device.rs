@@ -11,6 +11,7 @@
 
 use super::request::{self, Desc, Limits, Op, Refusal, Request};
 use crate::handoff::{Disk, Writer};
+use crate::metrics::{DiskMetrics, Op as MetricOp, RequestTimer};
 use crate::storage::{AlignedBuf, IoOutcome, StorageIo};
 use parking_lot::{Condvar, Mutex};
 use std::io;
@@ -129,6 +130,8 @@ pub struct BlkDevice {
     in_flight: Vec<Arc<InFlight>>,
     next_tag: AtomicU64,
     pub stats: Arc<DeviceStats>,
+    /// The disk's request metrics (`--metrics`), as NBD connections count.
+    metrics: Option<Arc<DiskMetrics>>,
     /// Last time a stale refusal was logged (once per burst).
     stale_logged: Arc<Mutex<Option<Instant>>>,
 }
@@ -140,6 +143,7 @@ impl BlkDevice {
         label: String,
         opts: DeviceOptions,
         mem: GuestMemoryAtomic<Mem>,
+        metrics: Option<Arc<DiskMetrics>>,
     ) -> BlkDevice {
         let caps = disk.capabilities();
         let block = caps.alignment.max(512);
@@ -181,6 +185,7 @@ impl BlkDevice {
             in_flight: (0..n).map(|_| Arc::new(InFlight::default())).collect(),
             next_tag: AtomicU64::new(1),
             stats: Arc::new(DeviceStats::default()),
+            metrics,
             stale_logged: Arc::new(Mutex::new(None)),
         }
     }
@@ -234,6 +239,8 @@ impl BlkDevice {
                 head,
                 event_idx: self.event_idx.load(Ordering::Acquire),
                 in_flight: Arc::clone(&self.in_flight[queue.min(self.in_flight.len() - 1)]),
+                timer: None,
+                payload: 0,
             };
             done.in_flight.add();
             match parsed {
@@ -255,7 +262,19 @@ impl BlkDevice {
     }
 
     /// Submit a parsed request through the disk.
-    fn start(&self, req: Request, done: Completion) {
+    fn start(&self, req: Request, mut done: Completion) {
+        let metric = match req.op {
+            Op::Read { len, .. } => Some((MetricOp::Read, len)),
+            Op::Write { len, .. } => Some((MetricOp::Write, len)),
+            Op::Flush => Some((MetricOp::Flush, 0)),
+            Op::Discard { .. } => Some((MetricOp::Trim, 0)),
+            Op::WriteZeroes { .. } => Some((MetricOp::WriteZeroes, 0)),
+            Op::GetId => None,
+        };
+        if let Some((op, payload)) = metric {
+            done.timer = DiskMetrics::start(&self.metrics, op);
+            done.payload = payload;
+        }
         let Some(writer) = &self.writer else {
             self.note_stale(&req.op);
             return done.finish(Some(req.status), VIRTIO_BLK_S_IOERR as u8, 0);
@@ -401,12 +420,22 @@ struct Completion {
     head: u16,
     event_idx: bool,
     in_flight: Arc<InFlight>,
+    /// `--metrics`: the request's timer, and its payload counted on success.
+    timer: Option<RequestTimer>,
+    payload: u64,
 }
 
 impl Completion {
     /// Write the status byte (when there is one), put the chain in the used
     /// ring with `written` + 1 bytes, and signal the driver if it wants it.
-    fn finish(self, status_addr: Option<u64>, status: u8, written: u32) {
+    fn finish(mut self, status_addr: Option<u64>, status: u8, written: u32) {
+        if let Some(t) = self.timer.take() {
+            t.done(if u32::from(status) == VIRTIO_BLK_S_OK {
+                self.payload
+            } else {
+                0
+            });
+        }
         let mut len = written;
         if let Some(addr) = status_addr {
             if self.mem.write_slice(&[status], GuestAddress(addr)).is_ok() {

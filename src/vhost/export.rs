@@ -3,6 +3,7 @@
 
 use super::device::{BlkDevice, DeviceOptions, DeviceStats};
 use crate::handoff::Disk;
+use crate::metrics::DiskMetrics;
 use crate::tracking::Epoch;
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -97,14 +98,21 @@ struct Entry {
 /// Every vhost-user-blk socket of the server.
 pub struct VhostExports {
     disks: BTreeMap<String, Arc<Disk>>,
+    metrics: BTreeMap<String, Arc<DiskMetrics>>,
     opts: DeviceOptions,
     sockets: Mutex<BTreeMap<PathBuf, Entry>>,
 }
 
 impl VhostExports {
-    pub fn new(disks: BTreeMap<String, Arc<Disk>>, opts: DeviceOptions) -> VhostExports {
+    /// `metrics`: the disks' request metrics (`--metrics`; empty when off).
+    pub fn new(
+        disks: BTreeMap<String, Arc<Disk>>,
+        metrics: BTreeMap<String, Arc<DiskMetrics>>,
+        opts: DeviceOptions,
+    ) -> VhostExports {
         VhostExports {
             disks,
+            metrics,
             opts,
             sockets: Mutex::new(BTreeMap::new()),
         }
@@ -152,9 +160,10 @@ impl VhostExports {
         let sh = Arc::clone(&shared);
         let sp = spec.clone();
         let opts = self.opts;
+        let metrics = self.metrics.get(&spec.disk).cloned();
         let thread = std::thread::Builder::new()
             .name(format!("vhost-{}", spec.disk))
-            .spawn(move || serve_socket(disk, sp, opts, listener, &sh))
+            .spawn(move || serve_socket(disk, sp, opts, metrics, listener, &sh))
             .map_err(|e| format!("cannot start a thread: {e}"))?;
         log::info!(
             "vhost-user-blk: serving disk {:?} at epoch {} on {}",
@@ -236,6 +245,7 @@ fn serve_socket(
     disk: Arc<Disk>,
     spec: VhostSpec,
     opts: DeviceOptions,
+    metrics: Option<Arc<DiskMetrics>>,
     mut listener: Listener,
     shared: &Shared,
 ) {
@@ -265,6 +275,7 @@ fn serve_socket(
             label.clone(),
             opts,
             mem.clone(),
+            metrics.clone(),
         ));
         *shared.stats.lock() = Arc::clone(&device.stats);
         let mut daemon = match VhostUserDaemon::new(label.clone(), Arc::clone(&device), mem) {

@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# The fio jobs of benches/nbd_fio.sh against blkshim's vhost-user-blk
+# export, qemu-storage-daemon's vhost-user-blk export (both driven by our
+# own frontend, examples/vhost_blk_load.rs, the same for both), and
+# blkshim's NBD export (fio's nbd engine, as nbd_fio.sh runs it). Prints
+# IOPS and MB/s per job and each column's ratio to blkshim-vhost.
+#
+#   benches/vhost_fio.sh [--cache=none|writeback|both] [--size=1G] [--runtime=10]
+#                        [--repeat=1] [--dir=/var/tmp]
+#
+# BLKSHIM=path runs that blkshim binary instead of this tree's release
+# build. A blkshim whose `serve` has no --vhost-user-blk (issue 13) gets no
+# blkshim-vhost column: the script says so, and ratios are then to the
+# first column left.
+#
+# With --repeat=N every server runs every job N times, the rounds
+# interleaved (so drift hits all servers alike), and each cell is the
+# median of its N runs.
+#
+# Like is compared with like: --cache=none runs blkshim with O_DIRECT
+# against qemu-storage-daemon with cache.direct=on; --cache=writeback runs
+# both through the page cache (cache.direct=off). qsd uses aio=io_uring.
+# --jobs N of a job is N queues on one vhost-user connection, each driven
+# by its own thread with the job's queue depth (fio's numjobs=N for NBD:
+# N connections). The load generator's buffers are 4096-aligned.
+# Needs: fio (with the nbd engine), qemu-storage-daemon, python3
+# (apt-get install fio qemu-system-common or qemu-storage-daemon).
+set -euo pipefail
+
+CACHE=both SIZE=1G RUNTIME=10 DIR=/var/tmp REPEAT=1
+for a in "$@"; do
+  case $a in
+    --cache=*) CACHE=${a#*=} ;;
+    --size=*) SIZE=${a#*=} ;;
+    --runtime=*) RUNTIME=${a#*=} ;;
+    --dir=*) DIR=${a#*=} ;;
+    --repeat=*) REPEAT=${a#*=} ;;
+    -h|--help) sed -n 2,26p "$0"; exit 0 ;;
+    *) echo "unknown argument $a" >&2; exit 2 ;;
+  esac
+done
+for t in fio qemu-storage-daemon python3; do
+  command -v $t >/dev/null || { echo "missing $t" >&2; exit 1; }
+done
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+(cd "$ROOT" && cargo build --release --quiet --bin blkshim --example vhost_blk_load)
+BLKSHIM=${BLKSHIM:-$TARGET/release/blkshim}
+LOAD=$TARGET/release/examples/vhost_blk_load
+WORK=$(mktemp -d "$DIR/blkshim-vhost-bench.XXXXXX")
+IMG=$WORK/disk.img
+SOCK=$WORK/nbd.sock
+VSOCK=$WORK/vhost.sock
+QUEUES=4 # the most --jobs of any job
+SERVER_PID=
+cleanup() {
+  [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+SERVERS="blkshim-vhost qsd-vhost blkshim-nbd"
+if ! "$BLKSHIM" serve --help 2>/dev/null | grep -q -- --vhost-user-blk; then
+  echo "NOTE: $BLKSHIM has no 'serve --vhost-user-blk' (issue 13's export is not in this tree):" \
+    "the blkshim-vhost column is skipped." >&2
+  SERVERS="qsd-vhost blkshim-nbd"
+fi
+
+# A fully allocated file, so reads hit real blocks for every server.
+fio --name=fill --filename="$IMG" --size="$SIZE" --rw=write --bs=1M --ioengine=psync \
+    --direct=1 --output=/dev/null
+
+# name | fio arguments (NBD) | load generator arguments (vhost-user-blk)
+JOBS=(
+  "randwrite-4k-qd32-j1|--rw=randwrite --bs=4k --iodepth=32 --numjobs=1|--rw randwrite --bs 4k --iodepth 32 --jobs 1"
+  "randwrite-4k-qd32-j4|--rw=randwrite --bs=4k --iodepth=32 --numjobs=4|--rw randwrite --bs 4k --iodepth 32 --jobs 4"
+  "randread-4k-qd32-j1|--rw=randread --bs=4k --iodepth=32 --numjobs=1|--rw randread --bs 4k --iodepth 32 --jobs 1"
+  "randread-4k-qd32-j4|--rw=randread --bs=4k --iodepth=32 --numjobs=4|--rw randread --bs 4k --iodepth 32 --jobs 4"
+  "seqwrite-1M-qd8-j1|--rw=write --bs=1M --iodepth=8 --numjobs=1|--rw write --bs 1M --iodepth 8 --jobs 1"
+)
+
+stop_server() {
+  if [ -n "$SERVER_PID" ]; then
+    kill "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=
+  fi
+  rm -f "$SOCK" "$VSOCK"
+}
+
+wait_socket() { # path
+  for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done
+  echo "server did not start; its log:" >&2
+  cat "$WORK"/*.log >&2 || true
+  exit 1
+}
+
+start_server() { # name mode
+  stop_server
+  case $1 in
+    blkshim-vhost)
+      "$BLKSHIM" serve --cache="$2" --socket="$SOCK" --control="$WORK/ctl.sock" \
+        --state-dir="$WORK/epochs" --vhost-user-blk vm="$VSOCK" --vhost-queues $QUEUES \
+        vm="$IMG" >/dev/null 2>"$WORK/blkshim-vhost.log" &
+      SERVER_PID=$!
+      wait_socket "$VSOCK" ;;
+    qsd-vhost)
+      local d=off; [ "$2" = none ] && d=on
+      qemu-storage-daemon \
+        --blockdev "driver=file,node-name=f,filename=$IMG,cache.direct=$d,aio=io_uring" \
+        --export "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=$VSOCK,writable=on,num-queues=$QUEUES" \
+        >/dev/null 2>"$WORK/qsd.log" &
+      SERVER_PID=$!
+      wait_socket "$VSOCK" ;;
+    blkshim-nbd)
+      "$BLKSHIM" serve --cache="$2" --socket="$SOCK" --control="$WORK/ctl.sock" \
+        --state-dir="$WORK/epochs" vm="$IMG" >/dev/null 2>"$WORK/blkshim-nbd.log" &
+      SERVER_PID=$!
+      wait_socket "$SOCK" ;;
+  esac
+}
+
+# run_job server fioargs loadargs -> "iops mbps" (or "fail fail")
+run_job() {
+  local srv=$1 fargs=$2 largs=$3 out
+  if [ "$srv" = blkshim-nbd ]; then
+    # shellcheck disable=SC2086
+    if out=$(fio --name=bench --size="$SIZE" --runtime="$RUNTIME" --time_based --group_reporting \
+          --output-format=json --verify_state_save=0 --offset_increment=0 $fargs \
+          --ioengine=nbd --uri="nbd+unix:///vm?socket=$SOCK" 2>"$WORK/fio.err"); then
+      python3 -c '
+import json, sys
+t = sys.stdin.read()
+j = json.loads(t[t.index("{"):])["jobs"][0]
+iops = j["read"]["iops"] + j["write"]["iops"]
+bw = (j["read"]["bw_bytes"] + j["write"]["bw_bytes"]) / 1e6
+print("%.0f %.1f" % (iops, bw))' <<<"$out"
+    else
+      echo "WARNING: fio against $srv failed: $(tail -3 "$WORK/fio.err")" >&2
+      echo "fail fail"
+    fi
+  else
+    # shellcheck disable=SC2086
+    if out=$("$LOAD" --socket "$VSOCK" --runtime "$RUNTIME" --size "$SIZE" $largs 2>"$WORK/load.err"); then
+      sed -n 's/.* iops=\([0-9]*\) mbps=\([0-9.]*\) .*/\1 \2/p' <<<"$out"
+    else
+      echo "WARNING: the load generator against $srv failed: $out $(tail -3 "$WORK/load.err")" >&2
+      echo "fail fail"
+    fi
+  fi
+}
+
+MODES=$CACHE; [ "$CACHE" = both ] && MODES="none writeback"
+declare -A RUNS
+for round in $(seq "$REPEAT"); do
+  for mode in $MODES; do
+    for srv in $SERVERS; do
+      for job in "${JOBS[@]}"; do
+        IFS='|' read -r name fargs largs <<<"$job"
+        # A fresh server for each job (every server alike): a vhost-user
+        # backend serves one frontend per socket and need not take a
+        # second one after the first left.
+        start_server "$srv" "$mode"
+        # Start each job with no dirty pages left by the one before, so
+        # no server pays for another's write-back.
+        sync
+        k="$mode|$srv|$name"
+        RUNS[$k]="${RUNS[$k]:-}$(run_job "$srv" "$fargs" "$largs");"
+        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+          echo "WARNING: $srv exited during $name (round $round, $mode):" >&2
+          tail -5 "$WORK/$srv.log" >&2 2>/dev/null || true
+          SERVER_PID=
+        fi
+        stop_server
+      done
+    done
+  done
+done
+# The median run (by IOPS) of each cell; a failed run counts as the lowest.
+declare -A R
+for k in "${!RUNS[@]}"; do
+  R[$k]=$(python3 -c '
+import sys
+runs = [r.split() for r in sys.argv[1].split(";") if r]
+runs.sort(key=lambda r: -1.0 if r[0] == "fail" else float(r[0]))
+print(" ".join(runs[len(runs) // 2]))' "${RUNS[$k]}")
+done
+
+set -- $SERVERS
+BASE=$1
+printf '\nvhost_blk_load (ours) and %s, %s file, %ss per job, median of %s, %s, %s\n' \
+  "$(fio --version)" "$SIZE" "$RUNTIME" "$REPEAT" "$(qemu-storage-daemon --version | head -1)" "$(uname -r)"
+printf '%-10s %-22s' mode job
+for srv in $SERVERS; do printf ' %24s' "$srv IOPS MB/s (x)"; done
+printf '\n'
+for mode in $MODES; do
+  for job in "${JOBS[@]}"; do
+    j=${job%%|*}
+    read -r biops _ <<<"${R[$mode|$BASE|$j]}"
+    printf '%-10s %-22s' "$mode" "$j"
+    for srv in $SERVERS; do
+      read -r iops mb <<<"${R[$mode|$srv|$j]}"
+      ratio=$(python3 -c "
+b, p = '$biops', '$iops'
+print('-' if 'fail' in (b, p) else '%.2f' % (float(p) / max(float(b), 1)))")
+      printf ' %9s %7s (%5s)' "$iops" "$mb" "$ratio"
+    done
+    printf '\n'
+  done
+done
+printf '(x) = column / %s; above 1.00 that column is faster.\n' "$BASE"

@@ -128,6 +128,16 @@ section "qemu harness negative control: against qemu-nbd the same scenarios must
 bash qemu-harness/run.sh --nbd-server qemu-nbd --expect-unfenced --migrations 2 --interval 2 --disk-mb 16 \
   --scenarios migrate,held-at-storage,cutoff,failover,failback
 
+section "vhost-user-blk: the harness guest booted from blkshim's vhost-user-blk export and live-migrated under fio verify, each qemu on its own socket at its epoch; the unfenced control on qemu-storage-daemon"
+# The same migrate scenario as over NBD: after each migration the disk's
+# epoch is checked, every block is verified, and a block of round 1 replayed
+# from the first epoch must be refused. Against qemu-storage-daemon's
+# vhost-user-blk export (no epochs) that replay lands, and the scenario must
+# FAIL for that reason.
+bash qemu-harness/run.sh --transport vhost-user-blk --scenarios migrate --migrations 4 --interval 2
+bash qemu-harness/run.sh --transport vhost-user-blk --nbd-server qemu-nbd --expect-unfenced \
+  --scenarios migrate --migrations 2 --interval 2
+
 section "host-side fencing on a real kernel target: seeds/002 on LIO, then two blkshim hosts with --fence pr (migrate, cut-off, failover, failback)"
 bash qemu-harness/hostside.sh
 

@@ -57,6 +57,11 @@ from qmp import QMP, QMPError  # noqa: E402
 
 ENV = os.environ.get
 NBD_SERVER = ENV("NBD_SERVER", "qemu-nbd")
+# nbd: each qemu opens the disk over NBD (export vm1@EPOCH); vhost-user-blk:
+# each qemu gets a vhost-user-blk socket of its own, added at its epoch with
+# `blkshim ctl vhost-add` (guest RAM a shared memfd, so the backend maps it).
+TRANSPORT = ENV("TRANSPORT", "nbd")
+VHOST_QUEUES = int(ENV("VHOST_QUEUES", "2"))
 BLKSHIM = ENV("BLKSHIM", "blkshim")
 # {sock} {img} {size} {name} {ctl} {state} are substituted; split like a shell
 # would. Each server gets its own control socket and epoch store, so scenarios
@@ -84,7 +89,8 @@ REGION_KB = int(ENV("WRITER_REGION_KB", "1024"))
 HELD_DELAY = float(ENV("HELD_DELAY", "10"))
 HELD_FENCE_TIMEOUT = float(ENV("HELD_FENCE_TIMEOUT", "4"))
 FIRST_EPOCH = int(ENV("FIRST_EPOCH", "5"))
-SCENARIOS = ENV("SCENARIOS", "migrate,held-at-storage,cutoff,failover,failback").split(",")
+SCENARIOS = ENV("SCENARIOS", "migrate,held-at-storage" if TRANSPORT == "vhost-user-blk" else
+                "migrate,held-at-storage,cutoff,failover,failback").split(",")
 GUEST = ENV("GUEST_DIR")
 QEMU = ENV("QEMU", "qemu-system-x86_64")
 EXPORT = "vm1"
@@ -159,6 +165,17 @@ class NbdServer:
                      "ctl": self.ctl, "state": self.state}
             argv = [BLKSHIM] + [a.format(**subst) for a in shlex.split(BLKSHIM_ARGS)]
             argv += list(extra_args)
+        elif NBD_SERVER == "qemu-nbd" and TRANSPORT == "vhost-user-blk":
+            # The unfenced control of the vhost-user-blk runs: qemu-storage-
+            # daemon serves the image over NBD (export vm1, for the replay)
+            # and, added over QMP, one vhost-user-blk socket per qemu.
+            self.qmp_path = os.path.join(workdir, f"{tag}.qsd.qmp.sock")
+            argv = ["qemu-storage-daemon",
+                    "--blockdev", f"driver=file,node-name=f,filename={img},cache.direct=on,aio=io_uring",
+                    "--nbd-server", f"addr.type=unix,addr.path={self.sock},max-connections=32",
+                    "--export", f"type=nbd,id=nbd0,node-name=f,name={EXPORT},writable=on",
+                    "--chardev", f"socket,id=m,path={self.qmp_path},server=on,wait=off",
+                    "--monitor", "chardev=m"]
         elif NBD_SERVER == "qemu-nbd":
             argv = ["qemu-nbd", "-f", "raw", f"--socket={self.sock}", "-x", EXPORT,
                     "--shared=32", "-t", "--cache=none", "--aio=native", img]
@@ -167,6 +184,7 @@ class NbdServer:
         log(f"nbd server ({NBD_SERVER}): {' '.join(argv)}")
         self.proc = spawn(argv, self.logfile)
         wait_connectable(self.sock, 20, self.proc)
+        SERVERS[self.sock] = self
 
     @staticmethod
     def export(epoch):
@@ -186,12 +204,47 @@ class NbdServer:
                 return d
         raise RuntimeError(f"no disk {EXPORT} in the server's status")
 
-    def _status(self):
+    def vhost_socket(self, epoch, who=None):
+        """A vhost-user-blk socket of the disk at `epoch` (blkshim only),
+        for the qemu named `who` (default: one per epoch)."""
+        name = who or f"e{epoch}"
+        path = os.path.join(os.path.dirname(self.sock), f"{self.tag}.{name}.vhost")
+        if NBD_SERVER != "blkshim":  # qemu-storage-daemon: no epochs
+            q = QMP(self.qmp_path)
+            try:
+                q.cmd("block-export-add", **{
+                    "type": "vhost-user-blk", "id": f"vu-{name}", "node-name": "f",
+                    "addr": {"type": "unix", "path": path}, "writable": True,
+                    "num-queues": VHOST_QUEUES})
+            finally:
+                q.close()
+            self.vhost_ids = getattr(self, "vhost_ids", {})
+            self.vhost_ids[path] = f"vu-{name}"
+            log(f"qemu-storage-daemon vhost-user-blk socket {path} (no epochs)")
+            return path
+        r = self._status({"cmd": "vhost_add", "disk": EXPORT, "epoch": epoch, "socket": path})
+        if not r.get("ok", False):
+            raise RuntimeError(f"vhost_add {path}: {r}")
+        log(f"vhost-user-blk socket {path} at epoch {epoch}")
+        return path
+
+    def vhost_remove(self, path):
+        if NBD_SERVER != "blkshim":
+            q = QMP(self.qmp_path)
+            try:
+                q.cmd("block-export-del", id=self.vhost_ids.pop(path))
+            finally:
+                q.close()
+            return
+        r = self._status({"cmd": "vhost_remove", "socket": path})
+        log(f"vhost-user-blk socket {path} removed: {r.get('ok')}")
+
+    def _status(self, req=None):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(10)
+        s.settimeout(30)
         try:
             s.connect(self.ctl)
-            s.sendall(b'{"cmd":"status"}\n')
+            s.sendall(json.dumps(req or {"cmd": "status"}).encode() + b"\n")
             buf = b""
             while not buf.endswith(b"\n"):
                 chunk = s.recv(65536)
@@ -231,6 +284,9 @@ class NbdServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
+
+
+SERVERS = {}  # NBD socket path -> NbdServer, so a Guest can ask it for a vhost socket
 
 
 class Console:
@@ -310,7 +366,7 @@ class Guest:
     """One qemu process running the harness guest."""
 
     def __init__(self, workdir, name, accel, append, disk_sock=None, export=None,
-                 incoming=False, sink=None):
+                 incoming=False, sink=None, vhost=None):
         self.name = name
         self.qmp_path = os.path.join(workdir, f"{name}.qmp.sock")
         self.ser_path = os.path.join(workdir, f"{name}.serial.sock")
@@ -323,7 +379,20 @@ class Guest:
                 "-chardev", f"socket,id=ser0,path={self.ser_path},server=on,wait=off",
                 "-serial", "chardev:ser0",
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
-        if disk_sock:
+        if vhost is None and disk_sock and TRANSPORT == "vhost-user-blk":
+            # A scenario written for NBD (socket + export vm1@EPOCH): the
+            # server gives this qemu a vhost-user-blk socket at that epoch.
+            srv = SERVERS.get(disk_sock)
+            if srv is None:
+                raise RuntimeError(f"{name}: no blkshim serves {disk_sock} (vhost-user-blk "
+                                   "needs the gateway itself, not a proxy)")
+            vhost = srv.vhost_socket(int(export.rsplit("@", 1)[1]), name)
+        if vhost:
+            argv += ["-object", f"memory-backend-memfd,id=mem,size={MEM},share=on",
+                     "-numa", "node,memdev=mem",
+                     "-chardev", f"socket,id=vu0,path={vhost}",
+                     "-device", f"vhost-user-blk-pci,chardev=vu0,num-queues={VHOST_QUEUES},id=vd0"]
+        elif disk_sock:
             argv += ["-blockdev", f"driver=nbd,node-name=nbd0,server.type=unix,"
                                   f"server.path={disk_sock},export={export},cache.direct=on",
                      "-device", "virtio-blk-pci,drive=nbd0,id=vd0"]
@@ -579,7 +648,10 @@ def scenario_migrate(workdir, accel):
     events = []  # all consoles' lines, in host time order
     epoch = FIRST_EPOCH
     append = "hw.mode=fio"
-    g = Guest(workdir, f"mig-e{epoch}", accel, append, srv.sock, srv.export(epoch), sink=events)
+    vhost = TRANSPORT == "vhost-user-blk"
+    vsock = srv.vhost_socket(epoch) if vhost else None
+    g = Guest(workdir, f"mig-e{epoch}", accel, append, srv.sock, srv.export(epoch), sink=events,
+              vhost=vsock)
     g.console.wait_for("HARNESS-BOOTED", BOOT_TIMEOUT)
     boot_s = now() - g.t_start
     log(f"booted in {boot_s:.1f}s (qemu start to /init marker), disk export {srv.export(epoch)}")
@@ -592,8 +664,9 @@ def scenario_migrate(workdir, accel):
         if saved is None:
             saved = save_early_block(img, events)
         epoch += 1
+        dst_vsock = srv.vhost_socket(epoch) if vhost else None
         dst = Guest(workdir, f"mig-e{epoch}", accel, append, srv.sock, srv.export(epoch),
-                    incoming=True, sink=events)
+                    incoming=True, sink=events, vhost=dst_vsock)
         uri = f"unix:{os.path.join(workdir, f'mig{i}.sock')}"
         r = migrate(g, dst, uri, epoch, srv)
         # The next migration only once this host's epoch is the disk's: every
@@ -611,6 +684,9 @@ def scenario_migrate(workdir, accel):
         if STRICT and not r["strict_pause"]:
             raise RuntimeError("strict hand-off requested but the migration never paused")
         g.quit()
+        if vhost:
+            srv.vhost_remove(vsock)
+            vsock = dst_vsock
         g = dst
         time.sleep(max(0.0, MIG_INTERVAL - (now() - t_mig)))
     # The replayed block must be older than the last round: that round
@@ -952,6 +1028,10 @@ def held_migration(workdir, srv, src, dst, path, epoch):
     if NBD_SERVER == "blkshim":
         path.hold()
         time.sleep(1.5)
+        # A loaded TCG guest may take a moment to send its next writes.
+        deadline = time.monotonic() + 10
+        while srv.status()["in_flight"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
         held = srv.status()["in_flight"]
         path.before_go()
         if held == 0:
@@ -1080,7 +1160,15 @@ def main():
         raise SystemExit("GUEST_DIR not set (run build-guest.sh, or use run.sh)")
     workdir = ENV("WORKDIR") or tempfile.mkdtemp(prefix="qh-", dir="/tmp")
     os.makedirs(workdir, exist_ok=True)
-    log(f"workdir {workdir}, nbd server {NBD_SERVER}, guest {GUEST}")
+    log(f"workdir {workdir}, nbd server {NBD_SERVER}, transport {TRANSPORT}, guest {GUEST}")
+    if TRANSPORT not in ("nbd", "vhost-user-blk"):
+        raise SystemExit(f"TRANSPORT must be nbd or vhost-user-blk, not {TRANSPORT}")
+    if TRANSPORT == "vhost-user-blk":
+        unsupported = [n for n in SCENARIOS
+                       if n.strip() and n.strip() not in ("migrate", "held-at-storage")]
+        if unsupported:
+            raise SystemExit(f"--transport vhost-user-blk runs migrate and held-at-storage "
+                             f"(the others hold NBD traffic in a proxy), not {','.join(unsupported)}")
     accel = probe_accel(workdir)
     results = []
     for name in SCENARIOS:
@@ -1117,7 +1205,7 @@ def main():
             if f.endswith(".img"):
                 os.unlink(os.path.join(workdir, f))
     print()
-    print(f"NBD server: {NBD_SERVER}   accel: {accel}   workdir: {workdir}")
+    print(f"NBD server: {NBD_SERVER}   transport: {TRANSPORT}   accel: {accel}   workdir: {workdir}")
     for name, good, verdict, detail, dt in results:
         print(f"  {verdict:<22} {name:<9} {dt:5.0f}s  {detail}")
     all_ok = bool(results) and all(good for _, good, _, _, _ in results)

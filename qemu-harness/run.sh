@@ -3,6 +3,11 @@
 # Exits non-zero on any verification error or scenario failure.
 #
 #   qemu-harness/run.sh [options]
+#     --transport nbd|vhost-user-blk       how each qemu reaches the disk (env TRANSPORT, default nbd;
+#                                          vhost-user-blk: a socket per qemu at its epoch, blkshim only,
+#                                          migrate and held-at-storage only; with --nbd-server
+#                                          qemu-nbd and --expect-unfenced, qemu-storage-daemon serves
+#                                          it unfenced: the migrate scenario must then FAIL)
 #     --nbd-server blkshim|qemu-nbd        NBD server under test (env NBD_SERVER, default blkshim;
 #                                          qemu-nbd, with --expect-unfenced, shows the checks fail
 #                                          without fencing)
@@ -27,6 +32,7 @@ REPO=$(cd "$HERE/.." && pwd)
 
 while [ $# -gt 0 ]; do
     case "$1" in
+    --transport) export TRANSPORT=$2; shift ;;
     --nbd-server) export NBD_SERVER=$2; shift ;;
     --blkshim) export BLKSHIM=$2; shift ;;
     --scenarios) export SCENARIOS=$2; shift ;;
@@ -38,7 +44,7 @@ while [ $# -gt 0 ]; do
     --accel) export ACCEL=$2; shift ;;
     --expect-unfenced) export EXPECT_FAULTS=fail ;;
     --timeout) export RUN_TIMEOUT=$2; shift ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift

@@ -26,4 +26,5 @@ pub mod sim;
 pub mod storage;
 pub mod sys;
 pub mod tracking;
+pub mod vhost;
 pub mod xen;

@@ -137,6 +137,16 @@ struct ServeArgs {
     /// --fence sanlock: lockspace, host id, lease device, per-disk leases.
     #[command(flatten)]
     sanlock: crate::storage::fencing::sanlock::SanlockArgs,
+    /// Also export DISK over vhost-user-blk on the unix socket SOCKET, its
+    /// frontend writing at EPOCH [default: the disk's current epoch]
+    /// (repeatable; one frontend at a time per socket; a migration
+    /// destination gets a socket of its own at the next epoch).
+    #[arg(long, value_name = "DISK[@EPOCH]=SOCKET", value_parser = crate::vhost::VhostSpec::parse)]
+    vhost_user_blk: Vec<crate::vhost::VhostSpec>,
+    /// Queues each vhost-user-blk device offers (qemu's num-queues may be
+    /// fewer) [default: 2].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    vhost_queues: Option<u16>,
     /// TOML config file naming several disks.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -170,6 +180,11 @@ enum CtlAction {
         #[arg(long)]
         to: Option<u64>,
     },
+    /// Serve DISK[@EPOCH] over vhost-user-blk on a new unix socket SOCKET
+    /// (e.g. for a migration destination: vm1@8).
+    VhostAdd { export: String, socket: PathBuf },
+    /// Stop serving the vhost-user-blk socket SOCKET (its frontend is cut).
+    VhostRemove { socket: PathBuf },
     /// Host-side: hand the disk over (drain, wait until this host's writes
     /// left the storage, publish the record, stop writing).
     Suspend { disk: String },
@@ -200,6 +215,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         fence_timeout: a.fence_timeout.is_some(),
         cache: a.cache.is_some(),
         tls_verify_peer: a.tls_verify_peer.is_some(),
+        vhost_queues: a.vhost_queues.is_some(),
     };
     let mut cfg = ServeConfig {
         socket: a.socket,
@@ -232,6 +248,8 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         tls_verify_peer: a.tls_verify_peer.unwrap_or(true),
         tls_psk: a.tls_psk,
         clients: Vec::new(),
+        vhost_user_blk: a.vhost_user_blk,
+        vhost_queues: a.vhost_queues.unwrap_or(2),
     };
     if let Some(p) = &a.config {
         config::load_file(p, &mut cfg, &set)?;
@@ -300,6 +318,17 @@ fn ctl(a: CtlArgs) -> Result<(), String> {
         CtlAction::Fence { disk } => CtlRequest::Fence { disk },
         CtlAction::Handoff { disk, to } => CtlRequest::Handoff { disk, to },
         CtlAction::Suspend { disk } => CtlRequest::Suspend { disk },
+        CtlAction::VhostAdd { export, socket } => {
+            let (disk, epoch) = crate::vhost::export::parse_export(&export)?;
+            CtlRequest::VhostAdd {
+                disk,
+                epoch,
+                socket: std::path::absolute(&socket).unwrap_or(socket),
+            }
+        }
+        CtlAction::VhostRemove { socket } => CtlRequest::VhostRemove {
+            socket: std::path::absolute(&socket).unwrap_or(socket),
+        },
         CtlAction::Takeover {
             disk,
             source_dead,
@@ -326,6 +355,13 @@ fn ctl(a: CtlArgs) -> Result<(), String> {
                 v["source_epoch"],
                 v["method"].as_str().unwrap_or("?"),
                 v["destination_epoch"]
+            ),
+            CtlRequest::VhostAdd { .. } | CtlRequest::VhostRemove { .. } => println!(
+                "{} disk {} epoch {} on {}",
+                v["action"].as_str().unwrap_or("?"),
+                v["disk"].as_str().unwrap_or("?"),
+                v["epoch"],
+                v["socket"].as_str().unwrap_or("?")
             ),
             CtlRequest::Handoff { .. } => println!(
                 "disk {}: epoch {} -> {}",

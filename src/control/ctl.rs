@@ -3,7 +3,9 @@
 //!
 //! Requests: `{"cmd":"status"}`, `{"cmd":"fence","disk":"vm1"}`,
 //! `{"cmd":"handoff","disk":"vm1","to":7}` (`to` optional),
-//! `{"cmd":"suspend","disk":"vm1"}` (host-side mode).
+//! `{"cmd":"suspend","disk":"vm1"}` (host-side mode),
+//! `{"cmd":"vhost_add","disk":"vm1","epoch":8,"socket":"/run/vm1-dst.vhost"}`
+//! (`epoch` optional), `{"cmd":"vhost_remove","socket":"/run/vm1-dst.vhost"}`.
 //! Responses: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
 //!
 //! Access: the socket file is mode 0600 (0660 and the `--control-group`
@@ -36,6 +38,15 @@ pub enum CtlRequest {
     Handoff { disk: String, to: Option<u64> },
     /// Host-side: hand `disk` over (drain, settle, publish the record).
     Suspend { disk: String },
+    /// Serve `disk` over vhost-user-blk on `socket`, its frontends writing
+    /// at `epoch` (default: the disk's current one).
+    VhostAdd {
+        disk: String,
+        epoch: Option<u64>,
+        socket: PathBuf,
+    },
+    /// Stop serving the vhost-user-blk socket `socket`.
+    VhostRemove { socket: PathBuf },
 }
 
 impl CtlRequest {
@@ -396,6 +407,18 @@ pub fn format_status(v: &serde_json::Value) -> String {
             d["fenced"],
             d["cancelled"]
         );
+        for c in d["vhost_user_blk"].as_array().into_iter().flatten() {
+            s += &format!(
+                "  vhost {}  epoch {}  {}  connections {}  requests {}  refused stale {}  malformed {}\n",
+                c["socket"].as_str().unwrap_or("?"),
+                c["epoch"],
+                if c["connected"] == true { "connected" } else { "listening" },
+                c["connections"],
+                c["requests"],
+                c["refused_stale"],
+                c["malformed"]
+            );
+        }
         for c in d["connections"].as_array().into_iter().flatten() {
             s += &format!(
                 "  conn {:<5} epoch {:<4} {:<8} in flight {:<4} requests {:<10} refused stale {}  {}\n",

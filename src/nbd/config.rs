@@ -10,6 +10,7 @@
 //! fence_timeout = "5s"
 //! cache = "writeback"              # or "none" (O_DIRECT)
 //! metrics = "127.0.0.1:9187"       # optional Prometheus /metrics (a bare port: loopback)
+//! vhost_queues = 2                 # queues each vhost-user-blk device offers
 //! tls = "require"                  # off, on or require (TCP default: require)
 //! tls_certificates = "/etc/blkshim/pki"  # ca-cert.pem, server-cert.pem, server-key.pem
 //! tls_verify_peer = true           # clients need a certificate from ca-cert.pem
@@ -19,6 +20,11 @@
 //! name = "vm1"
 //! path = "/images/vm1.raw"
 //! size = "10G"                     # created sparse when missing
+//!
+//! [[vhost_user_blk]]               # see crate::vhost
+//! disk = "vm1"
+//! epoch = 7                        # optional: the disk's current epoch
+//! socket = "/run/blkshim/vm1.vhost"
 //!
 //! [[client]]                       # see nbd::authz
 //! identity = "CN=host-a,O=example"
@@ -81,6 +87,10 @@ pub struct ServeConfig {
     pub tls_psk: Option<PathBuf>,
     /// `[[client]]` entries: who may open which disk.
     pub clients: Vec<ClientRule>,
+    /// `--vhost-user-blk DISK[@EPOCH]=SOCKET`, `[[vhost_user_blk]]`.
+    pub vhost_user_blk: Vec<crate::vhost::VhostSpec>,
+    /// `--vhost-queues`: queues each vhost-user-blk device offers.
+    pub vhost_queues: u16,
 }
 
 /// `blkshim serve --fence ...`: one host of a host-side deployment.
@@ -339,6 +349,17 @@ struct FileConfig {
     tls_psk: Option<PathBuf>,
     #[serde(default)]
     client: Vec<ClientRule>,
+    vhost_queues: Option<u16>,
+    #[serde(default)]
+    vhost_user_blk: Vec<FileVhost>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileVhost {
+    disk: String,
+    epoch: Option<u64>,
+    socket: PathBuf,
 }
 
 /// Read a TOML config file into `base` (command-line values already set
@@ -402,6 +423,20 @@ pub fn load_file(path: &Path, base: &mut ServeConfig, cli_set: &CliSet) -> Resul
         }
     }
     base.clients.extend(f.client);
+    if !cli_set.vhost_queues {
+        if let Some(q) = f.vhost_queues {
+            base.vhost_queues = q;
+        }
+    }
+    base.vhost_user_blk.extend(
+        f.vhost_user_blk
+            .into_iter()
+            .map(|v| crate::vhost::VhostSpec {
+                disk: v.disk,
+                epoch: v.epoch,
+                socket: v.socket,
+            }),
+    );
     let default_size = f.size.as_ref().map(SizeValue::bytes).transpose()?;
     for d in f.disk {
         let size = d
@@ -427,6 +462,7 @@ pub struct CliSet {
     pub fence_timeout: bool,
     pub cache: bool,
     pub tls_verify_peer: bool,
+    pub vhost_queues: bool,
 }
 
 /// Page cache or not.
@@ -535,6 +571,8 @@ mod tests {
             tls_verify_peer: true,
             tls_psk: None,
             clients: Vec::new(),
+            vhost_user_blk: Vec::new(),
+            vhost_queues: 2,
         }
     }
 
@@ -603,6 +641,49 @@ mod tests {
             std::fs::write(&p, bad).unwrap();
             let e = load_file(&p, &mut config(vec![]), &CliSet::default()).unwrap_err();
             assert!(e.contains("c.toml"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn toml_vhost_user_blk_and_cli_spec() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "vhost_queues = 4\n[[vhost_user_blk]]\ndisk = \"vm1\"\nepoch = 7\nsocket = \"/run/a.vhost\"\n[[vhost_user_blk]]\ndisk = \"vm2\"\nsocket = \"/run/b.vhost\"\n",
+        )
+        .unwrap();
+        let mut c = config(vec![]);
+        load_file(&p, &mut c, &CliSet::default()).unwrap();
+        assert_eq!(c.vhost_queues, 4);
+        let spec = |disk: &str, epoch, socket: &str| crate::vhost::VhostSpec {
+            disk: disk.into(),
+            epoch,
+            socket: socket.into(),
+        };
+        assert_eq!(
+            c.vhost_user_blk,
+            vec![
+                spec("vm1", Some(7), "/run/a.vhost"),
+                spec("vm2", None, "/run/b.vhost")
+            ]
+        );
+        // The command line's --vhost-queues wins over the file's.
+        let mut c = config(vec![]);
+        let set = CliSet {
+            vhost_queues: true,
+            ..Default::default()
+        };
+        load_file(&p, &mut c, &set).unwrap();
+        assert_eq!(c.vhost_queues, 2);
+        use crate::vhost::VhostSpec;
+        assert_eq!(
+            VhostSpec::parse("vm1@8=/run/x.vhost").unwrap(),
+            spec("vm1", Some(8), "/run/x.vhost")
+        );
+        assert_eq!(VhostSpec::parse("vm1=x").unwrap(), spec("vm1", None, "x"));
+        for bad in ["vm1", "vm1@x=/s", "@3=/s", "vm1="] {
+            assert!(VhostSpec::parse(bad).is_err(), "{bad}");
         }
     }
 

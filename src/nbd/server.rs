@@ -49,6 +49,8 @@ struct Server {
     tcp_tls: TlsPolicy,
     unix_tls: TlsPolicy,
     authz: Authz,
+    /// The vhost-user-blk sockets (`--vhost-user-blk`, `ctl vhost-add`).
+    vhost: crate::vhost::VhostExports,
 }
 
 /// Write end of the self-pipe the signal handler pokes.
@@ -285,7 +287,21 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
         log::info!("metrics on http://{bound}/metrics");
         metrics_at = Some(bound);
     }
+    let vhost = crate::vhost::VhostExports::new(
+        exports.disks.clone(),
+        disk_metrics.clone(),
+        crate::vhost::DeviceOptions {
+            num_queues: cfg.vhost_queues.max(1),
+            ..Default::default()
+        },
+    );
+    for spec in &cfg.vhost_user_blk {
+        vhost
+            .add(spec.clone())
+            .map_err(|e| format!("--vhost-user-blk {}: {e}", spec.socket.display()))?;
+    }
     let server = Arc::new(Server {
+        vhost,
         metrics: disk_metrics,
         fence_timeout: cfg.fence_timeout,
         exports,
@@ -381,6 +397,7 @@ pub fn run(cfg: ServeConfig) -> Result<(), String> {
     crate::control::systemd::stopping("draining in-flight requests, then flushing");
     drop(unix);
     drop(tcp);
+    server.vhost.remove_all();
     let _ = std::fs::remove_file(&socket);
     for e in server.conns.lock().values() {
         let _ = e.sock.shutdown(Shutdown::Read);
@@ -590,8 +607,16 @@ fn control(server: &Server, req: CtlRequest) -> Result<serde_json::Value, String
                             })
                         })
                         .collect();
+                    let vs: Vec<serde_json::Value> = server
+                        .vhost
+                        .status()
+                        .into_iter()
+                        .filter(|s| s.disk == st.name)
+                        .filter_map(|s| serde_json::to_value(s).ok())
+                        .collect();
                     if let Some(o) = v.as_object_mut() {
                         o.insert("connections".into(), cs.into());
+                        o.insert("vhost_user_blk".into(), vs.into());
                         if let Some(hs) = d.host_side() {
                             o.insert(
                                 "host_side".into(),
@@ -616,6 +641,27 @@ fn control(server: &Server, req: CtlRequest) -> Result<serde_json::Value, String
                 .hand_over(d, server.fence_timeout)
                 .map_err(|e| format!("disk {disk:?}: {e}"))?;
             serde_json::to_value(&record).map_err(|e| e.to_string())
+        }
+        CtlRequest::VhostAdd {
+            disk,
+            epoch,
+            socket,
+        } => {
+            let spec = crate::vhost::VhostSpec {
+                disk,
+                epoch,
+                socket,
+            };
+            server.vhost.add(spec.clone())?;
+            Ok(serde_json::json!({
+                "action": "serving", "disk": spec.disk, "epoch": spec.epoch, "socket": spec.socket
+            }))
+        }
+        CtlRequest::VhostRemove { socket } => {
+            let spec = server.vhost.remove(&socket)?;
+            Ok(serde_json::json!({
+                "action": "stopped", "disk": spec.disk, "epoch": spec.epoch, "socket": spec.socket
+            }))
         }
         CtlRequest::Fence { disk } => {
             let d = disk_named(&disk)?;

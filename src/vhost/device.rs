@@ -1,0 +1,616 @@
+//! The virtio-blk device of one frontend connection: the
+//! [`VhostUserBackend`] that pops descriptor chains, submits them through
+//! the core [`Disk`] as this connection's [`Writer`], and completes them
+//! into guest memory.
+//!
+//! Guest memory is `GuestMemoryMmap<BitmapMmapRegion>`: once qemu sends
+//! `VHOST_USER_SET_LOG_BASE` (live migration, `VHOST_F_LOG_ALL` +
+//! `LOG_SHMFD`), every write the device makes into guest memory through
+//! vm-memory (read data, get-id, status bytes, the used ring) also sets the
+//! page's bit in qemu's dirty log, so qemu re-sends those pages.
+
+use super::request::{self, Desc, Limits, Op, Refusal, Request};
+use crate::handoff::{Disk, Writer};
+use crate::metrics::{DiskMetrics, Op as MetricOp, RequestTimer};
+use crate::storage::{AlignedBuf, IoOutcome, StorageIo};
+use parking_lot::{Condvar, Mutex};
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueOwnedT;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+/// Guest memory with qemu's dirty log behind it.
+pub type Mem = GuestMemoryMmap<BitmapMmapRegion>;
+
+/// A queue of the device.
+pub type Vring = VringRwLock<GuestMemoryAtomic<Mem>>;
+
+/// `VHOST_F_LOG_ALL`: the device logs its writes to guest memory.
+const VHOST_F_LOG_ALL: u64 = 1 << 26;
+/// Largest read or write (as NBD's): bigger ones get IOERR.
+pub const MAX_DATA: u64 = 32 << 20;
+/// `size_max`: largest segment.
+const SIZE_MAX: u32 = 1 << 20;
+/// Largest discard / write-zeroes segment, in sectors (1 GiB).
+const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+/// How long `GET_VRING_BASE` waits for a queue's requests in flight.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Device settings shared by every connection of a socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceOptions {
+    /// `num_queues` offered (qemu's `num-queues` may use fewer).
+    pub num_queues: u16,
+    /// Largest queue size accepted.
+    pub queue_size: u16,
+}
+
+impl Default for DeviceOptions {
+    fn default() -> Self {
+        DeviceOptions {
+            num_queues: 2,
+            queue_size: 256,
+        }
+    }
+}
+
+/// Requests of one queue popped and not yet completed.
+#[derive(Default)]
+struct InFlight {
+    count: Mutex<usize>,
+    idle: Condvar,
+}
+
+impl InFlight {
+    fn add(&self) {
+        *self.count.lock() += 1;
+    }
+
+    fn done(&self) {
+        let mut c = self.count.lock();
+        *c = c.saturating_sub(1);
+        if *c == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    /// Wait until nothing is in flight; false at the timeout.
+    fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut c = self.count.lock();
+        while *c > 0 {
+            if self.idle.wait_until(&mut c, deadline).timed_out() {
+                return *c == 0;
+            }
+        }
+        true
+    }
+}
+
+/// Counters of a connection, for `ctl status` and the tests.
+#[derive(Default, Debug)]
+pub struct DeviceStats {
+    pub requests: AtomicU64,
+    pub refused_stale: AtomicU64,
+    pub errors: AtomicU64,
+    pub malformed: AtomicU64,
+}
+
+/// One frontend connection's device.
+pub struct BlkDevice {
+    disk: Arc<Disk>,
+    /// `None`: the socket's epoch is below the disk's (fenced): every
+    /// request is answered IOERR.
+    writer: Option<Writer>,
+    label: String,
+    opts: DeviceOptions,
+    limits: Limits,
+    features: u64,
+    config: Vec<u8>,
+    mem: GuestMemoryAtomic<Mem>,
+    event_idx: AtomicBool,
+    /// VHOST_F_LOG_ALL acked (a migration is copying RAM).
+    log_all: AtomicBool,
+    in_flight: Vec<Arc<InFlight>>,
+    next_tag: AtomicU64,
+    pub stats: Arc<DeviceStats>,
+    /// The disk's request metrics (`--metrics`), as NBD connections count.
+    metrics: Option<Arc<DiskMetrics>>,
+    /// Last time a stale refusal was logged (once per burst).
+    stale_logged: Arc<Mutex<Option<Instant>>>,
+}
+
+impl BlkDevice {
+    pub fn new(
+        disk: Arc<Disk>,
+        writer: Option<Writer>,
+        label: String,
+        opts: DeviceOptions,
+        mem: GuestMemoryAtomic<Mem>,
+        metrics: Option<Arc<DiskMetrics>>,
+    ) -> BlkDevice {
+        let caps = disk.capabilities();
+        let block = caps.alignment.max(512);
+        let limits = Limits {
+            capacity: disk.size(),
+            block,
+            max_data: MAX_DATA,
+            max_discard_sectors: MAX_DISCARD_SECTORS,
+            max_discard_seg: 1,
+        };
+        let mut features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_BLK_F_SIZE_MAX)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_TOPOLOGY)
+            | (1 << VIRTIO_BLK_F_MQ)
+            | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
+            | VHOST_F_LOG_ALL
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if caps.discard {
+            features |= 1 << VIRTIO_BLK_F_DISCARD;
+        }
+        let config = config_space(&limits, opts, caps.discard);
+        let n = usize::from(opts.num_queues.max(1));
+        BlkDevice {
+            disk,
+            writer,
+            label,
+            opts,
+            limits,
+            features,
+            config,
+            mem,
+            event_idx: AtomicBool::new(false),
+            log_all: AtomicBool::new(false),
+            in_flight: (0..n).map(|_| Arc::new(InFlight::default())).collect(),
+            next_tag: AtomicU64::new(1),
+            stats: Arc::new(DeviceStats::default()),
+            metrics,
+            stale_logged: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The writer's epoch, if registered.
+    pub fn epoch(&self) -> Option<u64> {
+        self.writer.as_ref().map(Writer::epoch)
+    }
+
+    /// Wait until every queue's requests completed (after the frontend left).
+    pub fn drain(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        self.in_flight
+            .iter()
+            .all(|f| f.wait_idle(deadline.saturating_duration_since(Instant::now())))
+    }
+
+    /// Pop every available chain of `vring` and start it.
+    fn process_queue(&self, queue: usize, vring: &Vring) {
+        let mem = self.mem.memory();
+        let chains: Vec<_> = {
+            let mut state = vring.get_mut();
+            match state.get_queue_mut().iter(mem.clone()) {
+                Ok(it) => it.collect(),
+                Err(e) => {
+                    log::warn!(
+                        "{}: queue {queue}: cannot read the available ring: {e}",
+                        self.label
+                    );
+                    return;
+                }
+            }
+        };
+        let mem = mem.into_inner();
+        for chain in chains {
+            let head = chain.head_index();
+            let descs: Vec<Desc> = chain
+                .map(|d| Desc {
+                    addr: d.addr().0,
+                    len: d.len(),
+                    write_only: d.is_write_only(),
+                })
+                .collect();
+            let mut read =
+                |addr: u64, buf: &mut [u8]| mem.read_slice(buf, GuestAddress(addr)).is_ok();
+            let parsed = request::parse(&descs, &mut read, &self.limits);
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let done = Completion {
+                mem: Arc::clone(&mem),
+                vring: vring.clone(),
+                head,
+                event_idx: self.event_idx.load(Ordering::Acquire),
+                in_flight: Arc::clone(&self.in_flight[queue.min(self.in_flight.len() - 1)]),
+                timer: None,
+                payload: 0,
+            };
+            done.in_flight.add();
+            match parsed {
+                Ok(req) => self.start(req, done),
+                Err(refusal) => {
+                    self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    log::warn!(
+                        "{}: queue {queue}: chain {head} refused: {}",
+                        self.label,
+                        refusal.reason()
+                    );
+                    match refusal {
+                        Refusal::Answer { addr, status, .. } => done.finish(Some(addr), status, 0),
+                        Refusal::NoStatus { .. } => done.finish(None, 0, 0),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Submit a parsed request through the disk.
+    fn start(&self, req: Request, mut done: Completion) {
+        let metric = match req.op {
+            Op::Read { len, .. } => Some((MetricOp::Read, len)),
+            Op::Write { len, .. } => Some((MetricOp::Write, len)),
+            Op::Flush => Some((MetricOp::Flush, 0)),
+            Op::Discard { .. } => Some((MetricOp::Trim, 0)),
+            Op::WriteZeroes { .. } => Some((MetricOp::WriteZeroes, 0)),
+            Op::GetId => None,
+        };
+        if let Some((op, payload)) = metric {
+            done.timer = DiskMetrics::start(&self.metrics, op);
+            done.payload = payload;
+        }
+        let Some(writer) = &self.writer else {
+            self.note_stale(&req.op);
+            return done.finish(Some(req.status), VIRTIO_BLK_S_IOERR as u8, 0);
+        };
+        let io = match req.op {
+            Op::GetId => {
+                let name = self.disk.name().as_bytes();
+                let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+                let n = name.len().min(id.len());
+                id[..n].copy_from_slice(&name[..n]);
+                let mut off = 0usize;
+                let mut ok = true;
+                for s in &req.data {
+                    let len = s.len as usize;
+                    ok &= done
+                        .mem
+                        .write_slice(&id[off..off + len], GuestAddress(s.addr))
+                        .is_ok();
+                    off += len;
+                }
+                let status = if ok {
+                    VIRTIO_BLK_S_OK
+                } else {
+                    VIRTIO_BLK_S_IOERR
+                };
+                return done.finish(Some(req.status), status as u8, off as u32);
+            }
+            Op::Read { offset, len } => StorageIo::Read {
+                offset,
+                buf: AlignedBuf::zeroed(len as usize),
+            },
+            Op::Write { offset, len } => {
+                let mut buf = AlignedBuf::zeroed(len as usize);
+                let mut off = 0usize;
+                for s in &req.data {
+                    let end = off + s.len as usize;
+                    if done
+                        .mem
+                        .read_slice(&mut buf.as_mut_slice()[off..end], GuestAddress(s.addr))
+                        .is_err()
+                    {
+                        self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                        log::warn!(
+                            "{}: write data at {:#x} is not guest memory",
+                            self.label,
+                            s.addr
+                        );
+                        return done.finish(Some(req.status), VIRTIO_BLK_S_IOERR as u8, 0);
+                    }
+                    off = end;
+                }
+                StorageIo::Write {
+                    offset,
+                    buf,
+                    fua: false,
+                }
+            }
+            Op::Flush => StorageIo::Flush,
+            Op::Discard { offset, len } => StorageIo::Discard { offset, len },
+            Op::WriteZeroes { offset, len, unmap } => StorageIo::WriteZeroes {
+                offset,
+                len,
+                may_unmap: unmap,
+            },
+        };
+        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+        let stats = Arc::clone(&self.stats);
+        let stale_logged = Arc::clone(&self.stale_logged);
+        let label = self.label.clone();
+        let epoch = writer.epoch();
+        let op = req.op;
+        self.disk.submit(
+            writer,
+            tag,
+            io,
+            Box::new(move |outcome: IoOutcome| {
+                let mut written = 0u32;
+                let status = match outcome.result {
+                    Ok(()) => {
+                        if let (Op::Read { .. }, Some(buf)) = (op, &outcome.buf) {
+                            match scatter(&done.mem, buf.as_slice(), &req.data) {
+                                Some(n) => {
+                                    written = n;
+                                    VIRTIO_BLK_S_OK
+                                }
+                                None => VIRTIO_BLK_S_IOERR,
+                            }
+                        } else {
+                            VIRTIO_BLK_S_OK
+                        }
+                    }
+                    Err(e) => {
+                        if e.raw_os_error() == Some(libc::EPERM) {
+                            stats.refused_stale.fetch_add(1, Ordering::Relaxed);
+                            let mut last = stale_logged.lock();
+                            if last.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+                                *last = Some(Instant::now());
+                                log::warn!(
+                                    "{label}: {op:?} refused: epoch {epoch} is fenced (a newer writer took the disk); answered IOERR"
+                                );
+                            }
+                        } else {
+                            stats.errors.fetch_add(1, Ordering::Relaxed);
+                            log::warn!("{label}: {op:?} failed: {e}");
+                        }
+                        VIRTIO_BLK_S_IOERR
+                    }
+                };
+                done.finish(Some(req.status), status as u8, written);
+            }),
+        );
+    }
+
+    fn note_stale(&self, op: &Op) {
+        self.stats.refused_stale.fetch_add(1, Ordering::Relaxed);
+        let mut last = self.stale_logged.lock();
+        if last.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+            *last = Some(Instant::now());
+            log::warn!(
+                "{}: {op:?} refused: this socket's epoch is below the disk's; answered IOERR",
+                self.label
+            );
+        }
+    }
+}
+
+/// Copy `data` into the segments; the bytes written, `None` on a bad address.
+fn scatter(mem: &Mem, data: &[u8], segs: &[request::Segment]) -> Option<u32> {
+    let mut off = 0usize;
+    for s in segs {
+        let end = off.checked_add(s.len as usize)?;
+        mem.write_slice(data.get(off..end)?, GuestAddress(s.addr))
+            .ok()?;
+        off = end;
+    }
+    u32::try_from(off).ok()
+}
+
+/// Everything needed to complete one chain, from any thread.
+struct Completion {
+    mem: Arc<Mem>,
+    vring: Vring,
+    head: u16,
+    event_idx: bool,
+    in_flight: Arc<InFlight>,
+    /// `--metrics`: the request's timer, and its payload counted on success.
+    timer: Option<RequestTimer>,
+    payload: u64,
+}
+
+impl Completion {
+    /// Write the status byte (when there is one), put the chain in the used
+    /// ring with `written` + 1 bytes, and signal the driver if it wants it.
+    fn finish(mut self, status_addr: Option<u64>, status: u8, written: u32) {
+        if let Some(t) = self.timer.take() {
+            t.done(if u32::from(status) == VIRTIO_BLK_S_OK {
+                self.payload
+            } else {
+                0
+            });
+        }
+        let mut len = written;
+        if let Some(addr) = status_addr {
+            if self.mem.write_slice(&[status], GuestAddress(addr)).is_ok() {
+                len = len.saturating_add(1);
+            }
+        }
+        let notify = {
+            let mut state = self.vring.get_mut();
+            if let Err(e) = state.add_used(self.head, len) {
+                log::warn!("vhost-user-blk: used ring: {e}");
+            }
+            if self.event_idx {
+                state.needs_notification().unwrap_or(true)
+            } else {
+                true
+            }
+        };
+        if notify {
+            if let Err(e) = self.vring.signal_used_queue() {
+                log::debug!("vhost-user-blk: signalling the driver: {e}");
+            }
+        }
+        self.in_flight.done();
+    }
+}
+
+/// The virtio-blk config space (virtio 1.2 5.2.4), little-endian.
+fn config_space(l: &Limits, opts: DeviceOptions, discard: bool) -> Vec<u8> {
+    let mut c = vec![0u8; 60];
+    let put = |c: &mut Vec<u8>, at: usize, b: &[u8]| c[at..at + b.len()].copy_from_slice(b);
+    put(&mut c, 0, &(l.capacity / request::SECTOR).to_le_bytes());
+    put(&mut c, 8, &SIZE_MAX.to_le_bytes());
+    let seg_max = u32::from(opts.queue_size.saturating_sub(2).max(1));
+    put(&mut c, 12, &seg_max.to_le_bytes());
+    put(&mut c, 20, &(l.block as u32).to_le_bytes());
+    // Topology: physical block exponent 0, alignment offset 0, min_io_size
+    // 1 block, opt_io_size 0 (no preference).
+    put(&mut c, 26, &1u16.to_le_bytes());
+    put(&mut c, 34, &opts.num_queues.max(1).to_le_bytes());
+    let align = (l.block / request::SECTOR) as u32;
+    if discard {
+        put(&mut c, 36, &l.max_discard_sectors.to_le_bytes());
+        put(&mut c, 40, &l.max_discard_seg.to_le_bytes());
+        put(&mut c, 44, &align.to_le_bytes());
+    }
+    put(&mut c, 48, &l.max_discard_sectors.to_le_bytes());
+    put(&mut c, 52, &l.max_discard_seg.to_le_bytes());
+    c[56] = u8::from(discard);
+    c
+}
+
+impl VhostUserBackend for BlkDevice {
+    type Bitmap = BitmapMmapRegion;
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.opts.num_queues.max(1))
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.opts.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // No INFLIGHT_SHMFD: vhost-user-backend 0.24 answers
+        // GET_INFLIGHT_FD "not supported" (see README: what reconnect loses).
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn acked_features(&self, features: u64) {
+        // qemu sets VHOST_F_LOG_ALL for a live migration's RAM copy (and
+        // sends the log with SET_LOG_BASE): the device's writes to guest
+        // memory then also mark qemu's dirty bitmap (BitmapMmapRegion).
+        let on = features & VHOST_F_LOG_ALL != 0;
+        if self.log_all.swap(on, Ordering::AcqRel) != on {
+            log::info!(
+                "{}: dirty logging {} (VHOST_F_LOG_ALL)",
+                self.label,
+                if on { "on" } else { "off" }
+            );
+        }
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let start = offset as usize;
+        let mut out = vec![0u8; size as usize];
+        if start < self.config.len() {
+            let n = (self.config.len() - start).min(out.len());
+            out[..n].copy_from_slice(&self.config[start..start + n]);
+        }
+        out
+    }
+
+    fn update_memory(&self, _mem: GuestMemoryAtomic<Mem>) -> io::Result<()> {
+        // The same GuestMemoryAtomic as `self.mem`: the handler updated it.
+        Ok(())
+    }
+
+    /// One worker thread per queue: `thread_id` is the queue's index.
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.num_queues()).map(|i| 1u64 << i).collect()
+    }
+
+    /// The worker threads' exit events: without them the daemon's drop
+    /// (after the frontend left) would wait for its workers forever.
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                log::error!("{}: exit event: {e}", self.label);
+                None
+            }
+        }
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the frontend (a migration source stopping, qemu
+        // stopping the device) takes the ring's index as final, so every
+        // popped request must be in the used ring first.
+        if let Some(f) = self.in_flight.get(queue_index as usize) {
+            if !f.wait_idle(STOP_TIMEOUT) {
+                log::warn!(
+                    "{}: queue {queue_index} stopped with requests still in flight",
+                    self.label
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Ok(());
+        }
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            log::warn!("{}: event {device_event} for no queue", self.label);
+            return Ok(());
+        };
+        let queue = thread_id;
+        if self.event_idx.load(Ordering::Acquire) {
+            loop {
+                if let Err(e) = vring.disable_notification() {
+                    log::warn!("{}: queue {queue}: {e}", self.label);
+                }
+                self.process_queue(queue, vring);
+                match vring.enable_notification() {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        log::warn!("{}: queue {queue}: {e}", self.label);
+                        break;
+                    }
+                }
+            }
+        } else {
+            self.process_queue(queue, vring);
+        }
+        Ok(())
+    }
+}

@@ -70,6 +70,57 @@ impl Default for DeviceOptions {
     }
 }
 
+/// Reused payload buffers of one connection, by power-of-two size class:
+/// a fresh buffer is zeroed (a 1 MiB write zeroed 1 MiB, then copied
+/// 1 MiB in) and, when big, costs an mmap and a page fault per page. A
+/// reused one is only overwritten (by the guest's data, or by the read).
+#[derive(Default)]
+struct BufPool {
+    classes: Mutex<Vec<Vec<AlignedBuf>>>,
+}
+
+/// Buffers kept per size class.
+const POOL_PER_CLASS: usize = 256;
+/// Largest buffer kept (bigger ones are rare: `size_max` is 1 MiB).
+const POOL_MAX_CAP: usize = 4 << 20;
+
+impl BufPool {
+    /// The size class of a `len`-byte request and its capacity.
+    fn class(len: usize) -> (usize, usize) {
+        let cap = len.max(4096).next_power_of_two();
+        (cap.trailing_zeros() as usize, cap)
+    }
+
+    /// A buffer of `len` bytes with unspecified (not necessarily zero)
+    /// contents: the caller overwrites all of it.
+    fn get(&self, len: usize) -> AlignedBuf {
+        let (class, cap) = Self::class(len);
+        let reused = self.classes.lock().get_mut(class).and_then(Vec::pop);
+        let mut b = reused.unwrap_or_else(|| AlignedBuf::zeroed(cap));
+        // Shrinking: no bytes are zeroed.
+        b.set_len(len);
+        b
+    }
+
+    fn put(&self, mut b: AlignedBuf) {
+        let cap = b.capacity();
+        if cap > POOL_MAX_CAP || !cap.is_power_of_two() || cap < 4096 {
+            return;
+        }
+        // Full length while pooled, so the next `get` only shrinks it
+        // (zeroes bytes only the first time a shorter request used it).
+        b.set_len(cap);
+        let class = cap.trailing_zeros() as usize;
+        let mut classes = self.classes.lock();
+        if classes.len() <= class {
+            classes.resize_with(class + 1, Vec::new);
+        }
+        if classes[class].len() < POOL_PER_CLASS {
+            classes[class].push(b);
+        }
+    }
+}
+
 /// Requests of one queue popped and not yet completed.
 #[derive(Default)]
 struct InFlight {
@@ -118,7 +169,7 @@ pub struct BlkDevice {
     /// `None`: the socket's epoch is below the disk's (fenced): every
     /// request is answered IOERR.
     writer: Option<Writer>,
-    label: String,
+    label: Arc<str>,
     opts: DeviceOptions,
     limits: Limits,
     features: u64,
@@ -134,6 +185,7 @@ pub struct BlkDevice {
     metrics: Option<Arc<DiskMetrics>>,
     /// Last time a stale refusal was logged (once per burst).
     stale_logged: Arc<Mutex<Option<Instant>>>,
+    pool: Arc<BufPool>,
 }
 
 impl BlkDevice {
@@ -174,7 +226,7 @@ impl BlkDevice {
         BlkDevice {
             disk,
             writer,
-            label,
+            label: label.into(),
             opts,
             limits,
             features,
@@ -187,6 +239,7 @@ impl BlkDevice {
             stats: Arc::new(DeviceStats::default()),
             metrics,
             stale_logged: Arc::new(Mutex::new(None)),
+            pool: Arc::new(BufPool::default()),
         }
     }
 
@@ -304,10 +357,10 @@ impl BlkDevice {
             }
             Op::Read { offset, len } => StorageIo::Read {
                 offset,
-                buf: AlignedBuf::zeroed(len as usize),
+                buf: self.pool.get(len as usize),
             },
             Op::Write { offset, len } => {
-                let mut buf = AlignedBuf::zeroed(len as usize);
+                let mut buf = self.pool.get(len as usize);
                 let mut off = 0usize;
                 for s in &req.data {
                     let end = off + s.len as usize;
@@ -322,6 +375,7 @@ impl BlkDevice {
                             self.label,
                             s.addr
                         );
+                        self.pool.put(buf);
                         return done.finish(Some(req.status), VIRTIO_BLK_S_IOERR as u8, 0);
                     }
                     off = end;
@@ -343,7 +397,8 @@ impl BlkDevice {
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
         let stats = Arc::clone(&self.stats);
         let stale_logged = Arc::clone(&self.stale_logged);
-        let label = self.label.clone();
+        let label = Arc::clone(&self.label);
+        let pool = Arc::clone(&self.pool);
         let epoch = writer.epoch();
         let op = req.op;
         self.disk.submit(
@@ -383,6 +438,9 @@ impl BlkDevice {
                         VIRTIO_BLK_S_IOERR
                     }
                 };
+                if let Some(buf) = outcome.buf {
+                    pool.put(buf);
+                }
                 done.finish(Some(req.status), status as u8, written);
             }),
         );

@@ -12,15 +12,17 @@
 use super::request::{self, Desc, Limits, Op, Refusal, Request};
 use crate::handoff::{Disk, Writer};
 use crate::metrics::{DiskMetrics, Op as MetricOp, RequestTimer};
-use crate::storage::{AlignedBuf, IoOutcome, StorageIo};
+use crate::storage::{AlignedBuf, IoOutcome, LocalQueue, StorageIo};
 use parking_lot::{Condvar, Mutex};
+use std::cell::{Cell, RefCell};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -34,6 +36,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Guest memory with qemu's dirty log behind it.
 pub type Mem = GuestMemoryMmap<BitmapMmapRegion>;
@@ -129,13 +132,13 @@ struct InFlight {
 }
 
 impl InFlight {
-    fn add(&self) {
-        *self.count.lock() += 1;
+    fn add(&self, n: usize) {
+        *self.count.lock() += n;
     }
 
-    fn done(&self) {
+    fn done(&self, n: usize) {
         let mut c = self.count.lock();
-        *c = c.saturating_sub(1);
+        *c = c.saturating_sub(n);
         if *c == 0 {
             self.idle.notify_all();
         }
@@ -151,6 +154,129 @@ impl InFlight {
             }
         }
         true
+    }
+}
+
+/// A queue's completion event: the worker's io_uring signals it when
+/// requests finish (edge-triggered in the worker's epoll set, so it is
+/// never read).
+struct CompletionEvent {
+    fd: EventFd,
+    /// In its worker's epoll set ([`BlkDevice::attach`]): only then may the
+    /// worker take a queue of its own (nothing else would reap it).
+    registered: AtomicBool,
+}
+
+thread_local! {
+    /// The state of the queue worker running on this thread.
+    static WORKER: Worker = Worker::default();
+}
+
+/// A queue worker's own I/O queue and the chains it finished meanwhile.
+///
+/// With a [`LocalQueue`], the worker's requests are submitted by its own
+/// io_uring (one `io_uring_enter` per batch of chains) and completed on
+/// the worker itself when the ring signals the queue's [`CompletionEvent`]:
+/// no hop to the engine's reaper thread per request. While the worker
+/// handles an event, the chains it completes are collected and put in the
+/// used ring together at the end, under one lock, with one signal to the
+/// driver. Completions running on any other thread (the engine's reaper, a
+/// request the tracker held back and another thread released) publish
+/// their chain at once, as before.
+#[derive(Default)]
+struct Worker {
+    /// Declared first: dropped (waiting for its requests, completing them
+    /// at once) before `batch` when the worker thread exits.
+    queue: RefCell<Option<Box<dyn LocalQueue>>>,
+    tried: Cell<bool>,
+    /// `Some` while the worker handles an event.
+    batch: RefCell<Option<Vec<(Completion, u32)>>>,
+    spare: RefCell<Vec<(Completion, u32)>>,
+}
+
+impl Worker {
+    /// Collect this thread's completions from now on.
+    fn begin(&self) {
+        if let Ok(mut b) = self.batch.try_borrow_mut() {
+            if b.is_none() {
+                let spare = self
+                    .spare
+                    .try_borrow_mut()
+                    .map(|mut s| std::mem::take(&mut *s))
+                    .unwrap_or_default();
+                *b = Some(spare);
+            }
+        }
+    }
+
+    /// Keep `c` for [`Worker::end`] if collecting; else hand it back.
+    fn defer(&self, c: Completion, len: u32) -> Option<(Completion, u32)> {
+        match self.batch.try_borrow_mut() {
+            Ok(mut b) => match b.as_mut() {
+                Some(v) => {
+                    v.push((c, len));
+                    None
+                }
+                None => Some((c, len)),
+            },
+            Err(_) => Some((c, len)),
+        }
+    }
+
+    /// Submit what is queued and run what finished (no waiting).
+    fn reap(&self, label: &str) {
+        if let Ok(q) = self.queue.try_borrow() {
+            if let Some(q) = q.as_ref() {
+                if let Err(e) = q.reap() {
+                    log::warn!("{label}: I/O queue: {e}");
+                }
+            }
+        }
+    }
+
+    /// Stop collecting and publish what was collected.
+    fn end(&self) {
+        let taken = self.batch.try_borrow_mut().ok().and_then(|mut b| b.take());
+        if let Some(mut v) = taken {
+            publish(&v);
+            v.clear();
+            if let Ok(mut spare) = self.spare.try_borrow_mut() {
+                *spare = v;
+            }
+        }
+    }
+}
+
+/// Put finished chains in their used rings: consecutive chains of one
+/// queue under one lock, and one signal to the driver for them (when it
+/// wants one).
+fn publish(done: &[(Completion, u32)]) {
+    let mut rest = done;
+    while let Some((first, _)) = rest.first() {
+        let n = rest
+            .iter()
+            .take_while(|(c, _)| Arc::ptr_eq(&c.in_flight, &first.in_flight))
+            .count();
+        let notify = {
+            let mut state = first.vring.get_mut();
+            for (c, len) in &rest[..n] {
+                if let Err(e) = state.add_used(c.head, *len) {
+                    log::warn!("vhost-user-blk: used ring: {e}");
+                }
+            }
+            if first.event_idx {
+                state.needs_notification().unwrap_or(true)
+            } else {
+                true
+            }
+        };
+        if notify {
+            if let Err(e) = first.vring.signal_used_queue() {
+                log::debug!("vhost-user-blk: signalling the driver: {e}");
+            }
+        }
+        first.in_flight.done(n);
+        rest = &rest[n..];
     }
 }
 
@@ -186,6 +312,8 @@ pub struct BlkDevice {
     /// Last time a stale refusal was logged (once per burst).
     stale_logged: Arc<Mutex<Option<Instant>>>,
     pool: Arc<BufPool>,
+    /// Per queue: its worker's completion event.
+    completions: Vec<CompletionEvent>,
 }
 
 impl BlkDevice {
@@ -223,6 +351,18 @@ impl BlkDevice {
         }
         let config = config_space(&limits, opts, caps.discard);
         let n = usize::from(opts.num_queues.max(1));
+        let completions = (0..n)
+            .map_while(|_| match EventFd::new(EFD_NONBLOCK) {
+                Ok(fd) => Some(CompletionEvent {
+                    fd,
+                    registered: AtomicBool::new(false),
+                }),
+                Err(e) => {
+                    log::warn!("{label}: completion event: {e}; using the shared I/O queue");
+                    None
+                }
+            })
+            .collect();
         BlkDevice {
             disk,
             writer,
@@ -240,12 +380,70 @@ impl BlkDevice {
             metrics,
             stale_logged: Arc::new(Mutex::new(None)),
             pool: Arc::new(BufPool::default()),
+            completions,
         }
     }
 
     /// The writer's epoch, if registered.
     pub fn epoch(&self) -> Option<u64> {
         self.writer.as_ref().map(Writer::epoch)
+    }
+
+    /// The event id of the queue workers' completion events (ids up to
+    /// `num_queues` are the daemon's).
+    fn completion_event(&self) -> u16 {
+        self.opts.num_queues.max(1).saturating_add(1)
+    }
+
+    /// Add each queue's completion event to its worker's epoll set, so the
+    /// workers may submit through queues of their own (see [`Worker`]).
+    /// Before the daemon starts; a worker without it uses the shared queue.
+    pub fn attach(&self, daemon: &VhostUserDaemon<Arc<BlkDevice>>) {
+        let handlers = daemon.get_epoll_handlers();
+        for (ev, h) in self.completions.iter().zip(handlers.iter()) {
+            match h.register_listener(
+                ev.fd.as_raw_fd(),
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+                u64::from(self.completion_event()),
+            ) {
+                Ok(()) => ev.registered.store(true, Ordering::Release),
+                Err(e) => log::warn!(
+                    "{}: completion event: {e}; using the shared I/O queue",
+                    self.label
+                ),
+            }
+        }
+    }
+
+    /// On the worker thread of `queue`: take a queue of its own, once.
+    fn local_queue(&self, w: &Worker, queue: usize) {
+        if w.tried.replace(true) {
+            return;
+        }
+        let Some(ev) = self.completions.get(queue) else {
+            return;
+        };
+        if !ev.registered.load(Ordering::Acquire) {
+            return;
+        }
+        match self.disk.local_queue() {
+            Ok(Some(q)) => match q.notify_eventfd(ev.fd.as_raw_fd()) {
+                Ok(()) => {
+                    if let Ok(mut slot) = w.queue.try_borrow_mut() {
+                        *slot = Some(q);
+                    }
+                }
+                Err(e) => log::info!(
+                    "{}: queue {queue}: no completion event for its I/O queue ({e}); using the shared one",
+                    self.label
+                ),
+            },
+            Ok(None) => {}
+            Err(e) => log::warn!(
+                "{}: queue {queue}: no I/O queue of its own ({e}); using the shared one",
+                self.label
+            ),
+        }
     }
 
     /// Wait until every queue's requests completed (after the frontend left).
@@ -273,6 +471,8 @@ impl BlkDevice {
             }
         };
         let mem = mem.into_inner();
+        let in_flight = &self.in_flight[queue.min(self.in_flight.len() - 1)];
+        in_flight.add(chains.len());
         for chain in chains {
             let head = chain.head_index();
             let descs: Vec<Desc> = chain
@@ -291,11 +491,10 @@ impl BlkDevice {
                 vring: vring.clone(),
                 head,
                 event_idx: self.event_idx.load(Ordering::Acquire),
-                in_flight: Arc::clone(&self.in_flight[queue.min(self.in_flight.len() - 1)]),
+                in_flight: Arc::clone(in_flight),
                 timer: None,
                 payload: 0,
             };
-            done.in_flight.add();
             match parsed {
                 Ok(req) => self.start(req, done),
                 Err(refusal) => {
@@ -500,23 +699,17 @@ impl Completion {
                 len = len.saturating_add(1);
             }
         }
-        let notify = {
-            let mut state = self.vring.get_mut();
-            if let Err(e) = state.add_used(self.head, len) {
-                log::warn!("vhost-user-blk: used ring: {e}");
+        // On a worker handling an event: published with the rest at its
+        // end. Elsewhere (or while the worker's state is torn down): now.
+        let mut pending = Some((self, len));
+        let _ = WORKER.try_with(|w| {
+            if let Some((c, len)) = pending.take() {
+                pending = w.defer(c, len);
             }
-            if self.event_idx {
-                state.needs_notification().unwrap_or(true)
-            } else {
-                true
-            }
-        };
-        if notify {
-            if let Err(e) = self.vring.signal_used_queue() {
-                log::debug!("vhost-user-blk: signalling the driver: {e}");
-            }
+        });
+        if let Some(one) = pending {
+            publish(std::slice::from_ref(&one));
         }
-        self.in_flight.done();
     }
 }
 
@@ -646,11 +839,36 @@ impl VhostUserBackend for BlkDevice {
         if evset != EventSet::IN {
             return Ok(());
         }
+        let queue = thread_id;
+        let run = |w: &Worker| {
+            w.begin();
+            self.local_queue(w, queue);
+            if device_event == self.completion_event() {
+                w.reap(&self.label);
+            } else {
+                self.handle_kick(device_event, vrings, queue);
+            }
+            // Submit what the batch queued (one io_uring_enter) and run
+            // what is done already; the second submits what callbacks of
+            // the first queued.
+            w.reap(&self.label);
+            w.reap(&self.label);
+            w.end();
+        };
+        if WORKER.try_with(run).is_err() {
+            self.handle_kick(device_event, vrings, queue);
+        }
+        Ok(())
+    }
+}
+
+impl BlkDevice {
+    /// The frontend kicked a queue: pop and start what it made available.
+    fn handle_kick(&self, device_event: u16, vrings: &[Vring], queue: usize) {
         let Some(vring) = vrings.get(usize::from(device_event)) else {
             log::warn!("{}: event {device_event} for no queue", self.label);
-            return Ok(());
+            return;
         };
-        let queue = thread_id;
         if self.event_idx.load(Ordering::Acquire) {
             loop {
                 if let Err(e) = vring.disable_notification() {
@@ -669,6 +887,5 @@ impl VhostUserBackend for BlkDevice {
         } else {
             self.process_queue(queue, vring);
         }
-        Ok(())
     }
 }

@@ -153,16 +153,27 @@ fn qsd_discard_write_zeroes_and_get_id() {
 
 #[test]
 fn qsd_pipelined_requests_on_two_queues() {
+    pipelined(true);
+}
+
+#[test]
+fn qsd_pipelined_requests_without_event_idx() {
+    pipelined(false);
+}
+
+/// 2 queues, 32 requests in flight on each from its own thread, slots
+/// reused as they complete; then every block read back.
+fn pipelined(event_idx: bool) {
     let Some(s) = qsd(2, true) else { return };
     let opts = ClientOptions {
         queues: 2,
         queue_size: 128,
         slots: 32,
         slot_bytes: 4096,
-        event_idx: true,
+        event_idx,
     };
     let mut c = VhostBlkClient::connect_with(&s.sock, &opts).unwrap();
-    assert!(c.event_idx(), "qsd offers EVENT_IDX");
+    assert_eq!(c.event_idx(), event_idx, "qsd offers EVENT_IDX");
     let qs = c.queues_mut();
     // 2 queues x 32 in flight x 4 rounds of 4 KiB writes, each block once.
     std::thread::scope(|sc| {

@@ -125,6 +125,13 @@ pub trait LocalQueue {
     /// Submit what is queued, then sleep until something finishes or
     /// `readable` (a socket, say) has data, and run the callbacks.
     fn wait(&self, readable: Option<std::os::fd::RawFd>) -> io::Result<()>;
+    /// Signal the eventfd `fd` whenever requests of this queue finish, so
+    /// an owner sleeping in its own event loop (epoll) knows when to
+    /// [`LocalQueue::reap`]. Unsupported by default.
+    fn notify_eventfd(&self, fd: std::os::fd::RawFd) -> io::Result<()> {
+        let _ = fd;
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// Which engine [`open_storage`] uses.

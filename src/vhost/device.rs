@@ -12,15 +12,17 @@
 use super::request::{self, Desc, Limits, Op, Refusal, Request};
 use crate::handoff::{Disk, Writer};
 use crate::metrics::{DiskMetrics, Op as MetricOp, RequestTimer};
-use crate::storage::{AlignedBuf, IoOutcome, StorageIo};
+use crate::storage::{AlignedBuf, IoOutcome, LocalQueue, StorageIo};
 use parking_lot::{Condvar, Mutex};
+use std::cell::{Cell, RefCell};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -34,6 +36,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Guest memory with qemu's dirty log behind it.
 pub type Mem = GuestMemoryMmap<BitmapMmapRegion>;
@@ -70,6 +73,57 @@ impl Default for DeviceOptions {
     }
 }
 
+/// Reused payload buffers of one connection, by power-of-two size class:
+/// a fresh buffer is zeroed (a 1 MiB write zeroed 1 MiB, then copied
+/// 1 MiB in) and, when big, costs an mmap and a page fault per page. A
+/// reused one is only overwritten (by the guest's data, or by the read).
+#[derive(Default)]
+struct BufPool {
+    classes: Mutex<Vec<Vec<AlignedBuf>>>,
+}
+
+/// Buffers kept per size class.
+const POOL_PER_CLASS: usize = 256;
+/// Largest buffer kept (bigger ones are rare: `size_max` is 1 MiB).
+const POOL_MAX_CAP: usize = 4 << 20;
+
+impl BufPool {
+    /// The size class of a `len`-byte request and its capacity.
+    fn class(len: usize) -> (usize, usize) {
+        let cap = len.max(4096).next_power_of_two();
+        (cap.trailing_zeros() as usize, cap)
+    }
+
+    /// A buffer of `len` bytes with unspecified (not necessarily zero)
+    /// contents: the caller overwrites all of it.
+    fn get(&self, len: usize) -> AlignedBuf {
+        let (class, cap) = Self::class(len);
+        let reused = self.classes.lock().get_mut(class).and_then(Vec::pop);
+        let mut b = reused.unwrap_or_else(|| AlignedBuf::zeroed(cap));
+        // Shrinking: no bytes are zeroed.
+        b.set_len(len);
+        b
+    }
+
+    fn put(&self, mut b: AlignedBuf) {
+        let cap = b.capacity();
+        if cap > POOL_MAX_CAP || !cap.is_power_of_two() || cap < 4096 {
+            return;
+        }
+        // Full length while pooled, so the next `get` only shrinks it
+        // (zeroes bytes only the first time a shorter request used it).
+        b.set_len(cap);
+        let class = cap.trailing_zeros() as usize;
+        let mut classes = self.classes.lock();
+        if classes.len() <= class {
+            classes.resize_with(class + 1, Vec::new);
+        }
+        if classes[class].len() < POOL_PER_CLASS {
+            classes[class].push(b);
+        }
+    }
+}
+
 /// Requests of one queue popped and not yet completed.
 #[derive(Default)]
 struct InFlight {
@@ -78,13 +132,13 @@ struct InFlight {
 }
 
 impl InFlight {
-    fn add(&self) {
-        *self.count.lock() += 1;
+    fn add(&self, n: usize) {
+        *self.count.lock() += n;
     }
 
-    fn done(&self) {
+    fn done(&self, n: usize) {
         let mut c = self.count.lock();
-        *c = c.saturating_sub(1);
+        *c = c.saturating_sub(n);
         if *c == 0 {
             self.idle.notify_all();
         }
@@ -103,6 +157,129 @@ impl InFlight {
     }
 }
 
+/// A queue's completion event: the worker's io_uring signals it when
+/// requests finish (edge-triggered in the worker's epoll set, so it is
+/// never read).
+struct CompletionEvent {
+    fd: EventFd,
+    /// In its worker's epoll set ([`BlkDevice::attach`]): only then may the
+    /// worker take a queue of its own (nothing else would reap it).
+    registered: AtomicBool,
+}
+
+thread_local! {
+    /// The state of the queue worker running on this thread.
+    static WORKER: Worker = Worker::default();
+}
+
+/// A queue worker's own I/O queue and the chains it finished meanwhile.
+///
+/// With a [`LocalQueue`], the worker's requests are submitted by its own
+/// io_uring (one `io_uring_enter` per batch of chains) and completed on
+/// the worker itself when the ring signals the queue's [`CompletionEvent`]:
+/// no hop to the engine's reaper thread per request. While the worker
+/// handles an event, the chains it completes are collected and put in the
+/// used ring together at the end, under one lock, with one signal to the
+/// driver. Completions running on any other thread (the engine's reaper, a
+/// request the tracker held back and another thread released) publish
+/// their chain at once, as before.
+#[derive(Default)]
+struct Worker {
+    /// Declared first: dropped (waiting for its requests, completing them
+    /// at once) before `batch` when the worker thread exits.
+    queue: RefCell<Option<Box<dyn LocalQueue>>>,
+    tried: Cell<bool>,
+    /// `Some` while the worker handles an event.
+    batch: RefCell<Option<Vec<(Completion, u32)>>>,
+    spare: RefCell<Vec<(Completion, u32)>>,
+}
+
+impl Worker {
+    /// Collect this thread's completions from now on.
+    fn begin(&self) {
+        if let Ok(mut b) = self.batch.try_borrow_mut() {
+            if b.is_none() {
+                let spare = self
+                    .spare
+                    .try_borrow_mut()
+                    .map(|mut s| std::mem::take(&mut *s))
+                    .unwrap_or_default();
+                *b = Some(spare);
+            }
+        }
+    }
+
+    /// Keep `c` for [`Worker::end`] if collecting; else hand it back.
+    fn defer(&self, c: Completion, len: u32) -> Option<(Completion, u32)> {
+        match self.batch.try_borrow_mut() {
+            Ok(mut b) => match b.as_mut() {
+                Some(v) => {
+                    v.push((c, len));
+                    None
+                }
+                None => Some((c, len)),
+            },
+            Err(_) => Some((c, len)),
+        }
+    }
+
+    /// Submit what is queued and run what finished (no waiting).
+    fn reap(&self, label: &str) {
+        if let Ok(q) = self.queue.try_borrow() {
+            if let Some(q) = q.as_ref() {
+                if let Err(e) = q.reap() {
+                    log::warn!("{label}: I/O queue: {e}");
+                }
+            }
+        }
+    }
+
+    /// Stop collecting and publish what was collected.
+    fn end(&self) {
+        let taken = self.batch.try_borrow_mut().ok().and_then(|mut b| b.take());
+        if let Some(mut v) = taken {
+            publish(&v);
+            v.clear();
+            if let Ok(mut spare) = self.spare.try_borrow_mut() {
+                *spare = v;
+            }
+        }
+    }
+}
+
+/// Put finished chains in their used rings: consecutive chains of one
+/// queue under one lock, and one signal to the driver for them (when it
+/// wants one).
+fn publish(done: &[(Completion, u32)]) {
+    let mut rest = done;
+    while let Some((first, _)) = rest.first() {
+        let n = rest
+            .iter()
+            .take_while(|(c, _)| Arc::ptr_eq(&c.in_flight, &first.in_flight))
+            .count();
+        let notify = {
+            let mut state = first.vring.get_mut();
+            for (c, len) in &rest[..n] {
+                if let Err(e) = state.add_used(c.head, *len) {
+                    log::warn!("vhost-user-blk: used ring: {e}");
+                }
+            }
+            if first.event_idx {
+                state.needs_notification().unwrap_or(true)
+            } else {
+                true
+            }
+        };
+        if notify {
+            if let Err(e) = first.vring.signal_used_queue() {
+                log::debug!("vhost-user-blk: signalling the driver: {e}");
+            }
+        }
+        first.in_flight.done(n);
+        rest = &rest[n..];
+    }
+}
+
 /// Counters of a connection, for `ctl status` and the tests.
 #[derive(Default, Debug)]
 pub struct DeviceStats {
@@ -118,7 +295,7 @@ pub struct BlkDevice {
     /// `None`: the socket's epoch is below the disk's (fenced): every
     /// request is answered IOERR.
     writer: Option<Writer>,
-    label: String,
+    label: Arc<str>,
     opts: DeviceOptions,
     limits: Limits,
     features: u64,
@@ -134,6 +311,9 @@ pub struct BlkDevice {
     metrics: Option<Arc<DiskMetrics>>,
     /// Last time a stale refusal was logged (once per burst).
     stale_logged: Arc<Mutex<Option<Instant>>>,
+    pool: Arc<BufPool>,
+    /// Per queue: its worker's completion event.
+    completions: Vec<CompletionEvent>,
 }
 
 impl BlkDevice {
@@ -171,10 +351,22 @@ impl BlkDevice {
         }
         let config = config_space(&limits, opts, caps.discard);
         let n = usize::from(opts.num_queues.max(1));
+        let completions = (0..n)
+            .map_while(|_| match EventFd::new(EFD_NONBLOCK) {
+                Ok(fd) => Some(CompletionEvent {
+                    fd,
+                    registered: AtomicBool::new(false),
+                }),
+                Err(e) => {
+                    log::warn!("{label}: completion event: {e}; using the shared I/O queue");
+                    None
+                }
+            })
+            .collect();
         BlkDevice {
             disk,
             writer,
-            label,
+            label: label.into(),
             opts,
             limits,
             features,
@@ -187,12 +379,71 @@ impl BlkDevice {
             stats: Arc::new(DeviceStats::default()),
             metrics,
             stale_logged: Arc::new(Mutex::new(None)),
+            pool: Arc::new(BufPool::default()),
+            completions,
         }
     }
 
     /// The writer's epoch, if registered.
     pub fn epoch(&self) -> Option<u64> {
         self.writer.as_ref().map(Writer::epoch)
+    }
+
+    /// The event id of the queue workers' completion events (ids up to
+    /// `num_queues` are the daemon's).
+    fn completion_event(&self) -> u16 {
+        self.opts.num_queues.max(1).saturating_add(1)
+    }
+
+    /// Add each queue's completion event to its worker's epoll set, so the
+    /// workers may submit through queues of their own (see [`Worker`]).
+    /// Before the daemon starts; a worker without it uses the shared queue.
+    pub fn attach(&self, daemon: &VhostUserDaemon<Arc<BlkDevice>>) {
+        let handlers = daemon.get_epoll_handlers();
+        for (ev, h) in self.completions.iter().zip(handlers.iter()) {
+            match h.register_listener(
+                ev.fd.as_raw_fd(),
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+                u64::from(self.completion_event()),
+            ) {
+                Ok(()) => ev.registered.store(true, Ordering::Release),
+                Err(e) => log::warn!(
+                    "{}: completion event: {e}; using the shared I/O queue",
+                    self.label
+                ),
+            }
+        }
+    }
+
+    /// On the worker thread of `queue`: take a queue of its own, once.
+    fn local_queue(&self, w: &Worker, queue: usize) {
+        if w.tried.replace(true) {
+            return;
+        }
+        let Some(ev) = self.completions.get(queue) else {
+            return;
+        };
+        if !ev.registered.load(Ordering::Acquire) {
+            return;
+        }
+        match self.disk.local_queue() {
+            Ok(Some(q)) => match q.notify_eventfd(ev.fd.as_raw_fd()) {
+                Ok(()) => {
+                    if let Ok(mut slot) = w.queue.try_borrow_mut() {
+                        *slot = Some(q);
+                    }
+                }
+                Err(e) => log::info!(
+                    "{}: queue {queue}: no completion event for its I/O queue ({e}); using the shared one",
+                    self.label
+                ),
+            },
+            Ok(None) => {}
+            Err(e) => log::warn!(
+                "{}: queue {queue}: no I/O queue of its own ({e}); using the shared one",
+                self.label
+            ),
+        }
     }
 
     /// Wait until every queue's requests completed (after the frontend left).
@@ -220,6 +471,8 @@ impl BlkDevice {
             }
         };
         let mem = mem.into_inner();
+        let in_flight = &self.in_flight[queue.min(self.in_flight.len() - 1)];
+        in_flight.add(chains.len());
         for chain in chains {
             let head = chain.head_index();
             let descs: Vec<Desc> = chain
@@ -238,11 +491,10 @@ impl BlkDevice {
                 vring: vring.clone(),
                 head,
                 event_idx: self.event_idx.load(Ordering::Acquire),
-                in_flight: Arc::clone(&self.in_flight[queue.min(self.in_flight.len() - 1)]),
+                in_flight: Arc::clone(in_flight),
                 timer: None,
                 payload: 0,
             };
-            done.in_flight.add();
             match parsed {
                 Ok(req) => self.start(req, done),
                 Err(refusal) => {
@@ -304,10 +556,10 @@ impl BlkDevice {
             }
             Op::Read { offset, len } => StorageIo::Read {
                 offset,
-                buf: AlignedBuf::zeroed(len as usize),
+                buf: self.pool.get(len as usize),
             },
             Op::Write { offset, len } => {
-                let mut buf = AlignedBuf::zeroed(len as usize);
+                let mut buf = self.pool.get(len as usize);
                 let mut off = 0usize;
                 for s in &req.data {
                     let end = off + s.len as usize;
@@ -322,6 +574,7 @@ impl BlkDevice {
                             self.label,
                             s.addr
                         );
+                        self.pool.put(buf);
                         return done.finish(Some(req.status), VIRTIO_BLK_S_IOERR as u8, 0);
                     }
                     off = end;
@@ -343,7 +596,8 @@ impl BlkDevice {
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
         let stats = Arc::clone(&self.stats);
         let stale_logged = Arc::clone(&self.stale_logged);
-        let label = self.label.clone();
+        let label = Arc::clone(&self.label);
+        let pool = Arc::clone(&self.pool);
         let epoch = writer.epoch();
         let op = req.op;
         self.disk.submit(
@@ -383,6 +637,9 @@ impl BlkDevice {
                         VIRTIO_BLK_S_IOERR
                     }
                 };
+                if let Some(buf) = outcome.buf {
+                    pool.put(buf);
+                }
                 done.finish(Some(req.status), status as u8, written);
             }),
         );
@@ -442,23 +699,17 @@ impl Completion {
                 len = len.saturating_add(1);
             }
         }
-        let notify = {
-            let mut state = self.vring.get_mut();
-            if let Err(e) = state.add_used(self.head, len) {
-                log::warn!("vhost-user-blk: used ring: {e}");
+        // On a worker handling an event: published with the rest at its
+        // end. Elsewhere (or while the worker's state is torn down): now.
+        let mut pending = Some((self, len));
+        let _ = WORKER.try_with(|w| {
+            if let Some((c, len)) = pending.take() {
+                pending = w.defer(c, len);
             }
-            if self.event_idx {
-                state.needs_notification().unwrap_or(true)
-            } else {
-                true
-            }
-        };
-        if notify {
-            if let Err(e) = self.vring.signal_used_queue() {
-                log::debug!("vhost-user-blk: signalling the driver: {e}");
-            }
+        });
+        if let Some(one) = pending {
+            publish(std::slice::from_ref(&one));
         }
-        self.in_flight.done();
     }
 }
 
@@ -588,11 +839,36 @@ impl VhostUserBackend for BlkDevice {
         if evset != EventSet::IN {
             return Ok(());
         }
+        let queue = thread_id;
+        let run = |w: &Worker| {
+            w.begin();
+            self.local_queue(w, queue);
+            if device_event == self.completion_event() {
+                w.reap(&self.label);
+            } else {
+                self.handle_kick(device_event, vrings, queue);
+            }
+            // Submit what the batch queued (one io_uring_enter) and run
+            // what is done already; the second submits what callbacks of
+            // the first queued.
+            w.reap(&self.label);
+            w.reap(&self.label);
+            w.end();
+        };
+        if WORKER.try_with(run).is_err() {
+            self.handle_kick(device_event, vrings, queue);
+        }
+        Ok(())
+    }
+}
+
+impl BlkDevice {
+    /// The frontend kicked a queue: pop and start what it made available.
+    fn handle_kick(&self, device_event: u16, vrings: &[Vring], queue: usize) {
         let Some(vring) = vrings.get(usize::from(device_event)) else {
             log::warn!("{}: event {device_event} for no queue", self.label);
-            return Ok(());
+            return;
         };
-        let queue = thread_id;
         if self.event_idx.load(Ordering::Acquire) {
             loop {
                 if let Err(e) = vring.disable_notification() {
@@ -611,6 +887,5 @@ impl VhostUserBackend for BlkDevice {
         } else {
             self.process_queue(queue, vring);
         }
-        Ok(())
     }
 }

@@ -286,6 +286,7 @@ fn serve_socket(
                 continue;
             }
         };
+        device.attach(&daemon);
         if let Err(e) = daemon.start(&mut listener) {
             log::error!("{label}: accept: {e}");
             std::thread::sleep(Duration::from_millis(200));

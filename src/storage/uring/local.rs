@@ -194,6 +194,10 @@ impl LocalQueue for LocalRing {
         self.run_completions();
         Ok(())
     }
+
+    fn notify_eventfd(&self, fd: RawFd) -> io::Result<()> {
+        self.ring.submitter().register_eventfd(fd)
+    }
 }
 
 impl Drop for LocalRing {

@@ -541,3 +541,32 @@ fn vhost_get_vring_base_waits_for_requests_in_flight() {
     c.read(1, 1 << 20, &mut back).unwrap();
     assert!(back == a);
 }
+
+/// A socket whose file was removed behind the server's back (a cleanup
+/// script, a tmpfs wiped) is still removed at once by `ctl vhost-remove`,
+/// and SIGTERM still stops the server: waking its accept() must not depend
+/// on connecting to the path.
+#[test]
+fn vhost_remove_and_stop_with_the_socket_file_gone() {
+    let srv = Server::start(
+        &["vm1"],
+        "16M",
+        &[
+            "--vhost-user-blk",
+            "vm1={dir}/a.vhost",
+            "--vhost-user-blk",
+            "vm1={dir}/b.vhost",
+        ],
+    );
+    let (a, b) = (srv.path("a.vhost"), srv.path("b.vhost"));
+    std::fs::remove_file(&a).unwrap();
+    std::fs::remove_file(&b).unwrap();
+    let t = Instant::now();
+    srv.ctl(&["vhost-remove", a.to_str().unwrap()]);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(vhost_status(&srv, "vm1").len(), 1);
+    let mut srv = srv;
+    let t = Instant::now();
+    assert_eq!(srv.stop(), Some(0), "{}", srv.log());
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}

@@ -8,7 +8,7 @@ use crate::tracking::Epoch;
 use parking_lot::Mutex;
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::os::unix::net::UnixStream;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -87,6 +87,11 @@ struct Shared {
     /// Counters of the current (or last) connection.
     stats: Mutex<Arc<DeviceStats>>,
     connections: Mutex<u64>,
+    /// A duplicate of the listening socket: shutting it down wakes an
+    /// `accept()` blocked on the original (the same socket), even when the
+    /// socket's path is gone, and the duplicate cannot be closed and its
+    /// number reused while we hold it.
+    wake: std::os::fd::OwnedFd,
 }
 
 struct Entry {
@@ -151,11 +156,16 @@ impl VhostExports {
             .map_err(|e| format!("{}: {e}", spec.socket.display()))?;
         let listener = Listener::new(&spec.socket, false)
             .map_err(|e| format!("{}: {e}", spec.socket.display()))?;
+        // SAFETY: the listener's fd is open for the duration of this borrow.
+        let wake = unsafe { std::os::fd::BorrowedFd::borrow_raw(listener.as_raw_fd()) }
+            .try_clone_to_owned()
+            .map_err(|e| format!("{}: {e}", spec.socket.display()))?;
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             shutdown: Mutex::new(None),
             stats: Mutex::new(Arc::new(DeviceStats::default())),
             connections: Mutex::new(0),
+            wake,
         });
         let sh = Arc::clone(&shared);
         let sp = spec.clone();
@@ -194,8 +204,11 @@ impl VhostExports {
         if let Some(h) = entry.shared.shutdown.lock().take() {
             h.shutdown();
         }
-        // Wake an accept() blocked on the socket.
-        let _ = UnixStream::connect(socket);
+        // Wake an accept() blocked on the socket: shutting a listening
+        // socket down makes accept() fail at once (connecting to the path
+        // would hang here if the file had been removed behind our back).
+        // SAFETY: shutdown(2) on a descriptor we own; no memory involved.
+        unsafe { libc::shutdown(entry.shared.wake.as_raw_fd(), libc::SHUT_RDWR) };
         if let Some(t) = entry.thread.take() {
             let _ = t.join();
         }

@@ -396,7 +396,7 @@ impl BlkDevice {
     }
 
     /// Add each queue's completion event to its worker's epoll set, so the
-    /// workers may submit through queues of their own (see [`Worker`]).
+    /// workers may submit through queues of their own (see `Worker`).
     /// Before the daemon starts; a worker without it uses the shared queue.
     pub fn attach(&self, daemon: &VhostUserDaemon<Arc<BlkDevice>>) {
         let handlers = daemon.get_epoll_handlers();

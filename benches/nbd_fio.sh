@@ -53,6 +53,7 @@ for t in fio qemu-nbd nbdkit qemu-storage-daemon python3; do
 done
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/benches/common.sh"
 (cd "$ROOT" && cargo build --release --quiet)
 BLKSHIM=$ROOT/target/release/blkshim
 WORK=$(mktemp -d "$DIR/blkshim-bench.XXXXXX")
@@ -88,9 +89,7 @@ if [ "$TLS" = 1 ]; then
   printf '[[client]]\nidentity = "CN=client,O=blkshim-bench"\ndisks = ["*"]\naccess = "rw"\n' >"$WORK/authz.toml"
 fi
 
-# A fully allocated file, so reads hit real blocks for every server.
-fio --name=fill --filename="$IMG" --size="$SIZE" --rw=write --bs=1M --ioengine=psync \
-    --direct=1 --output=/dev/null
+bench_fill "$IMG" "$SIZE"
 
 JOBS=(
   "randwrite-4k-qd32-j1|--rw=randwrite --bs=4k --iodepth=32 --numjobs=1"
@@ -109,39 +108,13 @@ stop_server() {
   rm -f "$SOCK"
 }
 
-wait_socket() {
-  for _ in $(seq 200); do [ -S "$SOCK" ] && return 0; sleep 0.05; done
-  echo "server did not start" >&2; exit 1
-}
-
 start_server() { # name mode
   stop_server
   case $1 in
-    blkshim)
-      "$BLKSHIM" serve --cache="$2" --socket="$SOCK" --control="$WORK/ctl.sock" \
-        --state-dir="$WORK/epochs" vm="$IMG" >/dev/null 2>"$WORK/blkshim.log" &
-      SERVER_PID=$! ;;
-    qemu-nbd)
-      local c=writeback; [ "$2" = none ] && c=none
-      qemu-nbd --aio=io_uring --cache=$c -f raw -x vm --shared=16 --persistent \
-        --socket="$SOCK" "$IMG" 2>"$WORK/qemu-nbd.log" &
-      SERVER_PID=$! ;;
-    nbdkit)
-      local c=default; [ "$2" = none ] && c=none
-      nbdkit --foreground --exit-with-parent -U "$SOCK" -e vm file "$IMG" cache=$c \
-        2>"$WORK/nbdkit.log" &
-      SERVER_PID=$! ;;
-    qemu-storage-daemon)
-      local d=off; [ "$2" = none ] && d=on
-      qemu-storage-daemon \
-        --blockdev "driver=file,node-name=f,filename=$IMG,cache.direct=$d,aio=io_uring" \
-        --nbd-server "addr.type=unix,addr.path=$SOCK,max-connections=16" \
-        --export type=nbd,id=e,node-name=f,name=vm,writable=on 2>"$WORK/qsd.log" &
-      SERVER_PID=$! ;;
-    nbdkit-memory)
-      # The limit of the client and the socket: no device behind it.
-      nbdkit --foreground --exit-with-parent -U "$SOCK" -e vm memory "$SIZE" \
-        2>"$WORK/nbdkit-memory.log" &
+    blkshim|qemu-nbd|nbdkit|qemu-storage-daemon|nbdkit-memory)
+      # shellcheck disable=SC2046
+      $(bench_nbd_server_cmd "$1" "$2" "$BLKSHIM" "$IMG" "$SOCK" "$WORK" "$SIZE") \
+        >/dev/null 2>"$WORK/$1.log" &
       SERVER_PID=$! ;;
     blkshim-tls)
       "$BLKSHIM" serve --cache="$2" --socket="$SOCK" --control="$WORK/ctl.sock" \
@@ -161,7 +134,7 @@ start_server() { # name mode
         2>"$WORK/nbdkit-tls.log" &
       SERVER_PID=$! ;;
   esac
-  wait_socket
+  bench_wait_socket "$SOCK" "$WORK"
 }
 
 uri_of() { # server -> the URI fio's nbd engine connects to
@@ -195,13 +168,7 @@ run_fio() {
       # shellcheck disable=SC2086
       fio $common $args --ioengine=nbd --uri="$(uri_of "$name")" ;;
     esac
-  fi | python3 -c '
-import json, sys
-t = sys.stdin.read()
-j = json.loads(t[t.index("{"):])["jobs"][0]
-iops = j["read"]["iops"] + j["write"]["iops"]
-bw = (j["read"]["bw_bytes"] + j["write"]["bw_bytes"]) / 1e6
-print("%.0f %.1f" % (iops, bw))'
+  fi | bench_fio_iops_mbps
 }
 
 MODES=$CACHE; [ "$CACHE" = both ] && MODES="none writeback"
@@ -235,10 +202,7 @@ done
 # The median run (by IOPS) of each cell.
 declare -A R
 for k in "${!RUNS[@]}"; do
-  R[$k]=$(python3 -c '
-import sys
-runs = sorted((r.split() for r in sys.argv[1].split(";") if r), key=lambda r: float(r[0]))
-print(" ".join(runs[len(runs) // 2]))' "${RUNS[$k]}")
+  R[$k]=$(bench_median "${RUNS[$k]}")
 done
 
 printf '\nfio %s, %s file, %ss per job, median of %s, %s\n' "$(fio --version)" "$SIZE" "$RUNTIME" "$REPEAT" "$(uname -r)"

@@ -35,6 +35,7 @@ done
 command -v perf >/dev/null || { echo "missing perf (apt-get install linux-perf)" >&2; exit 1; }
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/benches/common.sh"
 [ "$SERVER" = blkshim ] && (cd "$ROOT" && cargo build --release --quiet)
 BLKSHIM=$ROOT/target/release/blkshim
 WORK=$(mktemp -d "$DIR/blkshim-prof.XXXXXX")
@@ -46,8 +47,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-fio --name=fill --filename="$IMG" --size="$SIZE" --rw=write --bs=1M --ioengine=psync \
-    --direct=1 --output=/dev/null
+bench_fill "$IMG" "$SIZE"
 # The block device under the image (a partition's parent has no inflight
 # of its own to read, so take the device the file system names).
 src=$(findmnt -n -o SOURCE -T "$IMG")
@@ -60,19 +60,6 @@ for s in io_uring_enter sendmsg sendto recvfrom recvmsg read write readv writev 
   EVENTS=$EVENTS,syscalls:sys_enter_$s
 done
 
-server_cmd() {
-  local d=off c=writeback nc=default
-  [ "$CACHE" = none ] && d=on c=none nc=none
-  case $SERVER in
-    blkshim) echo "$BLKSHIM serve --cache=$CACHE --socket=$SOCK --control=$WORK/ctl.sock --state-dir=$WORK/epochs vm=$IMG" ;;
-    qemu-storage-daemon) echo "qemu-storage-daemon --blockdev driver=file,node-name=f,filename=$IMG,cache.direct=$d,aio=io_uring --nbd-server addr.type=unix,addr.path=$SOCK,max-connections=16 --export type=nbd,id=e,node-name=f,name=vm,writable=on" ;;
-    qemu-nbd) echo "qemu-nbd --aio=io_uring --cache=$c -f raw -x vm --shared=16 --persistent --socket=$SOCK $IMG" ;;
-    nbdkit) echo "nbdkit --foreground -U $SOCK -e vm file $IMG cache=$nc" ;;
-    nbdkit-memory) echo "nbdkit --foreground -U $SOCK -e vm memory $SIZE" ;;
-    *) echo "unknown server $SERVER" >&2; exit 2 ;;
-  esac
-}
-
 direct=0; [ "$CACHE" = none ] && direct=1
 FIOARGS="--name=prof --size=$SIZE --runtime=$RUNTIME --time_based --group_reporting --rw=$RW
          --bs=$BS --iodepth=$QD --numjobs=$NJ --output-format=json"
@@ -83,7 +70,9 @@ if [ "$SERVER" = raw ]; then
   FIO_PID=$!
 else
   # shellcheck disable=SC2046
-  perf stat -x, -o "$WORK/perf.csv" -e "$EVENTS" -- $(server_cmd) >/dev/null 2>"$WORK/server.log" &
+  perf stat -x, -o "$WORK/perf.csv" -e "$EVENTS" -- \
+    $(bench_nbd_server_cmd "$SERVER" "$CACHE" "$BLKSHIM" "$IMG" "$SOCK" "$WORK" "$SIZE") \
+    >/dev/null 2>"$WORK/server.log" &
   PERF_PID=$!
   for _ in $(seq 200); do [ -S "$SOCK" ] && break; sleep 0.05; done
   [ -S "$SOCK" ] || { echo "server did not start" >&2; cat "$WORK/server.log" >&2; exit 1; }

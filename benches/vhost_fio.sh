@@ -44,6 +44,7 @@ for t in fio qemu-storage-daemon python3; do
 done
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/benches/common.sh"
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 (cd "$ROOT" && cargo build --release --quiet --bin blkshim --example vhost_blk_load)
 BLKSHIM=${BLKSHIM:-$TARGET/release/blkshim}
@@ -67,9 +68,7 @@ if ! "$BLKSHIM" serve --help 2>/dev/null | grep -q -- --vhost-user-blk; then
   SERVERS="qsd-vhost blkshim-nbd"
 fi
 
-# A fully allocated file, so reads hit real blocks for every server.
-fio --name=fill --filename="$IMG" --size="$SIZE" --rw=write --bs=1M --ioengine=psync \
-    --direct=1 --output=/dev/null
+bench_fill "$IMG" "$SIZE"
 
 # name | fio arguments (NBD) | load generator arguments (vhost-user-blk)
 JOBS=(
@@ -89,13 +88,6 @@ stop_server() {
   rm -f "$SOCK" "$VSOCK"
 }
 
-wait_socket() { # path
-  for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done
-  echo "server did not start; its log:" >&2
-  cat "$WORK"/*.log >&2 || true
-  exit 1
-}
-
 start_server() { # name mode
   stop_server
   case $1 in
@@ -104,7 +96,7 @@ start_server() { # name mode
         --state-dir="$WORK/epochs" --vhost-user-blk vm="$VSOCK" --vhost-queues $QUEUES \
         vm="$IMG" >/dev/null 2>"$WORK/blkshim-vhost.log" &
       SERVER_PID=$!
-      wait_socket "$VSOCK" ;;
+      bench_wait_socket "$VSOCK" "$WORK" ;;
     qsd-vhost)
       local d=off; [ "$2" = none ] && d=on
       qemu-storage-daemon \
@@ -112,12 +104,13 @@ start_server() { # name mode
         --export "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=$VSOCK,writable=on,num-queues=$QUEUES" \
         >/dev/null 2>"$WORK/qsd.log" &
       SERVER_PID=$!
-      wait_socket "$VSOCK" ;;
+      bench_wait_socket "$VSOCK" "$WORK" ;;
     blkshim-nbd)
-      "$BLKSHIM" serve --cache="$2" --socket="$SOCK" --control="$WORK/ctl.sock" \
-        --state-dir="$WORK/epochs" vm="$IMG" >/dev/null 2>"$WORK/blkshim-nbd.log" &
+      # shellcheck disable=SC2046
+      $(bench_nbd_server_cmd blkshim "$2" "$BLKSHIM" "$IMG" "$SOCK" "$WORK" "$SIZE") \
+        >/dev/null 2>"$WORK/blkshim-nbd.log" &
       SERVER_PID=$!
-      wait_socket "$SOCK" ;;
+      bench_wait_socket "$SOCK" "$WORK" ;;
   esac
 }
 
@@ -129,13 +122,7 @@ run_job() {
     if out=$(fio --name=bench --size="$SIZE" --runtime="$RUNTIME" --time_based --group_reporting \
           --output-format=json --verify_state_save=0 --offset_increment=0 $fargs \
           --ioengine=nbd --uri="nbd+unix:///vm?socket=$SOCK" 2>"$WORK/fio.err"); then
-      python3 -c '
-import json, sys
-t = sys.stdin.read()
-j = json.loads(t[t.index("{"):])["jobs"][0]
-iops = j["read"]["iops"] + j["write"]["iops"]
-bw = (j["read"]["bw_bytes"] + j["write"]["bw_bytes"]) / 1e6
-print("%.0f %.1f" % (iops, bw))' <<<"$out"
+      bench_fio_iops_mbps <<<"$out"
     else
       echo "WARNING: fio against $srv failed: $(tail -3 "$WORK/fio.err")" >&2
       echo "fail fail"
@@ -180,11 +167,7 @@ done
 # The median run (by IOPS) of each cell; a failed run counts as the lowest.
 declare -A R
 for k in "${!RUNS[@]}"; do
-  R[$k]=$(python3 -c '
-import sys
-runs = [r.split() for r in sys.argv[1].split(";") if r]
-runs.sort(key=lambda r: -1.0 if r[0] == "fail" else float(r[0]))
-print(" ".join(runs[len(runs) // 2]))' "${RUNS[$k]}")
+  R[$k]=$(bench_median "${RUNS[$k]}")
 done
 
 set -- $SERVERS

@@ -1,0 +1,57 @@
+# Sourced by benches/nbd_fio.sh, nbd_profile.sh and vhost_fio.sh: one place
+# for how a bench image is filled, how each NBD server is started, how fio's
+# JSON becomes "IOPS MB/s" and how rounds become a median, so the scripts
+# measure the same servers the same way.
+
+# A fully allocated file, so reads hit real blocks for every server.
+bench_fill() { # image size
+  fio --name=fill --filename="$1" --size="$2" --rw=write --bs=1M --ioengine=psync \
+      --direct=1 --output=/dev/null
+}
+
+# Wait for a server's unix socket; on failure show the servers' logs.
+bench_wait_socket() { # path workdir
+  for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done
+  echo "server did not start; its log:" >&2
+  cat "$2"/*.log >&2 || true
+  exit 1
+}
+
+# The command line of an NBD server serving IMG as export "vm" on SOCK
+# (blkshim's control socket and epochs in WORK): blkshim, qemu-nbd,
+# nbdkit (file plugin), qemu-storage-daemon, or nbdkit-memory (no device:
+# the limit of the client and socket). MODE none is O_DIRECT where the
+# server has it (nbdkit's cache=none only drops pages with fadvise).
+bench_nbd_server_cmd() { # name mode blkshim img sock work size
+  local name=$1 mode=$2 blkshim=$3 img=$4 sock=$5 work=$6 size=$7
+  local qc=writeback nc=default qd=off
+  [ "$mode" = none ] && qc=none nc=none qd=on
+  case $name in
+    blkshim) echo "$blkshim serve --cache=$mode --socket=$sock --control=$work/ctl.sock --state-dir=$work/epochs vm=$img" ;;
+    qemu-nbd) echo "qemu-nbd --aio=io_uring --cache=$qc -f raw -x vm --shared=16 --persistent --socket=$sock $img" ;;
+    nbdkit) echo "nbdkit --foreground --exit-with-parent -U $sock -e vm file $img cache=$nc" ;;
+    qemu-storage-daemon) echo "qemu-storage-daemon --blockdev driver=file,node-name=f,filename=$img,cache.direct=$qd,aio=io_uring --nbd-server addr.type=unix,addr.path=$sock,max-connections=16 --export type=nbd,id=e,node-name=f,name=vm,writable=on" ;;
+    nbdkit-memory) echo "nbdkit --foreground --exit-with-parent -U $sock -e vm memory $size" ;;
+    *) echo "unknown NBD server $name" >&2; return 2 ;;
+  esac
+}
+
+# fio's JSON output (stdin, after any leading text) -> "IOPS MB/s".
+bench_fio_iops_mbps() {
+  python3 -c '
+import json, sys
+t = sys.stdin.read()
+j = json.loads(t[t.index("{"):])["jobs"][0]
+iops = j["read"]["iops"] + j["write"]["iops"]
+bw = (j["read"]["bw_bytes"] + j["write"]["bw_bytes"]) / 1e6
+print("%.0f %.1f" % (iops, bw))'
+}
+
+# "IOPS MB/s;IOPS MB/s;..." -> the median run by IOPS ("fail" runs count lowest).
+bench_median() { # runs
+  python3 -c '
+import sys
+runs = [r.split() for r in sys.argv[1].split(";") if r]
+runs.sort(key=lambda r: -1.0 if r[0] == "fail" else float(r[0]))
+print(" ".join(runs[len(runs) // 2]))' "$1"
+}

@@ -309,8 +309,8 @@ pub struct BlkDevice {
     pub stats: Arc<DeviceStats>,
     /// The disk's request metrics (`--metrics`), as NBD connections count.
     metrics: Option<Arc<DiskMetrics>>,
-    /// Last time a stale refusal was logged (once per burst).
-    stale_logged: Arc<Mutex<Option<Instant>>>,
+    /// Stale refusals are logged once per burst.
+    stale_logged: Arc<LogBurst>,
     pool: Arc<BufPool>,
     /// Per queue: its worker's completion event.
     completions: Vec<CompletionEvent>,
@@ -378,7 +378,7 @@ impl BlkDevice {
             next_tag: AtomicU64::new(1),
             stats: Arc::new(DeviceStats::default()),
             metrics,
-            stale_logged: Arc::new(Mutex::new(None)),
+            stale_logged: Arc::new(LogBurst::default()),
             pool: Arc::new(BufPool::default()),
             completions,
         }
@@ -623,9 +623,7 @@ impl BlkDevice {
                     Err(e) => {
                         if e.raw_os_error() == Some(libc::EPERM) {
                             stats.refused_stale.fetch_add(1, Ordering::Relaxed);
-                            let mut last = stale_logged.lock();
-                            if last.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
-                                *last = Some(Instant::now());
+                            if stale_logged.first() {
                                 log::warn!(
                                     "{label}: {op:?} refused: epoch {epoch} is fenced (a newer writer took the disk); answered IOERR"
                                 );
@@ -647,14 +645,28 @@ impl BlkDevice {
 
     fn note_stale(&self, op: &Op) {
         self.stats.refused_stale.fetch_add(1, Ordering::Relaxed);
-        let mut last = self.stale_logged.lock();
-        if last.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
-            *last = Some(Instant::now());
+        if self.stale_logged.first() {
             log::warn!(
                 "{}: {op:?} refused: this socket's epoch is below the disk's; answered IOERR",
                 self.label
             );
         }
+    }
+}
+
+/// Says whether an event is the first of its burst (none in the second
+/// before it), so a flood of the same refusal logs one line a second.
+#[derive(Default)]
+struct LogBurst(Mutex<Option<Instant>>);
+
+impl LogBurst {
+    fn first(&self) -> bool {
+        let mut last = self.0.lock();
+        if last.is_some_and(|t| t.elapsed() <= Duration::from_secs(1)) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
     }
 }
 

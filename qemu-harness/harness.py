@@ -53,6 +53,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from holdproxy import HoldProxy  # noqa: E402
+from vhostproxy import VhostHoldProxy  # noqa: E402
 from qmp import QMP, QMPError  # noqa: E402
 
 ENV = os.environ.get
@@ -89,8 +90,7 @@ REGION_KB = int(ENV("WRITER_REGION_KB", "1024"))
 HELD_DELAY = float(ENV("HELD_DELAY", "10"))
 HELD_FENCE_TIMEOUT = float(ENV("HELD_FENCE_TIMEOUT", "4"))
 FIRST_EPOCH = int(ENV("FIRST_EPOCH", "5"))
-SCENARIOS = ENV("SCENARIOS", "migrate,held-at-storage" if TRANSPORT == "vhost-user-blk" else
-                "migrate,held-at-storage,cutoff,failover,failback").split(",")
+SCENARIOS = ENV("SCENARIOS", "migrate,held-at-storage,cutoff,failover,failback").split(",")
 GUEST = ENV("GUEST_DIR")
 QEMU = ENV("QEMU", "qemu-system-x86_64")
 EXPORT = "vm1"
@@ -256,25 +256,13 @@ class NbdServer:
         return json.loads(buf)
 
     def refused_stale(self):
-        """Writes the server refused as stale so far (blkshim's control
-        socket); None for qemu-nbd, which has no such notion."""
+        """Requests and connections the disk refused as stale so far
+        (blkshim's control socket: the disk's own count, which each
+        connection's and vhost socket's counts break down); None for
+        qemu-nbd, which has no such notion."""
         if NBD_SERVER != "blkshim":
             return None
-        total = 0
-
-        def walk(v):
-            nonlocal total
-            if isinstance(v, dict):
-                for k, x in v.items():
-                    if k == "refused_stale" and isinstance(x, int):
-                        total += x
-                    else:
-                        walk(x)
-            elif isinstance(v, list):
-                for x in v:
-                    walk(x)
-        walk(self._status())
-        return total
+        return int(self.status()["refused_stale"])
 
     def stop(self):
         if self.proc.poll() is None:
@@ -792,16 +780,52 @@ def verdict_of(census, newest, released, refused_before, refused_after, extra_ok
     return ok, stale
 
 
-def writer(workdir, accel, srv, epoch, via, forever, tag):
+def writer(workdir, accel, srv, epoch, proxy, forever, tag):
+    """A guest writing its epoch's pattern over the region, through `proxy`
+    (a hold proxy, or an NBD socket path) or, with None, straight to the
+    server."""
     append = f"hw.mode=writer hw.pattern=0x{pattern(epoch):08x} hw.region={REGION_KB}k"
     if forever:
         append += " hw.forever=1"
-    return Guest(workdir, f"{tag}-e{epoch}", accel, append, via, srv.export(epoch))
+    name = f"{tag}-e{epoch}"
+    if isinstance(proxy, str):
+        return Guest(workdir, name, accel, append, proxy, srv.export(epoch))
+    if TRANSPORT == "vhost-user-blk":
+        vhost = proxy.listen if proxy is not None else srv.vhost_socket(epoch, name)
+        return Guest(workdir, name, accel, append, vhost=vhost)
+    via = proxy.listen if proxy is not None else srv.sock
+    return Guest(workdir, name, accel, append, via, srv.export(epoch))
+
+
+def hold_proxy(workdir, name, srv, epoch):
+    """A proxy that can hold a writer's requests on their way to `srv`.
+    NBD: the bytes on the socket. vhost-user-blk: the kicks, so requests
+    stay in the virtqueues (vhostproxy.py), on a socket of the disk at
+    `epoch` of the proxy's own."""
+    if TRANSPORT == "vhost-user-blk":
+        upstream = srv.vhost_socket(epoch, name)
+        return VhostHoldProxy(os.path.join(workdir, f"{name}.vproxy.sock"), upstream).start()
+    return HoldProxy(os.path.join(workdir, f"{name}.proxy.sock"), srv.sock).start()
+
+
+def held_desc(proxy):
+    """What the proxy holds, for the log."""
+    if isinstance(proxy, VhostHoldProxy):
+        st = proxy.stats()
+        return (f"{proxy.pending()} requests held in its virtqueues "
+                f"({st['kicks_held']} kicks held by the proxy)")
+    return f"{proxy.stats()['held_bytes']} bytes held in the proxy"
 
 
 def hold_inflight(proxy, guest):
-    """Hold the guest's NBD traffic until writes are caught in the proxy."""
+    """Hold the guest's requests until writes are caught in flight."""
     proxy.hold()
+    if isinstance(proxy, VhostHoldProxy):
+        # One request left in a ring, unseen by an idle backend, is enough.
+        if not proxy.wait_held(1, 30):
+            raise RuntimeError(f"no requests of {guest.name} caught in its rings: "
+                               f"{proxy.stats()}, pending {proxy.pending()}")
+        return
     # One NBD write request = 28-byte header + 4 KiB payload: one complete
     # held write is enough to test that a stale write cannot land (under a
     # loaded TCG guest fewer than the writer's iodepth may be caught).
@@ -811,6 +835,21 @@ def hold_inflight(proxy, guest):
 
 
 def release_and_settle(proxy):
+    """Release what the proxy holds and wait for the server to answer it.
+    answered_after_release: NBD, the reply bytes; vhost-user-blk, the
+    requests the backend completed (used ring) after the release."""
+    if isinstance(proxy, VhostHoldProxy):
+        held = proxy.pending()
+        before = proxy.completed()
+        proxy.release()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and proxy.completed() == before:
+            time.sleep(0.05)
+        time.sleep(1.0)  # let the server finish what it took
+        st = proxy.stats()
+        st["answered_after_release"] = (proxy.completed() - before) & 0xFFFF
+        st["released"] = f"{held} held requests ({st['kicks_released']} kicks)"
+        return st
     before = proxy.stats()["bytes_down"]
     proxy.release()
     deadline = time.monotonic() + 5
@@ -819,12 +858,19 @@ def release_and_settle(proxy):
     time.sleep(1.0)  # let the server finish what it accepted
     st = proxy.stats()
     st["answered_after_release"] = st["bytes_down"] - before
+    st["released"] = f"{st['released_bytes']} held bytes"
     return st
 
 
-def run_fresh_writer(workdir, accel, srv, epoch, via, tag):
+def released_desc(st):
+    unit = "requests" if TRANSPORT == "vhost-user-blk" else "bytes"
+    return (f"released {st['released']}, server answered {st['answered_after_release']} "
+            f"{unit} after release")
+
+
+def run_fresh_writer(workdir, accel, srv, epoch, tag):
     """Start the VM fresh at `epoch`; it writes its pattern and verifies it."""
-    g = writer(workdir, accel, srv, epoch, via, forever=False, tag=tag)
+    g = writer(workdir, accel, srv, epoch, None, forever=False, tag=tag)
     g.console.wait_for("HARNESS-BOOTED", BOOT_TIMEOUT)
     m, _ = g.console.wait_for(r"HARNESS-(WRITER-VERIFIED|RESULT FAIL.*)", 120)
     if "VERIFIED" not in m.group(0):
@@ -840,14 +886,14 @@ def scenario_cutoff(workdir, accel):
     make_image(img, size)
     srv = NbdServer(workdir, "cutoff", img, size)
     e = FIRST_EPOCH
-    pa = HoldProxy(os.path.join(workdir, "cutoff-a.proxy.sock"), srv.sock).start()
-    a = writer(workdir, accel, srv, e, pa.listen, True, "cutoff")
+    pa = hold_proxy(workdir, "cutoff-a", srv, e)
+    a = writer(workdir, accel, srv, e, pa, True, "cutoff")
     a.console.wait_for("HARNESS-WRITER-LOOPING", BOOT_TIMEOUT)
     time.sleep(1)
     hold_inflight(pa, a)
     os.kill(a.pid, signal.SIGSTOP)
-    log(f"source {a.name} frozen (SIGSTOP) with {pa.stats()['held_bytes']} bytes held in the proxy")
-    run_fresh_writer(workdir, accel, srv, e + 1, srv.sock, "cutoff")
+    log(f"source {a.name} frozen (SIGSTOP) with {held_desc(pa)}")
+    run_fresh_writer(workdir, accel, srv, e + 1, "cutoff")
     log(f"destination at epoch {e + 1} wrote and verified its blocks; releasing the held writes")
     r0 = srv.refused_stale()
     st = release_and_settle(pa)
@@ -857,8 +903,7 @@ def scenario_cutoff(workdir, accel):
     srv.stop()
     census = region_census(img, [e, e + 1])
     ok, stale = verdict_of(census, e + 1, st, r0, r1)
-    return ok, (f"region blocks by writer: {census} (released {st['released_bytes']} held bytes, "
-                f"server answered {st['answered_after_release']} bytes after release, "
+    return ok, (f"region blocks by writer: {census} ({released_desc(st)}, "
                 f"refused as stale {r0}->{r1})"), stale
 
 
@@ -871,17 +916,17 @@ def scenario_failover(workdir, accel):
     make_image(img, size)
     srv = NbdServer(workdir, "failover", img, size)
     e = FIRST_EPOCH
-    pa = HoldProxy(os.path.join(workdir, "fo-a.proxy.sock"), srv.sock).start()
-    a = writer(workdir, accel, srv, e, pa.listen, True, "fo")
+    pa = hold_proxy(workdir, "fo-a", srv, e)
+    a = writer(workdir, accel, srv, e, pa, True, "fo")
     a.console.wait_for("HARNESS-WRITER-LOOPING", BOOT_TIMEOUT)
     time.sleep(1)
     hold_inflight(pa, a)
     a.kill()
-    log(f"source {a.name} SIGKILLed with {pa.stats()['held_bytes']} bytes held in the proxy")
+    log(f"source {a.name} SIGKILLed with {held_desc(pa)}")
     # The VM starts fresh on the destination from the same disk, and keeps
     # writing afterwards (the failback scenario cuts it off in turn).
-    pb = HoldProxy(os.path.join(workdir, "fo-b.proxy.sock"), srv.sock).start()
-    b = writer(workdir, accel, srv, e + 1, pb.listen, True, "fo")
+    pb = hold_proxy(workdir, "fo-b", srv, e + 1)
+    b = writer(workdir, accel, srv, e + 1, pb, True, "fo")
     b.console.wait_for("HARNESS-WRITER-VERIFIED", BOOT_TIMEOUT)
     b.qmp.cmd("stop")  # pause B so its own rewrites cannot hide a stale write
     r0 = srv.refused_stale()
@@ -892,8 +937,7 @@ def scenario_failover(workdir, accel):
     pa.stop()
     FAILOVER_STATE.update(srv=srv, img=img, b=b, pb=pb, epoch=e + 1)
     ok, stale = verdict_of(census, e + 1, st, r0, r1)
-    return ok, (f"region blocks by writer: {census} (released {st['released_bytes']} held bytes, "
-                f"server answered {st['answered_after_release']} bytes after release, "
+    return ok, (f"region blocks by writer: {census} ({released_desc(st)}, "
                 f"refused as stale {r0}->{r1})"), stale
 
 
@@ -915,8 +959,8 @@ def scenario_failback(workdir, accel):
     time.sleep(1)
     hold_inflight(pb, b)
     b.kill()
-    log(f"{b.name} SIGKILLed with {pb.stats()['held_bytes']} bytes held; failing back at epoch {e + 1}")
-    run_fresh_writer(workdir, accel, srv, e + 1, srv.sock, "fb")
+    log(f"{b.name} SIGKILLed with {held_desc(pb)}; failing back at epoch {e + 1}")
+    run_fresh_writer(workdir, accel, srv, e + 1, "fb")
     r0 = srv.refused_stale()
     st = release_and_settle(pb)
     r1 = srv.refused_stale()
@@ -926,8 +970,7 @@ def scenario_failback(workdir, accel):
     srv.stop()
     census = region_census(img, [e - 1, e, e + 1])
     ok, stale = verdict_of(census, e + 1, st, r0, r1, all(refused))
-    return ok, (f"region blocks by writer: {census} (released {st['released_bytes']} held bytes, "
-                f"server answered {st['answered_after_release']} bytes after release, "
+    return ok, (f"region blocks by writer: {census} ({released_desc(st)}, "
                 f"refused as stale {r0}->{r1}); "
                 f"fresh writes from epochs {e - 1},{e} refused: {refused}"), stale or not all(refused)
 
@@ -1163,12 +1206,6 @@ def main():
     log(f"workdir {workdir}, nbd server {NBD_SERVER}, transport {TRANSPORT}, guest {GUEST}")
     if TRANSPORT not in ("nbd", "vhost-user-blk"):
         raise SystemExit(f"TRANSPORT must be nbd or vhost-user-blk, not {TRANSPORT}")
-    if TRANSPORT == "vhost-user-blk":
-        unsupported = [n for n in SCENARIOS
-                       if n.strip() and n.strip() not in ("migrate", "held-at-storage")]
-        if unsupported:
-            raise SystemExit(f"--transport vhost-user-blk runs migrate and held-at-storage "
-                             f"(the others hold NBD traffic in a proxy), not {','.join(unsupported)}")
     accel = probe_accel(workdir)
     results = []
     for name in SCENARIOS:

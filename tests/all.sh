@@ -128,15 +128,21 @@ section "qemu harness negative control: against qemu-nbd the same scenarios must
 bash qemu-harness/run.sh --nbd-server qemu-nbd --expect-unfenced --migrations 2 --interval 2 --disk-mb 16 \
   --scenarios migrate,held-at-storage,cutoff,failover,failback
 
-section "vhost-user-blk: the harness guest booted from blkshim's vhost-user-blk export and live-migrated under fio verify, each qemu on its own socket at its epoch; the unfenced control on qemu-storage-daemon"
-# The same migrate scenario as over NBD: after each migration the disk's
-# epoch is checked, every block is verified, and a block of round 1 replayed
-# from the first epoch must be refused. Against qemu-storage-daemon's
-# vhost-user-blk export (no epochs) that replay lands, and the scenario must
+section "vhost-user-blk: the harness guest booted from blkshim's vhost-user-blk export, live-migrated under fio verify and cut off, killed and failed back with requests held in its virtqueues; the unfenced control on qemu-storage-daemon"
+# The same scenarios as over NBD, each qemu on a socket of its own at its
+# epoch. migrate: the disk's epoch is checked after each migration, every
+# block is verified, and a block of round 1 replayed from the first epoch
+# must be refused. cutoff/failover/failback: a vhost-user proxy
+# (qemu-harness/vhostproxy.py) holds the source's kicks, so its requests
+# stay in the virtqueues unseen by the backend; the source is frozen or
+# killed, the VM starts fresh at the next epoch, and the released requests
+# must be refused. Against qemu-storage-daemon's vhost-user-blk export (no
+# epochs) the replay and the released requests land, and every scenario must
 # FAIL for that reason.
-bash qemu-harness/run.sh --transport vhost-user-blk --scenarios migrate --migrations 4 --interval 2
+bash qemu-harness/run.sh --transport vhost-user-blk --migrations 4 --interval 2 \
+  --scenarios migrate,cutoff,failover,failback
 bash qemu-harness/run.sh --transport vhost-user-blk --nbd-server qemu-nbd --expect-unfenced \
-  --scenarios migrate --migrations 2 --interval 2
+  --migrations 2 --interval 2 --scenarios migrate,cutoff,failover,failback
 
 section "host-side fencing on a real kernel target: seeds/002 on LIO, then two blkshim hosts with --fence pr (migrate, cut-off, failover, failback)"
 bash qemu-harness/hostside.sh

@@ -570,3 +570,99 @@ fn vhost_remove_and_stop_with_the_socket_file_gone() {
     assert_eq!(srv.stop(), Some(0), "{}", srv.log());
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
 }
+
+/// `ctl vhost-remove` (and SIGTERM, which removes every socket) cuts the
+/// frontend only once every request the server popped is in the used ring.
+/// A frontend that loses its backend resumes at the used index (qemu with
+/// `reconnect=`, having no inflight region, sets the next backend's avail
+/// index to it): a request still in flight at the cut would be completed
+/// late into the ring and then served again by the next connection (the
+/// duplicate completions that left a real guest's ring corrupt), and one
+/// completed out of order would be skipped.
+#[test]
+fn vhost_remove_puts_every_popped_request_in_the_used_ring_before_the_cut() {
+    let srv = Server::start(
+        &["vm1"],
+        "16M",
+        &[
+            "--vhost-user-blk",
+            "vm1={dir}/vm1.vhost",
+            "--storage-delay",
+            "write=1500ms",
+        ],
+    );
+    let sock = srv.path("vm1.vhost");
+    let mut c = connect(&sock, 1);
+    let q = c.queue(0);
+    let len = 4096;
+    let mut n = 0u64;
+    while let Some(slot) = q.alloc() {
+        q.submit(slot, vhost_client::ReqType::Out, n * len as u64, len);
+        n += 1;
+    }
+    q.kick();
+    // Every write popped and held at the storage.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while srv.disk_status("vm1")["in_flight"].as_u64() != Some(n) {
+        assert!(Instant::now() < deadline, "{}", srv.disk_status("vm1"));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::scope(|scope| {
+        let t = Instant::now();
+        let remove = scope.spawn(|| srv.ctl(&["vhost-remove", sock.to_str().unwrap()]));
+        // Poll the connection until it is cut; what the used ring holds
+        // then is what a reconnecting frontend would resume after.
+        let mut done = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while c.frontend().get_features().is_ok() {
+            assert!(Instant::now() < deadline, "the frontend was never cut");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let cut = t.elapsed();
+        c.queue(0).poll(&mut done);
+        assert_eq!(
+            done.len() as u64,
+            n,
+            "{} of {n} popped requests in the used ring when the frontend was cut ({cut:?} after the remove)",
+            done.len()
+        );
+        assert!(done.iter().all(|d| d.status == 0), "{done:?}");
+        assert!(cut >= Duration::from_millis(1000), "cut after {cut:?}");
+        remove.join().unwrap();
+    });
+    assert!(srv.log().contains("stopped serving"), "{}", srv.log());
+}
+
+/// A driver that publishes an available index further ahead than the
+/// queue is long (a broken or hostile guest) gets that queue stopped, with
+/// one log line: not a worker spinning on the error (with EVENT_IDX the
+/// ring stays "available" forever) and flooding the log. The other queue
+/// keeps serving.
+#[test]
+fn vhost_invalid_available_index_stops_that_queue_only() {
+    let srv = Server::start(
+        &["vm1"],
+        "16M",
+        &["--vhost-user-blk", "vm1={dir}/vm1.vhost"],
+    );
+    let sock = srv.path("vm1.vhost");
+    let mut c = connect(&sock, 2);
+    let q = c.queue(0);
+    let size = q.queue_size();
+    q.set_avail_idx(size + 5);
+    q.kick();
+    std::thread::sleep(Duration::from_millis(500));
+    q.kick();
+    std::thread::sleep(Duration::from_millis(500));
+    let a = random_bytes(8 << 10, 9);
+    c.write(1, 1 << 20, &a).unwrap();
+    let mut back = vec![0u8; a.len()];
+    c.read(1, 1 << 20, &mut back).unwrap();
+    assert!(back == a);
+    let log = srv.log();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("cannot read the available ring"))
+        .count();
+    assert_eq!(lines, 1, "{log}");
+}

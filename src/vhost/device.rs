@@ -17,7 +17,7 @@ use parking_lot::{Condvar, Mutex};
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -314,6 +314,15 @@ pub struct BlkDevice {
     pool: Arc<BufPool>,
     /// Per queue: its worker's completion event.
     completions: Vec<CompletionEvent>,
+    /// Set by [`BlkDevice::quiesce`]: kicks no longer pop requests.
+    quiesced: AtomicBool,
+    /// Workers popping chains right now, which `quiesce` waits out.
+    popping: AtomicUsize,
+    /// Per queue: its available ring was found invalid (an index further
+    /// ahead than the queue is long). The queue is served no more on this
+    /// connection: popping it again would fail again, in a loop, as fast as
+    /// the driver kicks (or, with EVENT_IDX, forever without a kick).
+    ring_broken: Vec<AtomicBool>,
 }
 
 impl BlkDevice {
@@ -381,7 +390,33 @@ impl BlkDevice {
             stale_logged: Arc::new(LogBurst::default()),
             pool: Arc::new(BufPool::default()),
             completions,
+            quiesced: AtomicBool::new(false),
+            popping: AtomicUsize::new(0),
+            ring_broken: (0..n).map(|_| AtomicBool::new(false)).collect(),
         }
+    }
+
+    /// Stop popping requests, and wait until every popped one is in its used
+    /// ring; false at the timeout. Before the connection is cut (`ctl
+    /// vhost-remove`, the server stopping): a frontend that loses its backend
+    /// takes the used index as where to resume (qemu, with no inflight
+    /// region, sets the next backend's avail index to it), so a request
+    /// popped and not yet completed would be served twice (once late by
+    /// this connection, once by the next) and one completed out of order
+    /// would be skipped. Requests made available after this stay in the
+    /// ring for the next connection.
+    pub fn quiesce(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        self.quiesced.store(true, Ordering::SeqCst);
+        // A worker either saw the flag, or counted itself in `popping`
+        // before it looked (both SeqCst): wait for the latter to leave.
+        while self.popping.load(Ordering::SeqCst) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.drain(deadline.saturating_duration_since(Instant::now()))
     }
 
     /// The writer's epoch, if registered.
@@ -454,19 +489,26 @@ impl BlkDevice {
             .all(|f| f.wait_idle(deadline.saturating_duration_since(Instant::now())))
     }
 
-    /// Pop every available chain of `vring` and start it.
-    fn process_queue(&self, queue: usize, vring: &Vring) {
+    /// Pop every available chain of `vring` and start it; false if the
+    /// available ring is invalid (the queue is then marked broken).
+    fn process_queue(&self, queue: usize, vring: &Vring) -> bool {
         let mem = self.mem.memory();
         let chains: Vec<_> = {
             let mut state = vring.get_mut();
             match state.get_queue_mut().iter(mem.clone()) {
                 Ok(it) => it.collect(),
                 Err(e) => {
-                    log::warn!(
-                        "{}: queue {queue}: cannot read the available ring: {e}",
-                        self.label
-                    );
-                    return;
+                    let first = self
+                        .ring_broken
+                        .get(queue)
+                        .is_some_and(|b| !b.swap(true, Ordering::AcqRel));
+                    if first {
+                        log::error!(
+                            "{}: queue {queue}: cannot read the available ring: {e}; the queue is not served again until the frontend reconnects",
+                            self.label
+                        );
+                    }
+                    return false;
                 }
             }
         };
@@ -511,6 +553,7 @@ impl BlkDevice {
                 }
             }
         }
+        true
     }
 
     /// Submit a parsed request through the disk.
@@ -881,12 +924,25 @@ impl BlkDevice {
             log::warn!("{}: event {device_event} for no queue", self.label);
             return;
         };
+        if self
+            .ring_broken
+            .get(queue)
+            .is_some_and(|b| b.load(Ordering::Acquire))
+        {
+            return;
+        }
+        let _popping = Popping::enter(self);
+        if self.quiesced.load(Ordering::SeqCst) {
+            return;
+        }
         if self.event_idx.load(Ordering::Acquire) {
             loop {
                 if let Err(e) = vring.disable_notification() {
                     log::warn!("{}: queue {queue}: {e}", self.label);
                 }
-                self.process_queue(queue, vring);
+                if !self.process_queue(queue, vring) {
+                    break;
+                }
                 match vring.enable_notification() {
                     Ok(true) => continue,
                     Ok(false) => break,
@@ -899,5 +955,21 @@ impl BlkDevice {
         } else {
             self.process_queue(queue, vring);
         }
+    }
+}
+
+/// Counts a worker in [`BlkDevice::popping`] while it pops.
+struct Popping<'a>(&'a AtomicUsize);
+
+impl<'a> Popping<'a> {
+    fn enter(dev: &'a BlkDevice) -> Popping<'a> {
+        dev.popping.fetch_add(1, Ordering::SeqCst);
+        Popping(&dev.popping)
+    }
+}
+
+impl Drop for Popping<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }

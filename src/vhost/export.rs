@@ -86,6 +86,8 @@ struct Shared {
     shutdown: Mutex<Option<ShutdownHandle>>,
     /// Counters of the current (or last) connection.
     stats: Mutex<Arc<DeviceStats>>,
+    /// The connected frontend's device, to quiesce it before the cut.
+    device: Mutex<Option<Arc<BlkDevice>>>,
     connections: Mutex<u64>,
     /// A duplicate of the listening socket: shutting it down wakes an
     /// `accept()` blocked on the original (the same socket), even when the
@@ -164,6 +166,7 @@ impl VhostExports {
             stop: AtomicBool::new(false),
             shutdown: Mutex::new(None),
             stats: Mutex::new(Arc::new(DeviceStats::default())),
+            device: Mutex::new(None),
             connections: Mutex::new(0),
             wake,
         });
@@ -201,6 +204,18 @@ impl VhostExports {
             )
         })?;
         entry.shared.stop.store(true, Ordering::Release);
+        // Every popped request in the used ring before the cut, so that a
+        // frontend that reconnects (qemu's `reconnect=`) resumes exactly
+        // after them (see `BlkDevice::quiesce`).
+        let device = entry.shared.device.lock().clone();
+        if let Some(dev) = device {
+            if !dev.quiesce(DRAIN_TIMEOUT) {
+                log::warn!(
+                    "{}: requests still in flight {DRAIN_TIMEOUT:?} after the socket was removed; cutting the frontend anyway",
+                    socket.display()
+                );
+            }
+        }
         if let Some(h) = entry.shared.shutdown.lock().take() {
             h.shutdown();
         }
@@ -309,6 +324,7 @@ fn serve_socket(
             break;
         }
         *shared.connections.lock() += 1;
+        *shared.device.lock() = Some(Arc::clone(&device));
         *shared.shutdown.lock() = daemon.shutdown_handle();
         log::info!(
             "{label}: frontend connected (disk {:?}, epoch {})",
@@ -320,6 +336,7 @@ fn serve_socket(
             Err(e) => log::info!("{label}: frontend left: {e}"),
         }
         *shared.shutdown.lock() = None;
+        *shared.device.lock() = None;
         drop(daemon);
         if !device.drain(DRAIN_TIMEOUT) {
             log::warn!(

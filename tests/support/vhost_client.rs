@@ -304,6 +304,15 @@ impl Queue {
         self.write_bytes(self.header_gpa(slot), &h);
     }
 
+    /// Publishes `idx` as the avail ring's index as it is (a broken or
+    /// hostile driver's), without putting any head in the ring.
+    pub fn set_avail_idx(&mut self, idx: u16) {
+        self.avail_idx = idx;
+        fence(Ordering::Release);
+        self.u16_at(self.avail + 2)
+            .store(idx.to_le(), Ordering::Release);
+    }
+
     /// Puts `head` in the avail ring (not yet kicked).
     pub fn publish_head(&mut self, head: u16) {
         let slot_pos = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);

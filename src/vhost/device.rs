@@ -319,10 +319,12 @@ pub struct BlkDevice {
     /// Workers popping chains right now, which `quiesce` waits out.
     popping: AtomicUsize,
     /// Per queue: its available ring was found invalid (an index further
-    /// ahead than the queue is long). The queue is served no more on this
-    /// connection: popping it again would fail again, in a loop, as fast as
-    /// the driver kicks (or, with EVENT_IDX, forever without a kick).
+    /// ahead than the queue is long). The queue is served no more until the
+    /// frontend stops and restarts it: popping it again would fail again,
+    /// as fast as the driver kicks.
     ring_broken: Vec<AtomicBool>,
+    /// Other errors reading an available ring are logged once per burst.
+    ring_error_logged: LogBurst,
 }
 
 impl BlkDevice {
@@ -393,6 +395,7 @@ impl BlkDevice {
             quiesced: AtomicBool::new(false),
             popping: AtomicUsize::new(0),
             ring_broken: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            ring_error_logged: LogBurst::default(),
         }
     }
 
@@ -497,14 +500,30 @@ impl BlkDevice {
             let mut state = vring.get_mut();
             match state.get_queue_mut().iter(mem.clone()) {
                 Ok(it) => it.collect(),
-                Err(e) => {
+                Err(virtio_queue::Error::QueueNotReady) => {
+                    // A kick the worker took just as the frontend stopped
+                    // the ring (GET_VRING_BASE): the next start comes with
+                    // a kick of its own.
+                    log::debug!("{}: queue {queue}: kicked while not ready", self.label);
+                    return false;
+                }
+                Err(virtio_queue::Error::InvalidAvailRingIndex) => {
                     let first = self
                         .ring_broken
                         .get(queue)
                         .is_some_and(|b| !b.swap(true, Ordering::AcqRel));
                     if first {
                         log::error!(
-                            "{}: queue {queue}: cannot read the available ring: {e}; the queue is not served again until the frontend reconnects",
+                            "{}: queue {queue}: the available ring's index is further ahead than the queue is long; the queue is not served again until the frontend restarts it",
+                            self.label
+                        );
+                    }
+                    return false;
+                }
+                Err(e) => {
+                    if self.ring_error_logged.first() {
+                        log::warn!(
+                            "{}: queue {queue}: cannot read the available ring: {e}",
                             self.label
                         );
                     }
@@ -873,6 +892,10 @@ impl VhostUserBackend for BlkDevice {
         // GET_VRING_BASE: the frontend (a migration source stopping, qemu
         // stopping the device) takes the ring's index as final, so every
         // popped request must be in the used ring first.
+        // A ring stopped is set up afresh before it starts again.
+        if let Some(b) = self.ring_broken.get(queue_index as usize) {
+            b.store(false, Ordering::Release);
+        }
         if let Some(f) = self.in_flight.get(queue_index as usize) {
             if !f.wait_idle(STOP_TIMEOUT) {
                 log::warn!(

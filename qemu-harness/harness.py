@@ -33,6 +33,10 @@ runs the scenarios named in SCENARIOS (default: all):
   failback  (c) after failover, move back to a third qemu at the next epoch;
             the second writer's late writes and fresh writes from every old
             epoch must not land.
+  reconnect (vhost-user-blk, blkshim) blkshim is restarted RESTARTS times
+            under the guest's fio verify load; qemu (chardev reconnect=1)
+            picks the disk up again; the guest's I/O must resume and every
+            block verify.
 
 Configuration is by environment (see README.md); run.sh sets the defaults.
 Exit status: 0 if every scenario passed, 1 otherwise.
@@ -90,7 +94,10 @@ REGION_KB = int(ENV("WRITER_REGION_KB", "1024"))
 HELD_DELAY = float(ENV("HELD_DELAY", "10"))
 HELD_FENCE_TIMEOUT = float(ENV("HELD_FENCE_TIMEOUT", "4"))
 FIRST_EPOCH = int(ENV("FIRST_EPOCH", "5"))
-SCENARIOS = ENV("SCENARIOS", "migrate,held-at-storage,cutoff,failover,failback").split(",")
+# reconnect (blkshim restarted under the guest) is vhost-user-blk's alone,
+# and has no unfenced control.
+SCENARIOS = ENV("SCENARIOS", "migrate,held-at-storage,cutoff,failover,failback" + (
+    ",reconnect" if TRANSPORT == "vhost-user-blk" and NBD_SERVER == "blkshim" else "")).split(",")
 GUEST = ENV("GUEST_DIR")
 QEMU = ENV("QEMU", "qemu-system-x86_64")
 EXPORT = "vm1"
@@ -204,16 +211,18 @@ class NbdServer:
                 return d
         raise RuntimeError(f"no disk {EXPORT} in the server's status")
 
-    def vhost_socket(self, epoch, who=None):
-        """A vhost-user-blk socket of the disk at `epoch` (blkshim only),
-        for the qemu named `who` (default: one per epoch)."""
+    def vhost_socket(self, epoch, who=None, node="f"):
+        """A vhost-user-blk socket of the disk at `epoch`, for the qemu
+        named `who` (default: one per epoch). qemu-storage-daemon has no
+        epochs: its socket exports block node `node` (the image itself, or
+        a held path's nbdkit)."""
         name = who or f"e{epoch}"
         path = os.path.join(os.path.dirname(self.sock), f"{self.tag}.{name}.vhost")
         if NBD_SERVER != "blkshim":  # qemu-storage-daemon: no epochs
             q = QMP(self.qmp_path)
             try:
                 q.cmd("block-export-add", **{
-                    "type": "vhost-user-blk", "id": f"vu-{name}", "node-name": "f",
+                    "type": "vhost-user-blk", "id": f"vu-{name}", "node-name": node,
                     "addr": {"type": "unix", "path": path}, "writable": True,
                     "num-queues": VHOST_QUEUES})
             finally:
@@ -275,6 +284,9 @@ class NbdServer:
 
 
 SERVERS = {}  # NBD socket path -> NbdServer, so a Guest can ask it for a vhost socket
+# qemu-storage-daemon over vhost-user-blk: a held path's nbdkit socket ->
+# (its NbdServer, the qsd block node reading through that nbdkit).
+HELD_NODES = {}
 
 
 class Console:
@@ -354,7 +366,7 @@ class Guest:
     """One qemu process running the harness guest."""
 
     def __init__(self, workdir, name, accel, append, disk_sock=None, export=None,
-                 incoming=False, sink=None, vhost=None):
+                 incoming=False, sink=None, vhost=None, reconnect=False):
         self.name = name
         self.qmp_path = os.path.join(workdir, f"{name}.qmp.sock")
         self.ser_path = os.path.join(workdir, f"{name}.serial.sock")
@@ -370,15 +382,18 @@ class Guest:
         if vhost is None and disk_sock and TRANSPORT == "vhost-user-blk":
             # A scenario written for NBD (socket + export vm1@EPOCH): the
             # server gives this qemu a vhost-user-blk socket at that epoch.
-            srv = SERVERS.get(disk_sock)
+            srv, node = SERVERS.get(disk_sock), "f"
+            if srv is None and disk_sock in HELD_NODES:
+                srv, node = HELD_NODES[disk_sock]
             if srv is None:
-                raise RuntimeError(f"{name}: no blkshim serves {disk_sock} (vhost-user-blk "
-                                   "needs the gateway itself, not a proxy)")
-            vhost = srv.vhost_socket(int(export.rsplit("@", 1)[1]), name)
+                raise RuntimeError(f"{name}: no server serves {disk_sock} (vhost-user-blk "
+                                   "needs the gateway itself, not an NBD proxy)")
+            epoch = int(export.rsplit("@", 1)[1]) if "@" in export else 0
+            vhost = srv.vhost_socket(epoch, name, node)
         if vhost:
             argv += ["-object", f"memory-backend-memfd,id=mem,size={MEM},share=on",
                      "-numa", "node,memdev=mem",
-                     "-chardev", f"socket,id=vu0,path={vhost}",
+                     "-chardev", f"socket,id=vu0,path={vhost}" + (",reconnect=1" if reconnect else ""),
                      "-device", f"vhost-user-blk-pci,chardev=vu0,num-queues={VHOST_QUEUES},id=vd0"]
         elif disk_sock:
             argv += ["-blockdev", f"driver=nbd,node-name=nbd0,server.type=unix,"
@@ -628,6 +643,37 @@ def save_early_block(img, events, offset=4096 * 100):
     return offset, block
 
 
+def check_image(img, result_line):
+    """The host's checks of a fio guest's image once it stopped: every block
+    carries a valid crc32c header, and the last round's stamp (every round
+    writes every block once, so an older round's block is valid but stale).
+    (host check ok, last round, {older round: blocks})."""
+    hc = subprocess.run(["fio", "--name=hostcheck", f"--filename={img}", "--rw=read", "--bs=4k",
+                         "--size=100%", "--verify=crc32c", "--output-format=terse"],
+                        capture_output=True, text=True, timeout=300)
+    host_ok = hc.returncode == 0 and "verify:" not in hc.stderr
+    if not host_ok:
+        log(f"host check errors: {hc.stderr.strip()[:2000]}")
+    rounds_m = re.search(r"rounds=(\d+)", result_line)
+    rounds = int(rounds_m.group(1)) if rounds_m else 0
+    census = round_census(img)
+    stale_rounds = {r: n for r, n in census.items() if r != rounds}
+    log(f"blocks by round: {census} (last round {rounds}); host crc32c check "
+        f"{'ok' if host_ok else 'FAILED'}")
+    return host_ok, rounds, stale_rounds
+
+
+def stop_fio_guest(g):
+    """Tell a fio guest to stop after its round and verify; (its result
+    line, its final verify match)."""
+    g.console.send("stop\n")
+    m, _ = g.console.wait_for(r"HARNESS-RESULT (PASS|FAIL)", FIO_FINISH_TIMEOUT)
+    fin, _ = g.console.wait_for(r"HARNESS-FINAL-VERIFY rc=(\d+) errors=(\d+)", 5)
+    g.wait_exit(30)
+    g.quit()
+    return m.string, fin
+
+
 def scenario_migrate(workdir, accel):
     size = DISK_MB << 20
     img = os.path.join(workdir, "migrate.img")
@@ -684,33 +730,14 @@ def scenario_migrate(workdir, accel):
         saved = save_early_block(img, events)
     wait_event(events, rf"HARNESS-ROUND-START {round_of(saved[1]) + 1}$", FIO_FINISH_TIMEOUT)
     log("migrations done: telling the guest to stop fio and verify")
-    g.console.send("stop\n")
-    m, _ = g.console.wait_for(r"HARNESS-RESULT (PASS|FAIL)", FIO_FINISH_TIMEOUT)
-    result_line = m.string
-    fin, _ = g.console.wait_for(r"HARNESS-FINAL-VERIFY rc=(\d+) errors=(\d+)", 5)
-    g.wait_exit(30)
-    g.quit()
+    result_line, fin = stop_fio_guest(g)
     # A writer of the first epoch replays a valid block of an early round:
     # blkshim must refuse it; an unfenced server lands it, and only the
     # round check below can tell it from good data (its crc32c is valid).
     replay_refused = stale_replay(srv, FIRST_EPOCH, saved[0], saved[1], workdir)
     srv.stop()
 
-    # Host-side check of the image: every block must carry a valid crc32c header.
-    hc = subprocess.run(["fio", "--name=hostcheck", f"--filename={img}", "--rw=read", "--bs=4k",
-                         "--size=100%", "--verify=crc32c", "--output-format=terse"],
-                        capture_output=True, text=True, timeout=300)
-    host_ok = hc.returncode == 0 and "verify:" not in hc.stderr
-    if not host_ok:
-        log(f"host check errors: {hc.stderr.strip()[:2000]}")
-    # Every round writes every block once, so every block must carry the
-    # last round's stamp; an older round's block is valid but stale.
-    rounds_m = re.search(r"rounds=(\d+)", result_line)
-    rounds = int(rounds_m.group(1)) if rounds_m else 0
-    census = round_census(img)
-    stale_rounds = {r: n for r, n in census.items() if r != rounds}
-    log(f"blocks by round: {census} (last round {rounds}); host crc32c check "
-        f"{'ok' if host_ok else 'FAILED'}")
+    host_ok, rounds, stale_rounds = check_image(img, result_line)
 
     prog = fio_progress(events)
     print()
@@ -741,6 +768,90 @@ def scenario_migrate(workdir, accel):
               f"epoch {FIRST_EPOCH}: {'refused' if replay_refused else 'ACCEPTED'}, "
               f"boot {boot_s:.1f}s")
     return ok, detail, bool(stale_rounds)
+
+
+RESTARTS = int(ENV("RESTARTS", "3"))  # reconnect: blkshim restarts under load
+# reconnect: how blkshim is stopped. TERM (a restart, an upgrade) quiesces
+# each frontend first; KILL (a crash) cannot: what that loses is measured.
+RESTART_SIGNAL = ENV("RESTART_SIGNAL", "TERM")
+
+
+def vq_state(g):
+    """qemu's view of each virtqueue of the guest's disk (for a log)."""
+    out = []
+    for q in range(VHOST_QUEUES):
+        try:
+            st = g.qmp.cmd("x-query-virtio-queue-status",
+                           path="/machine/peripheral/vd0/virtio-backend", queue=q)
+            out.append({k: st.get(k) for k in ("last-avail-idx", "shadow-avail-idx",
+                                               "used-idx", "inuse", "signalled-used",
+                                               "signalled-used-valid")})
+        except (QMPError, OSError) as e:
+            out.append(str(e))
+    return f"qemu's virtqueues: {out}"
+
+
+def scenario_reconnect(workdir, accel):
+    """vhost-user-blk: blkshim restarts (SIGTERM, then the same command)
+    RESTARTS times under the guest's fio verify load; qemu's chardev has
+    reconnect=1 and picks the disk up again at the same epoch. No request
+    may be lost (the guest's I/O must resume) and every block must verify."""
+    if TRANSPORT != "vhost-user-blk":
+        return False, "reconnect runs over vhost-user-blk only (--transport vhost-user-blk)", None
+    if NBD_SERVER != "blkshim":
+        return False, "reconnect restarts blkshim: it has no unfenced control", None
+    size = DISK_MB << 20
+    img = os.path.join(workdir, "reconnect.img")
+    make_image(img, size)
+    srv = NbdServer(workdir, "reconnect", img, size)
+    events = []
+    epoch = FIRST_EPOCH
+    vsock = srv.vhost_socket(epoch, "rc")
+    g = Guest(workdir, f"rc-e{epoch}", accel, "hw.mode=fio", sink=events, vhost=vsock,
+              reconnect=True)
+    g.console.wait_for("HARNESS-BOOTED", BOOT_TIMEOUT)
+    g.console.wait_for("HARNESS-FIO 3;", BOOT_TIMEOUT)
+    log("fio is running")
+    time.sleep(MIG_INTERVAL)
+    gaps = []
+    for i in range(1, RESTARTS + 1):
+        before = (fio_progress(events) or [(0, 0)])[-1][1]
+        t0 = now()
+        if RESTART_SIGNAL == "KILL":
+            srv.proc.kill()
+            srv.proc.wait(timeout=10)
+        else:
+            srv.stop()
+        t_down = now() - t0
+        srv = NbdServer(workdir, "reconnect", img, size)
+        srv.vhost_socket(epoch, "rc")
+        # I/O has resumed once the guest's progress passes what it was
+        # before the stop (its status lines come every second).
+        deadline = time.monotonic() + 120
+        while (fio_progress(events) or [(0, 0)])[-1][1] <= before:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"restart {i}: the guest's I/O did not resume in 120 s "
+                                   f"(progress stuck at {before} ios); {vq_state(g)}; "
+                                   f"blkshim: {srv.status()}")
+            time.sleep(0.2)
+        gap = now() - t0
+        st = srv.status()
+        gaps.append(gap)
+        log(f"restart {i}: blkshim stopped (SIG{RESTART_SIGNAL}) in {t_down:.1f}s, guest I/O resumed {gap:.1f}s after "
+            f"the stop; disk epoch {st['current_epoch']}")
+        time.sleep(MIG_INTERVAL)
+    wait_event(events, r"HARNESS-ROUND-END 1 ", FIO_FINISH_TIMEOUT)
+    log("restarts done: telling the guest to stop fio and verify")
+    result_line, fin = stop_fio_guest(g)
+    srv.stop()
+    host_ok, rounds, stale_rounds = check_image(img, result_line)
+    ok = ("PASS" in result_line and int(fin.group(2)) == 0 and host_ok
+          and rounds >= MIN_ROUNDS and not stale_rounds and len(gaps) == RESTARTS)
+    return ok, (f"{len(gaps)} restarts of blkshim (SIG{RESTART_SIGNAL}) under load, guest I/O resumed after "
+                f"{', '.join(f'{x:.1f}s' for x in gaps)}; guest: {result_line.strip()}, "
+                f"final verify errors={fin.group(2)}, host crc32c check "
+                f"{'ok' if host_ok else 'FAILED'}, blocks of an older round than {rounds}: "
+                f"{stale_rounds or 'none'}"), None
 
 
 # --------------------------------------------------------------------------
@@ -1004,6 +1115,17 @@ class HeldPath:
         proc = spawn(argv, os.path.join(workdir, f"{tag}.nbdkit.log"))
         wait_connectable(self.sock, 20, proc)
         wait_connectable(self.ctl, 20, proc)
+        if TRANSPORT == "vhost-user-blk":
+            # qemu-storage-daemon reads this source's disk through the
+            # nbdkit: a block node of its own, exported per qemu.
+            node = f"{tag}-nbd"
+            q = QMP(srv.qmp_path)
+            try:
+                q.cmd("blockdev-add", **{"driver": "nbd", "node-name": node,
+                                         "server": {"type": "unix", "path": self.sock}})
+            finally:
+                q.close()
+            HELD_NODES[self.sock] = (srv, node)
 
     def _pause_ctl(self, cmd):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -1195,7 +1317,8 @@ def scenario_held(workdir, accel):
 
 SCENARIO_FUNCS = {"migrate": scenario_migrate, "held-at-storage": scenario_held,
                   "cutoff": scenario_cutoff,
-                  "failover": scenario_failover, "failback": scenario_failback}
+                  "failover": scenario_failover, "failback": scenario_failback,
+                  "reconnect": scenario_reconnect}
 
 
 def main():

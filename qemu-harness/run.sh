@@ -4,17 +4,19 @@
 #
 #   qemu-harness/run.sh [options]
 #     --transport nbd|vhost-user-blk       how each qemu reaches the disk (env TRANSPORT, default nbd;
-#                                          vhost-user-blk: a socket per qemu at its epoch, blkshim only,
-#                                          migrate and held-at-storage only; with --nbd-server
+#                                          vhost-user-blk: a socket per qemu at its epoch, every
+#                                          scenario (vhostproxy.py holds kicks); with --nbd-server
 #                                          qemu-nbd and --expect-unfenced, qemu-storage-daemon serves
-#                                          it unfenced: the migrate scenario must then FAIL)
+#                                          it unfenced: every scenario must then FAIL)
 #     --nbd-server blkshim|qemu-nbd        NBD server under test (env NBD_SERVER, default blkshim;
 #                                          qemu-nbd, with --expect-unfenced, shows the checks fail
 #                                          without fencing)
 #     --blkshim PATH                       blkshim binary (env BLKSHIM; default: cargo build, profile
 #                                          env BLKSHIM_PROFILE=debug|release, default debug)
 #     --scenarios LIST                     comma list of migrate,held-at-storage,cutoff,failover,
-#                                          failback (default all)
+#                                          failback, and over vhost-user-blk reconnect (blkshim
+#                                          restarted under load; env RESTARTS, RESTART_SIGNAL)
+#                                          (default all)
 #     --migrations N                       live migrations under load (env MIGRATIONS, default 4)
 #     --interval S                         seconds of load between migrations (env MIG_INTERVAL, 5)
 #     --rounds N                           minimum whole-disk fio rounds (env FIO_MIN_ROUNDS, 1)
@@ -44,7 +46,7 @@ while [ $# -gt 0 ]; do
     --accel) export ACCEL=$2; shift ;;
     --expect-unfenced) export EXPECT_FAULTS=fail ;;
     --timeout) export RUN_TIMEOUT=$2; shift ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift

@@ -70,6 +70,25 @@ def _recv_exact(sock, n):
     return data, fds
 
 
+def _recv_msg(sock):
+    """One vhost-user message: (header, payload, fds); None at EOF."""
+    got = _recv_exact(sock, HDR.size)
+    if got is None:
+        return None
+    hdr, fds = got
+    size = HDR.unpack(hdr)[2]
+    body = b""
+    if size:
+        got = _recv_exact(sock, size)
+        if got is None:
+            for fd in fds:
+                os.close(fd)
+            return None
+        body, more = got
+        fds += more
+    return hdr, body, fds
+
+
 def _send(sock, data, fds):
     try:
         socket.send_fds(sock, [data], fds)
@@ -152,20 +171,9 @@ class VhostHoldProxy:
 
     def _relay_up(self):
         """qemu -> backend: every request, kick/call fds substituted."""
-        while True:
-            got = _recv_exact(self.client, HDR.size)
-            if got is None:
-                break
-            hdr, fds = got
-            req, flags, size = HDR.unpack(hdr)
-            body = b""
-            if size:
-                got = _recv_exact(self.client, size)
-                if got is None:
-                    break
-                body, more = got
-                fds += more
-            fds = self._inspect(req, body, fds)
+        while (msg := _recv_msg(self.client)) is not None:
+            hdr, body, fds = msg
+            fds = self._inspect(HDR.unpack(hdr)[0], body, fds)
             self.messages += 1
             ok = _send(self.server, hdr + body, fds)
             for fd in fds:
@@ -178,19 +186,8 @@ class VhostHoldProxy:
 
     def _relay_down(self):
         """backend -> qemu: replies, relayed as they are."""
-        while True:
-            got = _recv_exact(self.server, HDR.size)
-            if got is None:
-                break
-            hdr, fds = got
-            _req, _flags, size = HDR.unpack(hdr)
-            body = b""
-            if size:
-                got = _recv_exact(self.server, size)
-                if got is None:
-                    break
-                body, more = got
-                fds += more
+        while (msg := _recv_msg(self.server)) is not None:
+            hdr, body, fds = msg
             if not self.client_closed:
                 _send(self.client, hdr + body, fds)
             for fd in fds:

@@ -7,7 +7,7 @@
 #
 #   benches/vhost_fio.sh [--cache=none|writeback|both] [--size=1G] [--runtime=10]
 #                        [--repeat=1] [--dir=/var/tmp] [--jobs=REGEX]
-#                        [--servers=LIST] [--base=PATH]
+#                        [--servers=LIST] [--base=PATH] [--raw]
 #
 # BLKSHIM=path runs that blkshim binary instead of this tree's release
 # build. --base=PATH adds a column blkshim-base: the vhost-user-blk export
@@ -15,9 +15,11 @@
 # rounds, so a change and its baseline are compared under the same load.
 # --servers=LIST (comma-separated, of blkshim-vhost blkshim-base qsd-vhost
 # blkshim-nbd) picks the columns, the first being what ratios are to;
-# --jobs=REGEX runs only the jobs whose name matches (grep -E). A blkshim
-# whose `serve` has no --vhost-user-blk (issue 13) gets no blkshim-vhost
-# column: the script says so, and ratios are then to the first column left.
+# --jobs=REGEX runs only the jobs whose name matches (grep -E). --raw also
+# prints every round's IOPS of each cell (in round order), to compare
+# columns round by round. A blkshim whose `serve` has no --vhost-user-blk
+# (issue 13) gets no blkshim-vhost column: the script says so, and ratios
+# are then to the first column left.
 #
 # With --repeat=N every server runs every job N times, the rounds
 # interleaved (so drift hits all servers alike), and each cell is the
@@ -33,7 +35,7 @@
 # (apt-get install fio qemu-system-common or qemu-storage-daemon).
 set -euo pipefail
 
-CACHE=both SIZE=1G RUNTIME=10 DIR=/var/tmp REPEAT=1 JOBRE= ONLY= BASEBIN=
+CACHE=both SIZE=1G RUNTIME=10 DIR=/var/tmp REPEAT=1 JOBRE= ONLY= BASEBIN= RAW=
 for a in "$@"; do
   case $a in
     --cache=*) CACHE=${a#*=} ;;
@@ -44,7 +46,8 @@ for a in "$@"; do
     --jobs=*) JOBRE=${a#*=} ;;
     --servers=*) ONLY=${a#*=} ;;
     --base=*) BASEBIN=${a#*=} ;;
-    -h|--help) sed -n 2,33p "$0"; exit 0 ;;
+    --raw) RAW=1 ;;
+    -h|--help) sed -n 2,35p "$0"; exit 0 ;;
     *) echo "unknown argument $a" >&2; exit 2 ;;
   esac
 done
@@ -223,3 +226,18 @@ print('-' if 'fail' in (b, p) else '%.2f' % (float(p) / max(float(b), 1)))")
   done
 done
 printf '(x) = column / %s; above 1.00 that column is faster.\n' "$BASE"
+if [ -n "$RAW" ]; then
+  printf '\nIOPS of each round, in order:\n'
+  for mode in $MODES; do
+    for job in "${JOBS[@]}"; do
+      j=${job%%|*}
+      printf '%-10s %-22s' "$mode" "$j"
+      for srv in $SERVERS; do
+        printf ' %s:' "$srv"
+        IFS=';' read -ra rs <<<"${RUNS[$mode|$srv|$j]}"
+        for r in "${rs[@]}"; do printf ' %s' "${r%% *}"; done
+      done
+      printf '\n'
+    done
+  done
+fi

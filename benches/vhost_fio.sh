@@ -92,8 +92,6 @@ if ! "$BLKSHIM" serve --help 2>/dev/null | grep -q -- --vhost-user-blk; then
   SERVERS=${SERVERS//blkshim-vhost/}
 fi
 
-bench_fill "$IMG" "$SIZE"
-
 # name | fio arguments (NBD) | load generator arguments (vhost-user-blk)
 JOBS=(
   "randwrite-4k-qd32-j1|--rw=randwrite --bs=4k --iodepth=32 --numjobs=1|--rw randwrite --bs 4k --iodepth 32 --jobs 1"
@@ -110,6 +108,8 @@ if [ -n "$JOBRE" ]; then
   [ ${#KEEP[@]} -gt 0 ] || { echo "--jobs=$JOBRE matches no job" >&2; exit 2; }
   JOBS=("${KEEP[@]}")
 fi
+
+bench_fill "$IMG" "$SIZE"
 
 stop_server() {
   if [ -n "$SERVER_PID" ]; then

@@ -6,12 +6,20 @@
 # IOPS and MB/s per job and each column's ratio to blkshim-vhost.
 #
 #   benches/vhost_fio.sh [--cache=none|writeback|both] [--size=1G] [--runtime=10]
-#                        [--repeat=1] [--dir=/var/tmp]
+#                        [--repeat=1] [--dir=/var/tmp] [--jobs=REGEX]
+#                        [--servers=LIST] [--base=PATH] [--raw]
 #
 # BLKSHIM=path runs that blkshim binary instead of this tree's release
-# build. A blkshim whose `serve` has no --vhost-user-blk (issue 13) gets no
-# blkshim-vhost column: the script says so, and ratios are then to the
-# first column left.
+# build. --base=PATH adds a column blkshim-base: the vhost-user-blk export
+# of another blkshim binary (a baseline build), in the same interleaved
+# rounds, so a change and its baseline are compared under the same load.
+# --servers=LIST (comma-separated, of blkshim-vhost blkshim-base qsd-vhost
+# blkshim-nbd) picks the columns, the first being what ratios are to;
+# --jobs=REGEX runs only the jobs whose name matches (grep -E). --raw also
+# prints every round's IOPS of each cell (in round order), to compare
+# columns round by round. A blkshim whose `serve` has no --vhost-user-blk
+# (issue 13) gets no blkshim-vhost column: the script says so, and ratios
+# are then to the first column left.
 #
 # With --repeat=N every server runs every job N times, the rounds
 # interleaved (so drift hits all servers alike), and each cell is the
@@ -27,7 +35,7 @@
 # (apt-get install fio qemu-system-common or qemu-storage-daemon).
 set -euo pipefail
 
-CACHE=both SIZE=1G RUNTIME=10 DIR=/var/tmp REPEAT=1
+CACHE=both SIZE=1G RUNTIME=10 DIR=/var/tmp REPEAT=1 JOBRE= ONLY= BASEBIN= RAW=
 for a in "$@"; do
   case $a in
     --cache=*) CACHE=${a#*=} ;;
@@ -35,7 +43,11 @@ for a in "$@"; do
     --runtime=*) RUNTIME=${a#*=} ;;
     --dir=*) DIR=${a#*=} ;;
     --repeat=*) REPEAT=${a#*=} ;;
-    -h|--help) sed -n 2,26p "$0"; exit 0 ;;
+    --jobs=*) JOBRE=${a#*=} ;;
+    --servers=*) ONLY=${a#*=} ;;
+    --base=*) BASEBIN=${a#*=} ;;
+    --raw) RAW=1 ;;
+    -h|--help) sed -n 2,35p "$0"; exit 0 ;;
     *) echo "unknown argument $a" >&2; exit 2 ;;
   esac
 done
@@ -62,13 +74,23 @@ cleanup() {
 trap cleanup EXIT
 
 SERVERS="blkshim-vhost qsd-vhost blkshim-nbd"
+if [ -n "$BASEBIN" ]; then
+  [ -x "$BASEBIN" ] || { echo "--base: $BASEBIN is not an executable" >&2; exit 2; }
+  SERVERS="blkshim-vhost blkshim-base qsd-vhost blkshim-nbd"
+fi
+[ -n "$ONLY" ] && SERVERS=${ONLY//,/ }
+for srv in $SERVERS; do
+  case $srv in
+    blkshim-vhost|qsd-vhost|blkshim-nbd) ;;
+    blkshim-base) [ -n "$BASEBIN" ] || { echo "blkshim-base needs --base=PATH" >&2; exit 2; } ;;
+    *) echo "unknown server $srv" >&2; exit 2 ;;
+  esac
+done
 if ! "$BLKSHIM" serve --help 2>/dev/null | grep -q -- --vhost-user-blk; then
   echo "NOTE: $BLKSHIM has no 'serve --vhost-user-blk' (issue 13's export is not in this tree):" \
     "the blkshim-vhost column is skipped." >&2
-  SERVERS="qsd-vhost blkshim-nbd"
+  SERVERS=${SERVERS//blkshim-vhost/}
 fi
-
-bench_fill "$IMG" "$SIZE"
 
 # name | fio arguments (NBD) | load generator arguments (vhost-user-blk)
 JOBS=(
@@ -78,6 +100,16 @@ JOBS=(
   "randread-4k-qd32-j4|--rw=randread --bs=4k --iodepth=32 --numjobs=4|--rw randread --bs 4k --iodepth 32 --jobs 4"
   "seqwrite-1M-qd8-j1|--rw=write --bs=1M --iodepth=8 --numjobs=1|--rw write --bs 1M --iodepth 8 --jobs 1"
 )
+if [ -n "$JOBRE" ]; then
+  KEEP=()
+  for job in "${JOBS[@]}"; do
+    if grep -qE -- "$JOBRE" <<<"${job%%|*}"; then KEEP+=("$job"); fi
+  done
+  [ ${#KEEP[@]} -gt 0 ] || { echo "--jobs=$JOBRE matches no job" >&2; exit 2; }
+  JOBS=("${KEEP[@]}")
+fi
+
+bench_fill "$IMG" "$SIZE"
 
 stop_server() {
   if [ -n "$SERVER_PID" ]; then
@@ -91,10 +123,11 @@ stop_server() {
 start_server() { # name mode
   stop_server
   case $1 in
-    blkshim-vhost)
-      "$BLKSHIM" serve --cache="$2" --socket="$SOCK" --control="$WORK/ctl.sock" \
+    blkshim-vhost|blkshim-base)
+      local bin=$BLKSHIM; [ "$1" = blkshim-base ] && bin=$BASEBIN
+      "$bin" serve --cache="$2" --socket="$SOCK" --control="$WORK/ctl.sock" \
         --state-dir="$WORK/epochs" --vhost-user-blk vm="$VSOCK" --vhost-queues $QUEUES \
-        vm="$IMG" >/dev/null 2>"$WORK/blkshim-vhost.log" &
+        vm="$IMG" >/dev/null 2>"$WORK/$1.log" &
       SERVER_PID=$!
       bench_wait_socket "$VSOCK" "$WORK" ;;
     qsd-vhost)
@@ -193,3 +226,18 @@ print('-' if 'fail' in (b, p) else '%.2f' % (float(p) / max(float(b), 1)))")
   done
 done
 printf '(x) = column / %s; above 1.00 that column is faster.\n' "$BASE"
+if [ -n "$RAW" ]; then
+  printf '\nIOPS of each round, in order:\n'
+  for mode in $MODES; do
+    for job in "${JOBS[@]}"; do
+      j=${job%%|*}
+      printf '%-10s %-22s' "$mode" "$j"
+      for srv in $SERVERS; do
+        printf ' %s:' "$srv"
+        IFS=';' read -ra rs <<<"${RUNS[$mode|$srv|$j]}"
+        for r in "${rs[@]}"; do printf ' %s' "${r%% *}"; done
+      done
+      printf '\n'
+    done
+  done
+fi

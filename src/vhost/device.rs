@@ -325,6 +325,16 @@ pub struct BlkDevice {
     ring_broken: Vec<AtomicBool>,
     /// Other errors reading an available ring are logged once per burst.
     ring_error_logged: LogBurst,
+    /// Submit each popped read to the storage at once rather than with its
+    /// batch, with O_DIRECT. A batch submitted together is completed
+    /// together by the device, answered together, and comes back together:
+    /// a convoy that leaves the device idle between batches (one signal per
+    /// ~31 requests on one queue). Submitting each read breaks it up:
+    /// O_DIRECT 4 KiB randread QD32, one queue, 68k -> 78k IOPS, ahead in 5
+    /// of 5 interleaved rounds (README). Writes stay batched: submitted one
+    /// by one they lost on four queues in 5 of 5 rounds (86k -> 68k), and
+    /// through the page cache every request costs CPU, not device time.
+    reads_at_once: bool,
 }
 
 impl BlkDevice {
@@ -396,6 +406,7 @@ impl BlkDevice {
             popping: AtomicUsize::new(0),
             ring_broken: (0..n).map(|_| AtomicBool::new(false)).collect(),
             ring_error_logged: LogBurst::default(),
+            reads_at_once: caps.direct,
         }
     }
 
@@ -557,7 +568,15 @@ impl BlkDevice {
                 payload: 0,
             };
             match parsed {
-                Ok(req) => self.start(req, done),
+                Ok(req) => {
+                    let read = matches!(req.op, Op::Read { .. });
+                    self.start(req, done);
+                    if read && self.reads_at_once {
+                        // Submit it now (one io_uring_enter), not with the
+                        // batch: see `reads_at_once`.
+                        let _ = WORKER.try_with(|w| w.reap(&self.label));
+                    }
+                }
                 Err(refusal) => {
                     self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                     log::warn!(

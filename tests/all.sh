@@ -155,18 +155,20 @@ section "vhost-user-blk: the harness guest booted from blkshim's vhost-user-blk 
 # stay in the virtqueues unseen by the backend; the source is frozen or
 # killed, the VM starts fresh at the next epoch, and the released requests
 # must be refused. Against qemu-storage-daemon's vhost-user-blk export (no
-# epochs) the replay and the released requests land, and every scenario must
-# FAIL for that reason. reconnect (blkshim only): blkshim is restarted 3
+# epochs) the released requests land, and every fault scenario must FAIL for
+# that reason. reconnect (blkshim only): blkshim is restarted 3
 # times under the guest's fio verify load and qemu (reconnect=1) picks the
 # disk up again: the guest's I/O must resume and every block verify. held-at-storage as over NBD, with a longer delay and
 # deadline (a TCG destination under load may take over 10 s to write).
 export HELD_DELAY=20 HELD_FENCE_TIMEOUT=8
 harness --transport vhost-user-blk --migrations 4 --interval 2 --timeout 900
-# One migration in the control: qemu-storage-daemon 7.2 answers
-# GET_VRING_BASE without waiting for its requests in flight, and at a second
-# migration under load the guest's I/O stopped in 3 of 11 runs (README).
+# The control runs the fault scenarios, not migrate: qemu-storage-daemon 7.2
+# answers GET_VRING_BASE without waiting for its requests in flight, so a
+# live migration under load can lose requests and leave the guest waiting
+# forever (4 of 12 runs here, README): no verdict. Its migrate scenario's
+# guard (an old epoch's replay refused) has its control over NBD above.
 harness --transport vhost-user-blk --nbd-server qemu-nbd --expect-unfenced \
-  --migrations 1 --interval 2 --timeout 900
+  --scenarios held-at-storage,cutoff,failover,failback --timeout 900
 unset HELD_DELAY HELD_FENCE_TIMEOUT
 
 section "host-side fencing on a real kernel target: seeds/002 on LIO, then two blkshim hosts with --fence pr (migrate, cut-off, failover, failback)"

@@ -9,10 +9,13 @@
 #
 #   benches/nbd_fio.sh [--cache=none|writeback|both] [--size=1G] [--runtime=10]
 #                      [--repeat=1] [--dir=/var/tmp] [--tls] [--jobs=REGEX]
-#                      [--servers="blkshim qemu-nbd ..."]
+#                      [--servers="blkshim qemu-nbd ..."] [--base=PATH] [--raw]
 #
 # --jobs runs only the jobs whose name matches (e.g. --jobs='4k'); --servers
-# only the named columns (blkshim is always run).
+# only the named columns (blkshim is always run). --base=PATH adds a column
+# blkshim-base: another blkshim binary (a baseline build) in the same
+# interleaved rounds, so a change and its baseline meet the same load.
+# --raw also prints every round's IOPS of each cell, in round order.
 #
 # --tls adds the same servers over TLS (X.509, client certificates checked
 # against the CA, made here with openssl): blkshim-tls (--tls require and a
@@ -33,7 +36,7 @@
 # Needs: fio, qemu-nbd, nbdkit, python3 (apt-get install fio qemu-utils nbdkit).
 set -euo pipefail
 
-CACHE=both SIZE=1G RUNTIME=10 DIR=/var/tmp REPEAT=1 TLS=0 JOBRE=. ONLY=
+CACHE=both SIZE=1G RUNTIME=10 DIR=/var/tmp REPEAT=1 TLS=0 JOBRE=. ONLY= BASEBIN= RAW=0
 for a in "$@"; do
   case $a in
     --cache=*) CACHE=${a#*=} ;;
@@ -44,7 +47,9 @@ for a in "$@"; do
     --tls) TLS=1 ;;
     --jobs=*) JOBRE=${a#*=} ;;
     --servers=*) ONLY=${a#*=} ;;
-    -h|--help) sed -n 2,27p "$0"; exit 0 ;;
+    --base=*) BASEBIN=${a#*=} ;;
+    --raw) RAW=1 ;;
+    -h|--help) sed -n 2,31p "$0"; exit 0 ;;
     *) echo "unknown argument $a" >&2; exit 2 ;;
   esac
 done
@@ -116,6 +121,11 @@ start_server() { # name mode
       $(bench_nbd_server_cmd "$1" "$2" "$BLKSHIM" "$IMG" "$SOCK" "$WORK" "$SIZE") \
         >/dev/null 2>"$WORK/$1.log" &
       SERVER_PID=$! ;;
+    blkshim-base)
+      # shellcheck disable=SC2046
+      $(bench_nbd_server_cmd blkshim "$2" "$BASEBIN" "$IMG" "$SOCK" "$WORK" "$SIZE") \
+        >/dev/null 2>"$WORK/$1.log" &
+      SERVER_PID=$! ;;
     blkshim-tls)
       "$BLKSHIM" serve --cache="$2" --socket="$SOCK" --control="$WORK/ctl.sock" \
         --state-dir="$WORK/epochs" --tls require --tls-certificates "$PKI/server" \
@@ -179,7 +189,12 @@ if [ -n "$ONLY" ]; then
   keep() { local out=; for s in $1; do [[ " $ONLY " == *" $s "* ]] && out="$out $s"; done; echo $out; }
   PEERS=$(keep "$PEERS") LIMITS=$(keep "$LIMITS")
 fi
-SERVERS="blkshim $PEERS $LIMITS"
+BASECOL=
+if [ -n "$BASEBIN" ]; then
+  [ -x "$BASEBIN" ] || { echo "--base: $BASEBIN is not an executable" >&2; exit 2; }
+  BASECOL=blkshim-base
+fi
+SERVERS="blkshim $BASECOL $PEERS $LIMITS"
 sel=()
 for job in "${JOBS[@]}"; do [[ ${job%%|*} =~ $JOBRE ]] && sel+=("$job"); done
 JOBS=("${sel[@]}")
@@ -231,3 +246,17 @@ print(' %8s %9s %9s' % (lim or '-', '%.2f' % (b / float(lim)) if lim else '-',
 done
 printf '(x) = column / blkshim; above 1.00 that column is faster. limit = the lower of\n'
 printf '%s; b/limit = blkshim / limit; b/peer = blkshim / the best of %s.\n' "$LIMITS" "$PEERS"
+if [ "$RAW" = 1 ]; then
+  printf '\nIOPS of each round, in order:\n'
+  for mode in $MODES; do
+    for job in "${JOBS[@]}"; do
+      printf '%-10s %-22s' "$mode" "${job%%|*}"
+      for srv in $SERVERS; do
+        printf ' %s:' "$srv"
+        IFS=';' read -ra rs <<<"${RUNS[$mode|$srv|${job%%|*}]}"
+        for x in "${rs[@]}"; do printf ' %s' "${x%% *}"; done
+      done
+      printf '\n'
+    done
+  done
+fi

@@ -55,3 +55,25 @@ runs = [r.split() for r in sys.argv[1].split(";") if r]
 runs.sort(key=lambda r: -1.0 if r[0] == "fail" else float(r[0]))
 print(" ".join(runs[len(runs) // 2]))' "$1"
 }
+
+# Every round's IOPS of each cell, in round order. $1 names the bench's
+# associative array of runs, keyed "MODE|SERVER|JOB", each value
+# "IOPS MB/s;IOPS MB/s;..."; $2 the modes and $3 the servers
+# (space-separated); the job names follow.
+bench_print_rounds() { # runs-array modes servers job...
+  local -n rounds_of=$1
+  local modes=$2 servers=$3 mode j srv x rs
+  shift 3
+  printf '\nIOPS of each round, in order:\n'
+  for mode in $modes; do
+    for j in "$@"; do
+      printf '%-10s %-22s' "$mode" "$j"
+      for srv in $servers; do
+        printf ' %s:' "$srv"
+        IFS=';' read -ra rs <<<"${rounds_of[$mode|$srv|$j]}"
+        for x in "${rs[@]}"; do printf ' %s' "${x%% *}"; done
+      done
+      printf '\n'
+    done
+  done
+}

@@ -247,16 +247,6 @@ done
 printf '(x) = column / blkshim; above 1.00 that column is faster. limit = the lower of\n'
 printf '%s; b/limit = blkshim / limit; b/peer = blkshim / the best of %s.\n' "$LIMITS" "$PEERS"
 if [ "$RAW" = 1 ]; then
-  printf '\nIOPS of each round, in order:\n'
-  for mode in $MODES; do
-    for job in "${JOBS[@]}"; do
-      printf '%-10s %-22s' "$mode" "${job%%|*}"
-      for srv in $SERVERS; do
-        printf ' %s:' "$srv"
-        IFS=';' read -ra rs <<<"${RUNS[$mode|$srv|${job%%|*}]}"
-        for x in "${rs[@]}"; do printf ' %s' "${x%% *}"; done
-      done
-      printf '\n'
-    done
-  done
+  names=(); for job in "${JOBS[@]}"; do names+=("${job%%|*}"); done
+  bench_print_rounds RUNS "$MODES" "$SERVERS" "${names[@]}"
 fi

@@ -227,17 +227,6 @@ print('-' if 'fail' in (b, p) else '%.2f' % (float(p) / max(float(b), 1)))")
 done
 printf '(x) = column / %s; above 1.00 that column is faster.\n' "$BASE"
 if [ -n "$RAW" ]; then
-  printf '\nIOPS of each round, in order:\n'
-  for mode in $MODES; do
-    for job in "${JOBS[@]}"; do
-      j=${job%%|*}
-      printf '%-10s %-22s' "$mode" "$j"
-      for srv in $SERVERS; do
-        printf ' %s:' "$srv"
-        IFS=';' read -ra rs <<<"${RUNS[$mode|$srv|$j]}"
-        for r in "${rs[@]}"; do printf ' %s' "${r%% *}"; done
-      done
-      printf '\n'
-    done
-  done
+  names=(); for job in "${JOBS[@]}"; do names+=("${job%%|*}"); done
+  bench_print_rounds RUNS "$MODES" "$SERVERS" "${names[@]}"
 fi

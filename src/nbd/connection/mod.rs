@@ -358,8 +358,8 @@ fn read_loop(
     allocation: Option<&AllocationMap>,
     ctx: &Ctx,
 ) -> Result<(), ConnError> {
-    let fast_zero = disk.capabilities().fast_zero;
-    let direct = disk.capabilities().direct;
+    let caps = disk.capabilities();
+    let (fast_zero, direct) = (caps.fast_zero, caps.direct);
     loop {
         let mut hdr = [0u8; REQUEST_LEN];
         if let Err(e) = read_header(r, &mut hdr) {

@@ -31,7 +31,10 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueOwnedT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -106,6 +109,9 @@ impl BufPool {
     }
 
     fn put(&self, mut b: AlignedBuf) {
+        if b.is_borrowed() {
+            return;
+        }
         let cap = b.capacity();
         if cap > POOL_MAX_CAP || !cap.is_power_of_two() || cap < 4096 {
             return;
@@ -247,6 +253,14 @@ impl Worker {
     }
 }
 
+/// Largest request read into or written from guest memory in place under
+/// O_DIRECT. Bigger ones go through a pooled buffer: a 1 MiB write from
+/// the guest's memfd pages measured 5 % slower than from a pooled buffer
+/// (3 interleaved rounds); the device takes at most 254 segments, and
+/// scattered guest pages split such a request where the pool's mostly
+/// contiguous pages do not.
+const WINDOW_DIRECT_MAX: usize = 64 << 10;
+
 /// Put finished chains in their used rings: consecutive chains of one
 /// queue under one lock, and one signal to the driver for them (when it
 /// wants one).
@@ -335,6 +349,11 @@ pub struct BlkDevice {
     /// by one they lost on four queues in 5 of 5 rounds (86k -> 68k), and
     /// through the page cache every request costs CPU, not device time.
     reads_at_once: bool,
+    /// Alignment a guest buffer needs to be used in place (the engine's
+    /// under O_DIRECT, none through the page cache), and the largest
+    /// request that is: see `guest_window`.
+    window_align: usize,
+    window_max: usize,
 }
 
 impl BlkDevice {
@@ -407,6 +426,16 @@ impl BlkDevice {
             ring_broken: (0..n).map(|_| AtomicBool::new(false)).collect(),
             ring_error_logged: LogBurst::default(),
             reads_at_once: caps.direct,
+            window_align: if caps.direct {
+                usize::try_from(block).unwrap_or(4096)
+            } else {
+                1
+            },
+            window_max: if caps.direct {
+                WINDOW_DIRECT_MAX
+            } else {
+                usize::MAX
+            },
         }
     }
 
@@ -637,29 +666,20 @@ impl BlkDevice {
             }
             Op::Read { offset, len } => StorageIo::Read {
                 offset,
-                buf: self.pool.get(len as usize),
+                buf: guest_window(&done.mem, &req.data, self.window_align, self.window_max)
+                    .unwrap_or_else(|| self.pool.get(len as usize)),
             },
             Op::Write { offset, len } => {
-                let mut buf = self.pool.get(len as usize);
-                let mut off = 0usize;
-                for s in &req.data {
-                    let end = off + s.len as usize;
-                    if done
-                        .mem
-                        .read_slice(&mut buf.as_mut_slice()[off..end], GuestAddress(s.addr))
-                        .is_err()
-                    {
-                        self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                        log::warn!(
-                            "{}: write data at {:#x} is not guest memory",
-                            self.label,
-                            s.addr
-                        );
-                        self.pool.put(buf);
-                        return done.finish(Some(req.status), VIRTIO_BLK_S_IOERR as u8, 0);
-                    }
-                    off = end;
-                }
+                let buf =
+                    match guest_window(&done.mem, &req.data, self.window_align, self.window_max) {
+                        Some(window) => window,
+                        None => match self.gather(&done.mem, &req.data, len) {
+                            Some(buf) => buf,
+                            None => {
+                                return done.finish(Some(req.status), VIRTIO_BLK_S_IOERR as u8, 0)
+                            }
+                        },
+                    };
                 StorageIo::Write {
                     offset,
                     buf,
@@ -689,13 +709,20 @@ impl BlkDevice {
                 let mut written = 0u32;
                 let status = match outcome.result {
                     Ok(()) => {
-                        if let (Op::Read { .. }, Some(buf)) = (op, &outcome.buf) {
-                            match scatter(&done.mem, buf.as_slice(), &req.data) {
+                        if let (Op::Read { len, .. }, Some(buf)) = (op, &outcome.buf) {
+                            if buf.is_borrowed() {
+                                // The kernel wrote guest memory directly.
+                                mark_dirty(&done.mem, &req.data);
+                                written = len as u32;
+                                VIRTIO_BLK_S_OK
+                            } else {
+                                match scatter(&done.mem, buf.as_slice(), &req.data) {
                                 Some(n) => {
                                     written = n;
                                     VIRTIO_BLK_S_OK
                                 }
                                 None => VIRTIO_BLK_S_IOERR,
+                            }
                             }
                         } else {
                             VIRTIO_BLK_S_OK
@@ -724,6 +751,31 @@ impl BlkDevice {
         );
     }
 
+    /// Copy a write's segments into a pooled buffer; `None` (logged) when
+    /// one is not guest memory.
+    fn gather(&self, mem: &Mem, segs: &[request::Segment], len: u64) -> Option<AlignedBuf> {
+        let mut buf = self.pool.get(len as usize);
+        let mut off = 0usize;
+        for s in segs {
+            let end = off + s.len as usize;
+            if mem
+                .read_slice(&mut buf.as_mut_slice()[off..end], GuestAddress(s.addr))
+                .is_err()
+            {
+                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "{}: write data at {:#x} is not guest memory",
+                    self.label,
+                    s.addr
+                );
+                self.pool.put(buf);
+                return None;
+            }
+            off = end;
+        }
+        Some(buf)
+    }
+
     fn note_stale(&self, op: &Op) {
         self.stats.refused_stale.fetch_add(1, Ordering::Relaxed);
         if self.stale_logged.first() {
@@ -748,6 +800,51 @@ impl LogBurst {
         }
         *last = Some(Instant::now());
         true
+    }
+}
+
+/// The segments as one window on guest memory, when they are contiguous in
+/// this process's mapping and their start is aligned to `align`: a read or
+/// write then goes between the storage and guest memory with no copy (as
+/// qemu-storage-daemon's). The window holds `mem`, so the mapping outlives
+/// the I/O even if the frontend replaces its memory table meanwhile.
+/// `None`: copy through a pooled buffer instead.
+fn guest_window(
+    mem: &Arc<Mem>,
+    segs: &[request::Segment],
+    align: usize,
+    max: usize,
+) -> Option<AlignedBuf> {
+    let mut start: *mut u8 = std::ptr::null_mut();
+    let mut total = 0usize;
+    for s in segs {
+        let len = s.len as usize;
+        let slice = mem.get_slice(GuestAddress(s.addr), len).ok()?;
+        let p = slice.ptr_guard_mut().as_ptr();
+        if total == 0 {
+            start = p;
+        } else if p != start.wrapping_add(total) {
+            return None;
+        }
+        total = total.checked_add(len)?;
+    }
+    let ptr = std::ptr::NonNull::new(start)?;
+    if total == 0 || total > max || (start as usize) % align.max(1) != 0 {
+        return None;
+    }
+    let owner: Arc<dyn std::any::Any + Send + Sync> = Arc::clone(mem) as _;
+    // SAFETY: every byte of the window is in a region of `mem` (get_slice
+    // checked each segment), and `owner` keeps those mappings alive.
+    Some(unsafe { AlignedBuf::borrowed(ptr, total, owner) })
+}
+
+/// Log the segments as written (the storage read into them directly), so
+/// a live migration re-sends those pages, as `write_slice` would have.
+fn mark_dirty(mem: &Mem, segs: &[request::Segment]) {
+    for s in segs {
+        if let Ok(slice) = mem.get_slice(GuestAddress(s.addr), s.len as usize) {
+            slice.bitmap().mark_dirty(0, slice.len());
+        }
     }
 }
 

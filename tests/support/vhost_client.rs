@@ -112,6 +112,33 @@ impl BlkConfig {
     }
 }
 
+/// `VHOST_F_LOG_ALL`: the backend logs its writes to guest memory.
+pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
+
+/// The dirty log a backend writes during a migration (qemu's layout: bit
+/// `n % 8` of byte `n / 8` for the guest page `n`).
+pub struct DirtyLog {
+    file: File,
+}
+
+impl DirtyLog {
+    /// Whether the backend logged the page holding guest address `gpa`.
+    pub fn is_dirty(&self, gpa: u64) -> io::Result<bool> {
+        use std::os::unix::fs::FileExt;
+        let page = gpa / PAGE;
+        let mut b = [0u8; 1];
+        self.file.read_exact_at(&mut b, page / 8)?;
+        Ok(b[0] & (1 << (page % 8)) != 0)
+    }
+
+    /// Clear every bit (qemu does so as it sends the pages).
+    pub fn clear(&self) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let len = self.file.metadata()?.len() as usize;
+        self.file.write_all_at(&vec![0u8; len], 0)
+    }
+}
+
 /// How to connect.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
@@ -541,7 +568,7 @@ impl Queue {
     }
 
     /// Waits for `slot`'s completion (others are kept for the next poll).
-    fn wait_slot(&mut self, slot: usize, timeout: Duration) -> io::Result<Completion> {
+    pub fn wait_slot(&mut self, slot: usize, timeout: Duration) -> io::Result<Completion> {
         let deadline = Instant::now() + timeout;
         let mut got = Vec::new();
         loop {
@@ -760,7 +787,8 @@ impl VhostBlkClient {
         let pf_acked = pf_offered
             & (VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::MQ
-                | VhostUserProtocolFeatures::REPLY_ACK);
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::LOG_SHMFD);
         fe.set_protocol_features(pf_acked)
             .map_err(|e| verr("SET_PROTOCOL_FEATURES", e))?;
         if pf_acked.contains(VhostUserProtocolFeatures::REPLY_ACK) {
@@ -875,6 +903,43 @@ impl VhostBlkClient {
 
     pub fn config(&self) -> BlkConfig {
         self.config
+    }
+
+    /// Start dirty logging as qemu does for a live migration: the features
+    /// again with `VHOST_F_LOG_ALL`, then `SET_LOG_BASE` with a zeroed
+    /// memfd of one bit per 4 KiB page of guest memory. Read it with
+    /// [`DirtyLog::is_dirty`].
+    pub fn start_dirty_log(&mut self) -> io::Result<DirtyLog> {
+        if !self
+            .protocol_features
+            .contains(VhostUserProtocolFeatures::LOG_SHMFD)
+        {
+            return Err(io::Error::other("backend has no LOG_SHMFD"));
+        }
+        let pages = self.mem.size.div_ceil(PAGE);
+        let bytes = align_up(pages.div_ceil(8), PAGE);
+        // SAFETY: a NUL-terminated name and valid flags.
+        let fd = unsafe { libc::memfd_create(c"blkshim-vhost-log".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a new descriptor that nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(bytes)?;
+        self.frontend
+            .set_features(self.features | VHOST_F_LOG_ALL)
+            .map_err(|e| verr("SET_FEATURES (LOG_ALL)", e))?;
+        self.frontend
+            .set_log_base(
+                0,
+                Some(vhost::VhostUserDirtyLogRegion {
+                    mmap_size: bytes,
+                    mmap_offset: 0,
+                    mmap_handle: file.as_raw_fd(),
+                }),
+            )
+            .map_err(|e| verr("SET_LOG_BASE", e))?;
+        Ok(DirtyLog { file })
     }
     /// The virtio features acked (SET_FEATURES).
     pub fn features(&self) -> u64 {

@@ -198,11 +198,15 @@ struct Worker {
     /// `Some` while the worker handles an event.
     batch: RefCell<Option<Vec<(Completion, u32)>>>,
     spare: RefCell<Vec<(Completion, u32)>>,
+    /// Publish the batch every [`PUBLISH_EARLY_EVERY`] chains, not only at
+    /// the end of the event: see [`BlkDevice::publish_early`].
+    publish_early: Cell<bool>,
 }
 
 impl Worker {
     /// Collect this thread's completions from now on.
-    fn begin(&self) {
+    fn begin(&self, publish_early: bool) {
+        self.publish_early.set(publish_early);
         if let Ok(mut b) = self.batch.try_borrow_mut() {
             if b.is_none() {
                 let spare = self
@@ -221,6 +225,13 @@ impl Worker {
             Ok(mut b) => match b.as_mut() {
                 Some(v) => {
                     v.push((c, len));
+                    if v.len() >= PUBLISH_EARLY_EVERY
+                        && self.publish_early.get()
+                        && BUSY_WORKERS.load(Ordering::Relaxed) < cpus()
+                    {
+                        publish(v);
+                        v.clear();
+                    }
                     None
                 }
                 None => Some((c, len)),
@@ -260,6 +271,18 @@ impl Worker {
 /// scattered guest pages split such a request where the pool's mostly
 /// contiguous pages do not.
 const WINDOW_DIRECT_MAX: usize = 64 << 10;
+
+/// Chains per early publication (see [`BlkDevice::publish_early`]).
+const PUBLISH_EARLY_EVERY: usize = 2;
+
+/// Queue workers of every device handling an event right now.
+static BUSY_WORKERS: AtomicUsize = AtomicUsize::new(0);
+
+/// The CPUs this process may run on.
+fn cpus() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
 
 /// Put finished chains in their used rings: consecutive chains of one
 /// queue under one lock, and one signal to the driver for them (when it
@@ -349,6 +372,20 @@ pub struct BlkDevice {
     /// by one they lost on four queues in 5 of 5 rounds (86k -> 68k), and
     /// through the page cache every request costs CPU, not device time.
     reads_at_once: bool,
+    /// Through the page cache, where a request completes inside its
+    /// submission: publish the chains a worker completes every
+    /// [`PUBLISH_EARLY_EVERY`], not all at the end of the event, while
+    /// fewer workers are busy than there are CPUs. Published at the end,
+    /// the whole queue (32 chains) went back to the driver at once, which
+    /// then refilled it at once: the driver and the device took turns,
+    /// each idle while the other worked. Handed back two at a time, the
+    /// driver refills while the worker still serves (4 KiB QD32 one queue,
+    /// randread 200k -> 350k IOPS, randwrite 180k -> 300k). With every CPU
+    /// busy (four queues on two CPUs) there is no idle time to fill and
+    /// each early signal only costs: off then (randread j4 480k either
+    /// way, 350k had it stayed on). Under O_DIRECT the device groups
+    /// completions itself, and early publication measured no better.
+    publish_early: bool,
     /// Alignment a guest buffer needs to be used in place (the engine's
     /// under O_DIRECT, none through the page cache), and the largest
     /// request that is: see `guest_window`.
@@ -426,6 +463,7 @@ impl BlkDevice {
             ring_broken: (0..n).map(|_| AtomicBool::new(false)).collect(),
             ring_error_logged: LogBurst::default(),
             reads_at_once: caps.direct,
+            publish_early: !caps.direct,
             window_align: if caps.direct {
                 usize::try_from(block).unwrap_or(4096)
             } else {
@@ -1035,7 +1073,8 @@ impl VhostUserBackend for BlkDevice {
         }
         let queue = thread_id;
         let run = |w: &Worker| {
-            w.begin();
+            BUSY_WORKERS.fetch_add(1, Ordering::Relaxed);
+            w.begin(self.publish_early);
             self.local_queue(w, queue);
             if device_event == self.completion_event() {
                 w.reap(&self.label);
@@ -1048,6 +1087,7 @@ impl VhostUserBackend for BlkDevice {
             w.reap(&self.label);
             w.reap(&self.label);
             w.end();
+            BUSY_WORKERS.fetch_sub(1, Ordering::Relaxed);
         };
         if WORKER.try_with(run).is_err() {
             self.handle_kick(device_event, vrings, queue);

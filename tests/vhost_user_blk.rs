@@ -691,12 +691,14 @@ fn read_data_pages_are_in_the_dirty_log(cache: &str) {
     log.clear().unwrap();
     // `read` and `write` use slot 0 (the first free one) every time.
     let data = c.queue(0).data_gpa(0);
+    let status = c.queue(0).status_gpa(0);
     let untouched = c.queue(0).data_gpa(3);
     c.write(0, 2 << 20, &a).unwrap();
     assert!(
         !log.is_dirty(data).unwrap(),
         "a write's data page is only read"
     );
+    assert!(log.is_dirty(status).unwrap(), "{cache}: status byte logged");
     let mut back = vec![0u8; a.len()];
     c.read(0, 1 << 20, &mut back).unwrap();
     assert!(back == a);

@@ -621,8 +621,7 @@ impl BlkDevice {
                     write_only: d.is_write_only(),
                 })
                 .collect();
-            let mut read =
-                |addr: u64, buf: &mut [u8]| mem.read_slice(buf, GuestAddress(addr)).is_ok();
+            let mut read = |addr: u64, buf: &mut [u8]| read_guest(&mem, addr, buf);
             let parsed = request::parse(&descs, &mut read, &self.limits);
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             let done = Completion {
@@ -876,6 +875,26 @@ fn guest_window(
     Some(unsafe { AlignedBuf::borrowed(ptr, total, owner) })
 }
 
+/// `mem.read_slice`, taking the one-region path first: vm-memory's general
+/// accessor walks a slice iterator even for a 16-byte request header.
+fn read_guest(mem: &Mem, addr: u64, buf: &mut [u8]) -> bool {
+    match mem.get_slice(GuestAddress(addr), buf.len()) {
+        Ok(slice) => slice.copy_to(buf) == buf.len(),
+        Err(_) => mem.read_slice(buf, GuestAddress(addr)).is_ok(),
+    }
+}
+
+/// `mem.write_slice` (dirty log included), one-region path first.
+fn write_guest(mem: &Mem, addr: u64, data: &[u8]) -> bool {
+    match mem.get_slice(GuestAddress(addr), data.len()) {
+        Ok(slice) => {
+            slice.copy_from(data);
+            true
+        }
+        Err(_) => mem.write_slice(data, GuestAddress(addr)).is_ok(),
+    }
+}
+
 /// Log the segments as written (the storage read into them directly), so
 /// a live migration re-sends those pages, as `write_slice` would have.
 fn mark_dirty(mem: &Mem, segs: &[request::Segment]) {
@@ -923,7 +942,7 @@ impl Completion {
         }
         let mut len = written;
         if let Some(addr) = status_addr {
-            if self.mem.write_slice(&[status], GuestAddress(addr)).is_ok() {
+            if write_guest(&self.mem, addr, &[status]) {
                 len = len.saturating_add(1);
             }
         }

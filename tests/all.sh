@@ -162,6 +162,12 @@ section "vhost-user-blk: the harness guest booted from blkshim's vhost-user-blk 
 # deadline (a TCG destination under load may take over 10 s to write).
 export HELD_DELAY=20 HELD_FENCE_TIMEOUT=8
 harness --transport vhost-user-blk --migrations 4 --interval 2 --timeout 900
+# The migrations again through the page cache, where the worker hands chains
+# back two at a time and reads land in guest RAM in place (their pages in
+# qemu's dirty log, or the destination's fio verify fails).
+export BLKSHIM_ARGS="serve --socket {sock} --control {ctl} --state-dir {state} --cache writeback {name}={img} --size {size}"
+harness --transport vhost-user-blk --migrations 4 --interval 2 --timeout 600 --scenarios migrate
+unset BLKSHIM_ARGS
 # The control runs the fault scenarios, not migrate: qemu-storage-daemon 7.2
 # answers GET_VRING_BASE without waiting for its requests in flight, so a
 # live migration under load can lose requests and leave the guest waiting

@@ -746,20 +746,13 @@ impl BlkDevice {
                 let mut written = 0u32;
                 let status = match outcome.result {
                     Ok(()) => {
-                        if let (Op::Read { len, .. }, Some(buf)) = (op, &outcome.buf) {
-                            if buf.is_borrowed() {
-                                // The kernel wrote guest memory directly.
-                                mark_dirty(&done.mem, &req.data);
-                                written = len as u32;
-                                VIRTIO_BLK_S_OK
-                            } else {
-                                match scatter(&done.mem, buf.as_slice(), &req.data) {
+                        if let (Op::Read { .. }, Some(buf)) = (op, &outcome.buf) {
+                            match deliver_read(&done.mem, buf, &req.data) {
                                 Some(n) => {
                                     written = n;
                                     VIRTIO_BLK_S_OK
                                 }
                                 None => VIRTIO_BLK_S_IOERR,
-                            }
                             }
                         } else {
                             VIRTIO_BLK_S_OK
@@ -903,6 +896,17 @@ fn mark_dirty(mem: &Mem, segs: &[request::Segment]) {
             slice.bitmap().mark_dirty(0, slice.len());
         }
     }
+}
+
+/// Put a finished read's data in the guest's segments: copied from a
+/// pooled buffer, or (read in place) only logged in the dirty log. The
+/// bytes written, `None` on a bad address.
+fn deliver_read(mem: &Mem, buf: &AlignedBuf, segs: &[request::Segment]) -> Option<u32> {
+    if buf.is_borrowed() {
+        mark_dirty(mem, segs);
+        return u32::try_from(buf.len()).ok();
+    }
+    scatter(mem, buf.as_slice(), segs)
 }
 
 /// Copy `data` into the segments; the bytes written, `None` on a bad address.

@@ -688,10 +688,7 @@ impl BlkDevice {
                 let mut ok = true;
                 for s in &req.data {
                     let len = s.len as usize;
-                    ok &= done
-                        .mem
-                        .write_slice(&id[off..off + len], GuestAddress(s.addr))
-                        .is_ok();
+                    ok &= write_guest(&done.mem, s.addr, &id[off..off + len]);
                     off += len;
                 }
                 let status = if ok {
@@ -703,20 +700,18 @@ impl BlkDevice {
             }
             Op::Read { offset, len } => StorageIo::Read {
                 offset,
-                buf: guest_window(&done.mem, &req.data, self.window_align, self.window_max)
+                buf: self
+                    .window(&done.mem, &req.data)
                     .unwrap_or_else(|| self.pool.get(len as usize)),
             },
             Op::Write { offset, len } => {
-                let buf =
-                    match guest_window(&done.mem, &req.data, self.window_align, self.window_max) {
-                        Some(window) => window,
-                        None => match self.gather(&done.mem, &req.data, len) {
-                            Some(buf) => buf,
-                            None => {
-                                return done.finish(Some(req.status), VIRTIO_BLK_S_IOERR as u8, 0)
-                            }
-                        },
-                    };
+                let buf = match self.window(&done.mem, &req.data) {
+                    Some(window) => window,
+                    None => match self.gather(&done.mem, &req.data, len) {
+                        Some(buf) => buf,
+                        None => return done.finish(Some(req.status), VIRTIO_BLK_S_IOERR as u8, 0),
+                    },
+                };
                 StorageIo::Write {
                     offset,
                     buf,
@@ -781,6 +776,12 @@ impl BlkDevice {
         );
     }
 
+    /// The request's data as a window on guest memory, if this device's
+    /// engine can use it in place (see `guest_window`).
+    fn window(&self, mem: &Arc<Mem>, segs: &[request::Segment]) -> Option<AlignedBuf> {
+        guest_window(mem, segs, self.window_align, self.window_max)
+    }
+
     /// Copy a write's segments into a pooled buffer; `None` (logged) when
     /// one is not guest memory.
     fn gather(&self, mem: &Mem, segs: &[request::Segment], len: u64) -> Option<AlignedBuf> {
@@ -788,10 +789,7 @@ impl BlkDevice {
         let mut off = 0usize;
         for s in segs {
             let end = off + s.len as usize;
-            if mem
-                .read_slice(&mut buf.as_mut_slice()[off..end], GuestAddress(s.addr))
-                .is_err()
-            {
+            if !read_guest(mem, s.addr, &mut buf.as_mut_slice()[off..end]) {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                 log::warn!(
                     "{}: write data at {:#x} is not guest memory",
@@ -914,8 +912,9 @@ fn scatter(mem: &Mem, data: &[u8], segs: &[request::Segment]) -> Option<u32> {
     let mut off = 0usize;
     for s in segs {
         let end = off.checked_add(s.len as usize)?;
-        mem.write_slice(data.get(off..end)?, GuestAddress(s.addr))
-            .ok()?;
+        if !write_guest(mem, s.addr, data.get(off..end)?) {
+            return None;
+        }
         off = end;
     }
     u32::try_from(off).ok()

@@ -667,6 +667,18 @@ fn vhost_invalid_available_index_stops_that_queue_only() {
     assert_eq!(lines, 1, "{log}");
 }
 
+/// A 16 MiB disk `vm1` served with `--cache CACHE` over vhost-user-blk,
+/// and a client with one queue connected to it.
+fn one_queue_device(cache: &str) -> (Server, VhostBlkClient) {
+    let srv = Server::start(
+        &["vm1"],
+        "16M",
+        &["--cache", cache, "--vhost-user-blk", "vm1={dir}/vm1.vhost"],
+    );
+    let c = connect(&srv.path("vm1.vhost"), 1);
+    (srv, c)
+}
+
 /// Reads go from the storage straight into guest memory (no bounce
 /// buffer); the pages they fill must still be in a migration's dirty log,
 /// or qemu would send the destination those pages' old contents. A write
@@ -679,12 +691,7 @@ fn vhost_read_data_pages_are_in_the_dirty_log() {
 }
 
 fn read_data_pages_are_in_the_dirty_log(cache: &str) {
-    let srv = Server::start(
-        &["vm1"],
-        "16M",
-        &["--cache", cache, "--vhost-user-blk", "vm1={dir}/vm1.vhost"],
-    );
-    let mut c = connect(&srv.path("vm1.vhost"), 1);
+    let (_srv, mut c) = one_queue_device(cache);
     let a = random_bytes(8192, 11);
     c.write(0, 1 << 20, &a).unwrap();
     let log = c.start_dirty_log().unwrap();
@@ -725,12 +732,7 @@ fn vhost_unaligned_guest_buffers_read_and_write() {
 }
 
 fn unaligned_guest_buffers_read_and_write(cache: &str) {
-    let srv = Server::start(
-        &["vm1"],
-        "16M",
-        &["--cache", cache, "--vhost-user-blk", "vm1={dir}/vm1.vhost"],
-    );
-    let mut c = connect(&srv.path("vm1.vhost"), 1);
+    let (srv, mut c) = one_queue_device(cache);
     let a = random_bytes(4096, 12);
     let q = c.queue(0);
     let next = VRING_DESC_F_NEXT as u16;

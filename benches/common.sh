@@ -77,3 +77,30 @@ bench_print_rounds() { # runs-array modes servers job...
     done
   done
 }
+
+# Per request, from perf stat's CSV (`perf stat -x, -o CSV`): CPU time,
+# context switches and system calls by kind. $1 the CSV, $2 the requests
+# served, $3 who the counters are of (a server, or fio itself).
+bench_perf_per_request() { # csv requests who
+  python3 - "$@" <<'EOF'
+import sys
+csv, ios, who = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+counts = {}
+for line in open(csv):
+    f = line.strip().split(",")
+    if len(f) < 3 or line.startswith("#"):
+        continue
+    try:
+        counts[f[2]] = float(f[0])
+    except ValueError:
+        pass
+cpu = counts.get("task-clock", 0) * 1e6  # msec -> ns
+print(f"  {who} CPU per request: {cpu / ios / 1000:.2f} us; context switches per request: "
+      f"{counts.get('context-switches', 0) / ios:.3f}")
+print(f"  system calls per request: {counts.get('raw_syscalls:sys_enter', 0) / ios:.2f}:", end="")
+for k, v in sorted(counts.items(), key=lambda kv: -kv[1]):
+    if k.startswith("syscalls:sys_enter_") and v > 0:
+        print(f" {k[len('syscalls:sys_enter_'):]} {v / ios:.3f}", end="")
+print()
+EOF
+}

@@ -99,36 +99,25 @@ if [ -n "$PERF_PID" ]; then
 fi
 wait
 
-python3 - "$WORK" "$SERVER" "$RW" "$BS" "$QD" "$NJ" "$CACHE" "$DEV" <<'EOF'
+report=$(python3 - "$WORK" "$SERVER" "$RW" "$BS" "$QD" "$NJ" "$CACHE" "$DEV" <<'EOF'
 import json, sys, statistics
 work, server, rw, bs, qd, nj, cache, dev = sys.argv[1:]
 t = open(f"{work}/fio.json").read()
 j = json.loads(t[t.index("{"):])["jobs"][0]
 ios = j["read"]["total_ios"] + j["write"]["total_ios"]
 iops = j["read"]["iops"] + j["write"]["iops"]
-counts = {}
-for line in open(f"{work}/perf.csv"):
-    f = line.strip().split(",")
-    if len(f) < 3 or line.startswith("#"):
-        continue
-    try:
-        counts[f[2]] = float(f[0])
-    except ValueError:
-        pass
 inf = [sum(map(int, l.split())) for l in open(f"{work}/inflight.txt") if l.strip()]
-who = "fio+io_uring" if server == "raw" else server
+# The report's head, then the request count on a line of its own.
 print(f"{server}: {rw} {bs} QD{qd} j{nj} cache={cache}: {iops:.0f} IOPS, {ios} requests")
 print(f"  device {dev} in flight: mean {statistics.mean(inf):.1f}, median {statistics.median(inf):.0f}, "
       f"max {max(inf)} ({len(inf)} samples)")
-cpu = counts.get("task-clock", 0) * 1e6  # msec -> ns
-print(f"  {who} CPU per request: {cpu / ios / 1000:.1f} us; context switches per request: "
-      f"{counts.get('context-switches', 0) / ios:.2f}")
-print(f"  system calls per request: {counts.get('raw_syscalls:sys_enter', 0) / ios:.2f}:", end="")
-for k, v in sorted(counts.items(), key=lambda kv: -kv[1]):
-    if k.startswith("syscalls:sys_enter_") and v > 0:
-        print(f" {k[len('syscalls:sys_enter_'):]} {v / ios:.2f}", end="")
-print()
+print(ios)
 EOF
+)
+ios=${report##*$'\n'}
+printf '%s\n' "${report%$'\n'*}"
+who=$SERVER; [ "$SERVER" = raw ] && who=fio+io_uring
+bench_perf_per_request "$WORK/perf.csv" "$ios" "$who"
 if [ "$RECORD" = 1 ] && [ -f "$WORK/perf.data" ]; then
   perf report -i "$WORK/perf.data" --no-children --sort symbol --stdio 2>/dev/null \
     | grep -E '^ +[0-9]' | head -25

@@ -83,31 +83,11 @@ wait "$PERF_PID" 2>/dev/null || true
 PERF_PID=
 wait
 
-python3 - "$WORK" "$SERVER" "$RW" "$BS" "$QD" "$JOBS" "$CACHE" <<'EOF'
-import re, sys
-work, server, rw, bs, qd, jobs, cache = sys.argv[1:]
-out = open(f"{work}/load.out").read()
-ios = int(re.search(r"ios=(\d+)", out).group(1))
-iops = int(re.search(r"iops=(\d+)", out).group(1))
-counts = {}
-for line in open(f"{work}/perf.csv"):
-    f = line.strip().split(",")
-    if len(f) < 3 or line.startswith("#"):
-        continue
-    try:
-        counts[f[2]] = float(f[0])
-    except ValueError:
-        pass
-print(f"{server}: {rw} {bs} QD{qd} j{jobs} cache={cache}: {iops} IOPS, {ios} requests")
-cpu = counts.get("task-clock", 0) * 1e6  # msec -> ns, over the server's life
-print(f"  server CPU per request: {cpu / ios / 1000:.2f} us; context switches per request: "
-      f"{counts.get('context-switches', 0) / ios:.3f}")
-print(f"  system calls per request: {counts.get('raw_syscalls:sys_enter', 0) / ios:.2f}:", end="")
-for k, v in sorted(counts.items(), key=lambda kv: -kv[1]):
-    if k.startswith("syscalls:sys_enter_") and v > 0:
-        print(f" {k[len('syscalls:sys_enter_'):]} {v / ios:.3f}", end="")
-print()
-EOF
+out=$(cat "$WORK/load.out")
+ios=$(sed -n 's/.* ios=\([0-9]*\) .*/\1/p' <<<"$out")
+iops=$(sed -n 's/.* iops=\([0-9]*\) .*/\1/p' <<<"$out")
+echo "$SERVER: $RW $BS QD$QD j$JOBS cache=$CACHE: $iops IOPS, $ios requests"
+bench_perf_per_request "$WORK/perf.csv" "$ios" server
 if [ "$RECORD" = 1 ] && [ -f "$WORK/perf.data" ]; then
   perf report -i "$WORK/perf.data" --no-children --sort symbol --stdio 2>/dev/null \
     | grep -E '^ +[0-9]' | head -25

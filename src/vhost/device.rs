@@ -10,6 +10,7 @@
 //! page's bit in qemu's dirty log, so qemu re-sends those pages.
 
 use super::request::{self, Desc, Limits, Op, Refusal, Request};
+use super::ring::{self, Rings};
 use crate::handoff::{Disk, Writer};
 use crate::metrics::{DiskMetrics, Op as MetricOp, RequestTimer};
 use crate::storage::{AlignedBuf, IoOutcome, LocalQueue, StorageIo};
@@ -17,7 +18,7 @@ use parking_lot::{Condvar, Mutex};
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -30,10 +31,10 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueOwnedT;
+use virtio_queue::QueueT;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -296,15 +297,40 @@ fn publish(done: &[(Completion, u32)]) {
             .count();
         let notify = {
             let mut state = first.vring.get_mut();
+            let q = state.get_queue_mut();
+            let mem = &*first.mem;
+            let rings = Rings::new(mem, q.size(), q.desc_table(), q.avail_ring(), q.used_ring());
+            let old = q.next_used();
+            let mut slot = old;
             for (c, len) in &rest[..n] {
-                if let Err(e) = state.add_used(c.head, *len) {
-                    log::warn!("vhost-user-blk: used ring: {e}");
+                if c.head >= q.size() {
+                    log::warn!(
+                        "vhost-user-blk: used ring: chain {} is not in a queue of {}",
+                        c.head,
+                        q.size()
+                    );
+                    continue;
                 }
+                if !rings.put_used(slot, c.head, *len) {
+                    log::warn!("vhost-user-blk: used ring: not guest memory");
+                    continue;
+                }
+                slot = slot.wrapping_add(1);
             }
-            if first.event_idx {
-                state.needs_notification().unwrap_or(true)
+            if !rings.set_used_idx(slot) {
+                log::warn!("vhost-user-blk: used ring index: not guest memory");
+            }
+            q.set_next_used(slot);
+            // Orders the index before `used_event` is read (a driver that
+            // re-armed meanwhile is seen), and the writes before the dirty
+            // log's flag (see `log_written`).
+            log_written(&first.shared, mem, rings.used_written(old, slot));
+            if first.event_idx && slot != old {
+                rings
+                    .used_event()
+                    .is_none_or(|e| ring::need_event(e, slot, old))
             } else {
-                true
+                slot != old
             }
         };
         if notify {
@@ -326,6 +352,18 @@ pub struct DeviceStats {
     pub malformed: AtomicU64,
 }
 
+/// The part of a device its requests' completions use, behind one `Arc`.
+struct DeviceShared {
+    label: Arc<str>,
+    stats: Arc<DeviceStats>,
+    /// Stale refusals are logged once per burst.
+    stale_logged: LogBurst,
+    pool: BufPool,
+    /// VHOST_F_LOG_ALL acked (a migration is copying RAM): the device's
+    /// writes to guest memory are marked in qemu's dirty log.
+    log_all: AtomicBool,
+}
+
 /// One frontend connection's device.
 pub struct BlkDevice {
     disk: Arc<Disk>,
@@ -339,16 +377,13 @@ pub struct BlkDevice {
     config: Vec<u8>,
     mem: GuestMemoryAtomic<Mem>,
     event_idx: AtomicBool,
-    /// VHOST_F_LOG_ALL acked (a migration is copying RAM).
-    log_all: AtomicBool,
+    /// What completions need (one reference per request).
+    shared: Arc<DeviceShared>,
     in_flight: Vec<Arc<InFlight>>,
     next_tag: AtomicU64,
     pub stats: Arc<DeviceStats>,
     /// The disk's request metrics (`--metrics`), as NBD connections count.
     metrics: Option<Arc<DiskMetrics>>,
-    /// Stale refusals are logged once per burst.
-    stale_logged: Arc<LogBurst>,
-    pool: Arc<BufPool>,
     /// Per queue: its worker's completion event.
     completions: Vec<CompletionEvent>,
     /// Set by [`BlkDevice::quiesce`]: kicks no longer pop requests.
@@ -440,23 +475,30 @@ impl BlkDevice {
                 }
             })
             .collect();
+        let label: Arc<str> = label.into();
+        let stats = Arc::new(DeviceStats::default());
+        let shared = Arc::new(DeviceShared {
+            label: Arc::clone(&label),
+            stats: Arc::clone(&stats),
+            stale_logged: LogBurst::default(),
+            pool: BufPool::default(),
+            log_all: AtomicBool::new(false),
+        });
         BlkDevice {
             disk,
             writer,
-            label: label.into(),
+            label,
             opts,
             limits,
             features,
             config,
             mem,
             event_idx: AtomicBool::new(false),
-            log_all: AtomicBool::new(false),
+            shared,
             in_flight: (0..n).map(|_| Arc::new(InFlight::default())).collect(),
             next_tag: AtomicU64::new(1),
-            stats: Arc::new(DeviceStats::default()),
+            stats,
             metrics,
-            stale_logged: Arc::new(LogBurst::default()),
-            pool: Arc::new(BufPool::default()),
             completions,
             quiesced: AtomicBool::new(false),
             popping: AtomicUsize::new(0),
@@ -573,63 +615,71 @@ impl BlkDevice {
     /// Pop every available chain of `vring` and start it; false if the
     /// available ring is invalid (the queue is then marked broken).
     fn process_queue(&self, queue: usize, vring: &Vring) -> bool {
-        let mem = self.mem.memory();
-        let chains: Vec<_> = {
+        let mem = self.mem.memory().into_inner();
+        let mut heads: Vec<u16> = Vec::new();
+        let (size, desc, avail, used) = {
             let mut state = vring.get_mut();
-            match state.get_queue_mut().iter(mem.clone()) {
-                Ok(it) => it.collect(),
-                Err(virtio_queue::Error::QueueNotReady) => {
-                    // A kick the worker took just as the frontend stopped
-                    // the ring (GET_VRING_BASE): the next start comes with
-                    // a kick of its own.
-                    log::debug!("{}: queue {queue}: kicked while not ready", self.label);
-                    return false;
-                }
-                Err(virtio_queue::Error::InvalidAvailRingIndex) => {
-                    let first = self
-                        .ring_broken
-                        .get(queue)
-                        .is_some_and(|b| !b.swap(true, Ordering::AcqRel));
-                    if first {
-                        log::error!(
-                            "{}: queue {queue}: the available ring's index is further ahead than the queue is long; the queue is not served again until the frontend restarts it",
-                            self.label
-                        );
-                    }
-                    return false;
-                }
-                Err(e) => {
-                    if self.ring_error_logged.first() {
-                        log::warn!(
-                            "{}: queue {queue}: cannot read the available ring: {e}",
-                            self.label
-                        );
-                    }
-                    return false;
-                }
+            let q = state.get_queue_mut();
+            if !q.ready() || q.avail_ring() == 0 {
+                // A kick the worker took just as the frontend stopped the
+                // ring (GET_VRING_BASE): the next start comes with a kick
+                // of its own.
+                log::debug!("{}: queue {queue}: kicked while not ready", self.label);
+                return false;
             }
+            let (size, desc, avail, used) =
+                (q.size(), q.desc_table(), q.avail_ring(), q.used_ring());
+            let rings = Rings::new(&mem, size, desc, avail, used);
+            let Some(idx) = rings.avail_idx() else {
+                if self.ring_error_logged.first() {
+                    log::warn!(
+                        "{}: queue {queue}: cannot read the available ring at {avail:#x}: not guest memory",
+                        self.label
+                    );
+                }
+                return false;
+            };
+            let mut slot = q.next_avail();
+            if idx.wrapping_sub(slot) > size {
+                let first = self
+                    .ring_broken
+                    .get(queue)
+                    .is_some_and(|b| !b.swap(true, Ordering::AcqRel));
+                if first {
+                    log::error!(
+                        "{}: queue {queue}: the available ring's index is further ahead than the queue is long; the queue is not served again until the frontend restarts it",
+                        self.label
+                    );
+                }
+                return false;
+            }
+            while slot != idx {
+                let Some(head) = rings.avail_head(slot) else {
+                    break;
+                };
+                heads.push(head);
+                slot = slot.wrapping_add(1);
+            }
+            q.set_next_avail(slot);
+            (size, desc, avail, used)
         };
-        let mem = mem.into_inner();
+        let rings = Rings::new(&mem, size, desc, avail, used);
         let in_flight = &self.in_flight[queue.min(self.in_flight.len() - 1)];
-        in_flight.add(chains.len());
-        for chain in chains {
-            let head = chain.head_index();
-            let descs: Vec<Desc> = chain
-                .map(|d| Desc {
-                    addr: d.addr().0,
-                    len: d.len(),
-                    write_only: d.is_write_only(),
-                })
-                .collect();
-            let mut read = |addr: u64, buf: &mut [u8]| read_guest(&mem, addr, buf);
+        in_flight.add(heads.len());
+        let mut descs: Vec<Desc> = Vec::with_capacity(4);
+        for head in heads {
+            descs.clear();
+            rings.chain(head, &mut descs);
+            let mut read = |addr: u64, buf: &mut [u8]| ring::read(&mem, addr, buf);
             let parsed = request::parse(&descs, &mut read, &self.limits);
-            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            self.shared.stats.requests.fetch_add(1, Ordering::Relaxed);
             let done = Completion {
                 mem: Arc::clone(&mem),
                 vring: vring.clone(),
                 head,
                 event_idx: self.event_idx.load(Ordering::Acquire),
                 in_flight: Arc::clone(in_flight),
+                shared: Arc::clone(&self.shared),
                 timer: None,
                 payload: 0,
             };
@@ -644,15 +694,17 @@ impl BlkDevice {
                     }
                 }
                 Err(refusal) => {
-                    self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    self.shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
                     log::warn!(
                         "{}: queue {queue}: chain {head} refused: {}",
                         self.label,
                         refusal.reason()
                     );
                     match refusal {
-                        Refusal::Answer { addr, status, .. } => done.finish(Some(addr), status, 0),
-                        Refusal::NoStatus { .. } => done.finish(None, 0, 0),
+                        Refusal::Answer { addr, status, .. } => {
+                            done.finish(Some(addr), status, 0, &[])
+                        }
+                        Refusal::NoStatus { .. } => done.finish(None, 0, 0, &[]),
                     }
                 }
             }
@@ -676,7 +728,7 @@ impl BlkDevice {
         }
         let Some(writer) = &self.writer else {
             self.note_stale(&req.op);
-            return done.finish(Some(req.status), VIRTIO_BLK_S_IOERR as u8, 0);
+            return done.finish(Some(req.status), VIRTIO_BLK_S_IOERR as u8, 0, &[]);
         };
         let io = match req.op {
             Op::GetId => {
@@ -688,7 +740,7 @@ impl BlkDevice {
                 let mut ok = true;
                 for s in &req.data {
                     let len = s.len as usize;
-                    ok &= write_guest(&done.mem, s.addr, &id[off..off + len]);
+                    ok &= ring::write(&done.mem, s.addr, &id[off..off + len]);
                     off += len;
                 }
                 let status = if ok {
@@ -696,20 +748,22 @@ impl BlkDevice {
                 } else {
                     VIRTIO_BLK_S_IOERR
                 };
-                return done.finish(Some(req.status), status as u8, off as u32);
+                return done.finish(Some(req.status), status as u8, off as u32, &req.data);
             }
             Op::Read { offset, len } => StorageIo::Read {
                 offset,
                 buf: self
                     .window(&done.mem, &req.data)
-                    .unwrap_or_else(|| self.pool.get(len as usize)),
+                    .unwrap_or_else(|| self.shared.pool.get(len as usize)),
             },
             Op::Write { offset, len } => {
                 let buf = match self.window(&done.mem, &req.data) {
                     Some(window) => window,
                     None => match self.gather(&done.mem, &req.data, len) {
                         Some(buf) => buf,
-                        None => return done.finish(Some(req.status), VIRTIO_BLK_S_IOERR as u8, 0),
+                        None => {
+                            return done.finish(Some(req.status), VIRTIO_BLK_S_IOERR as u8, 0, &[])
+                        }
                     },
                 };
                 StorageIo::Write {
@@ -727,10 +781,6 @@ impl BlkDevice {
             },
         };
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
-        let stats = Arc::clone(&self.stats);
-        let stale_logged = Arc::clone(&self.stale_logged);
-        let label = Arc::clone(&self.label);
-        let pool = Arc::clone(&self.pool);
         let epoch = writer.epoch();
         let op = req.op;
         self.disk.submit(
@@ -738,6 +788,7 @@ impl BlkDevice {
             tag,
             io,
             Box::new(move |outcome: IoOutcome| {
+                let shared = Arc::clone(&done.shared);
                 let mut written = 0u32;
                 let status = match outcome.result {
                     Ok(()) => {
@@ -754,24 +805,26 @@ impl BlkDevice {
                         }
                     }
                     Err(e) => {
+                        let label = &shared.label;
                         if e.raw_os_error() == Some(libc::EPERM) {
-                            stats.refused_stale.fetch_add(1, Ordering::Relaxed);
-                            if stale_logged.first() {
+                            shared.stats.refused_stale.fetch_add(1, Ordering::Relaxed);
+                            if shared.stale_logged.first() {
                                 log::warn!(
                                     "{label}: {op:?} refused: epoch {epoch} is fenced (a newer writer took the disk); answered IOERR"
                                 );
                             }
                         } else {
-                            stats.errors.fetch_add(1, Ordering::Relaxed);
+                            shared.stats.errors.fetch_add(1, Ordering::Relaxed);
                             log::warn!("{label}: {op:?} failed: {e}");
                         }
                         VIRTIO_BLK_S_IOERR
                     }
                 };
                 if let Some(buf) = outcome.buf {
-                    pool.put(buf);
+                    shared.pool.put(buf);
                 }
-                done.finish(Some(req.status), status as u8, written);
+                let dirty = if written > 0 { &req.data[..] } else { &[] };
+                done.finish(Some(req.status), status as u8, written, dirty);
             }),
         );
     }
@@ -785,18 +838,18 @@ impl BlkDevice {
     /// Copy a write's segments into a pooled buffer; `None` (logged) when
     /// one is not guest memory.
     fn gather(&self, mem: &Mem, segs: &[request::Segment], len: u64) -> Option<AlignedBuf> {
-        let mut buf = self.pool.get(len as usize);
+        let mut buf = self.shared.pool.get(len as usize);
         let mut off = 0usize;
         for s in segs {
             let end = off + s.len as usize;
-            if !read_guest(mem, s.addr, &mut buf.as_mut_slice()[off..end]) {
-                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            if !ring::read(mem, s.addr, &mut buf.as_mut_slice()[off..end]) {
+                self.shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
                 log::warn!(
                     "{}: write data at {:#x} is not guest memory",
                     self.label,
                     s.addr
                 );
-                self.pool.put(buf);
+                self.shared.pool.put(buf);
                 return None;
             }
             off = end;
@@ -805,8 +858,11 @@ impl BlkDevice {
     }
 
     fn note_stale(&self, op: &Op) {
-        self.stats.refused_stale.fetch_add(1, Ordering::Relaxed);
-        if self.stale_logged.first() {
+        self.shared
+            .stats
+            .refused_stale
+            .fetch_add(1, Ordering::Relaxed);
+        if self.shared.stale_logged.first() {
             log::warn!(
                 "{}: {op:?} refused: this socket's epoch is below the disk's; answered IOERR",
                 self.label
@@ -847,8 +903,7 @@ fn guest_window(
     let mut total = 0usize;
     for s in segs {
         let len = s.len as usize;
-        let slice = mem.get_slice(GuestAddress(s.addr), len).ok()?;
-        let p = slice.ptr_guard_mut().as_ptr();
+        let p = ring::host(mem, s.addr, len)?;
         if total == 0 {
             start = p;
         } else if p != start.wrapping_add(total) {
@@ -861,47 +916,34 @@ fn guest_window(
         return None;
     }
     let owner: Arc<dyn std::any::Any + Send + Sync> = Arc::clone(mem) as _;
-    // SAFETY: every byte of the window is in a region of `mem` (get_slice
+    // SAFETY: every byte of the window is in a region of `mem` (`host`
     // checked each segment), and `owner` keeps those mappings alive.
     Some(unsafe { AlignedBuf::borrowed(ptr, total, owner) })
 }
 
-/// `mem.read_slice`, taking the one-region path first: vm-memory's general
-/// accessor walks a slice iterator even for a 16-byte request header.
-fn read_guest(mem: &Mem, addr: u64, buf: &mut [u8]) -> bool {
-    match mem.get_slice(GuestAddress(addr), buf.len()) {
-        Ok(slice) => slice.copy_to(buf) == buf.len(),
-        Err(_) => mem.read_slice(buf, GuestAddress(addr)).is_ok(),
+/// Mark guest memory the device wrote in qemu's dirty log while
+/// `VHOST_F_LOG_ALL` is on (a migration copies RAM), so qemu re-sends those
+/// pages. The fence orders the writes before the flag's load: a write that
+/// finds logging off was visible before qemu's SET_FEATURES(LOG_ALL) was
+/// answered, so before the RAM copy started. Ranges in two regions were
+/// written (and marked) by vm-memory itself (`ring::write`'s fallback).
+fn log_written(shared: &DeviceShared, mem: &Mem, ranges: impl IntoIterator<Item = (u64, usize)>) {
+    fence(Ordering::SeqCst);
+    if !shared.log_all.load(Ordering::Relaxed) {
+        return;
     }
-}
-
-/// `mem.write_slice` (dirty log included), one-region path first.
-fn write_guest(mem: &Mem, addr: u64, data: &[u8]) -> bool {
-    match mem.get_slice(GuestAddress(addr), data.len()) {
-        Ok(slice) => {
-            slice.copy_from(data);
-            true
-        }
-        Err(_) => mem.write_slice(data, GuestAddress(addr)).is_ok(),
-    }
-}
-
-/// Log the segments as written (the storage read into them directly), so
-/// a live migration re-sends those pages, as `write_slice` would have.
-fn mark_dirty(mem: &Mem, segs: &[request::Segment]) {
-    for s in segs {
-        if let Ok(slice) = mem.get_slice(GuestAddress(s.addr), s.len as usize) {
+    for (addr, len) in ranges {
+        if let Ok(slice) = mem.get_slice(GuestAddress(addr), len) {
             slice.bitmap().mark_dirty(0, slice.len());
         }
     }
 }
 
 /// Put a finished read's data in the guest's segments: copied from a
-/// pooled buffer, or (read in place) only logged in the dirty log. The
-/// bytes written, `None` on a bad address.
+/// pooled buffer, or already there (read in place). The bytes written,
+/// `None` on a bad address. The caller logs the segments as dirty.
 fn deliver_read(mem: &Mem, buf: &AlignedBuf, segs: &[request::Segment]) -> Option<u32> {
     if buf.is_borrowed() {
-        mark_dirty(mem, segs);
         return u32::try_from(buf.len()).ok();
     }
     scatter(mem, buf.as_slice(), segs)
@@ -912,7 +954,7 @@ fn scatter(mem: &Mem, data: &[u8], segs: &[request::Segment]) -> Option<u32> {
     let mut off = 0usize;
     for s in segs {
         let end = off.checked_add(s.len as usize)?;
-        if !write_guest(mem, s.addr, data.get(off..end)?) {
+        if !ring::write(mem, s.addr, data.get(off..end)?) {
             return None;
         }
         off = end;
@@ -927,15 +969,23 @@ struct Completion {
     head: u16,
     event_idx: bool,
     in_flight: Arc<InFlight>,
+    shared: Arc<DeviceShared>,
     /// `--metrics`: the request's timer, and its payload counted on success.
     timer: Option<RequestTimer>,
     payload: u64,
 }
 
 impl Completion {
-    /// Write the status byte (when there is one), put the chain in the used
+    /// Write the status byte (when there is one), log it and `dirty` (the
+    /// data the device wrote) in the dirty log, put the chain in the used
     /// ring with `written` + 1 bytes, and signal the driver if it wants it.
-    fn finish(mut self, status_addr: Option<u64>, status: u8, written: u32) {
+    fn finish(
+        mut self,
+        status_addr: Option<u64>,
+        status: u8,
+        written: u32,
+        dirty: &[request::Segment],
+    ) {
         if let Some(t) = self.timer.take() {
             t.done(if u32::from(status) == VIRTIO_BLK_S_OK {
                 self.payload
@@ -945,10 +995,13 @@ impl Completion {
         }
         let mut len = written;
         if let Some(addr) = status_addr {
-            if write_guest(&self.mem, addr, &[status]) {
+            if ring::write(&self.mem, addr, &[status]) {
                 len = len.saturating_add(1);
             }
         }
+        let data = dirty.iter().map(|s| (s.addr, s.len as usize));
+        let status = status_addr.map(|a| (a, 1));
+        log_written(&self.shared, &self.mem, data.chain(status));
         // On a worker handling an event: published with the rest at its
         // end. Elsewhere (or while the worker's state is torn down): now.
         let mut pending = Some((self, len));
@@ -1019,7 +1072,8 @@ impl VhostUserBackend for BlkDevice {
         // sends the log with SET_LOG_BASE): the device's writes to guest
         // memory then also mark qemu's dirty bitmap (BitmapMmapRegion).
         let on = features & VHOST_F_LOG_ALL != 0;
-        if self.log_all.swap(on, Ordering::AcqRel) != on {
+        // SeqCst: pairs with `log_written`'s fence.
+        if self.shared.log_all.swap(on, Ordering::SeqCst) != on {
             log::info!(
                 "{}: dirty logging {} (VHOST_F_LOG_ALL)",
                 self.label,

@@ -18,6 +18,7 @@
 pub mod device;
 pub mod export;
 pub mod request;
+pub mod ring;
 
 pub use device::{BlkDevice, DeviceOptions};
 pub use export::{VhostExports, VhostSpec};

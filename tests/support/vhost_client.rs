@@ -278,6 +278,10 @@ impl Queue {
     pub fn data_gpa(&self, slot: usize) -> u64 {
         self.data + (slot * self.slot_bytes) as u64
     }
+    /// Guest-physical address of the used ring (its own page).
+    pub fn used_gpa(&self) -> u64 {
+        self.used
+    }
     /// The first of a slot's three descriptor indices (its chain's head).
     pub fn desc_index(&self, slot: usize) -> u16 {
         (3 * slot) as u16

@@ -11,6 +11,9 @@
 //! `VIRTIO_BLK_S_IOERR` and never reach the storage.
 //!
 //! - [`request`]: the pure descriptor-chain parser (fuzzed: `fuzz/`),
+//! - [`ring`]: the virtqueue's rings and descriptor chains, read and
+//!   written in place in guest memory (the walk fuzzed against
+//!   virtio-queue's),
 //! - [`device`]: the virtio-blk device of one connection,
 //! - [`export`]: the sockets, one frontend at a time, listening again
 //!   when it leaves.

@@ -10,12 +10,18 @@
 #   benches/nbd_fio.sh [--cache=none|writeback|both] [--size=1G] [--runtime=10]
 #                      [--repeat=1] [--dir=/var/tmp] [--tls] [--jobs=REGEX]
 #                      [--servers="blkshim qemu-nbd ..."] [--base=PATH] [--raw]
+#                      [--spin-idle]
 #
 # --jobs runs only the jobs whose name matches (e.g. --jobs='4k'); --servers
 # only the named columns (blkshim is always run). --base=PATH adds a column
 # blkshim-base: another blkshim binary (a baseline build) in the same
 # interleaved rounds, so a change and its baseline meet the same load.
 # --raw also prints every round's IOPS of each cell, in round order.
+# --spin-idle runs a busy loop at SCHED_IDLE on every CPU for the whole
+# run: a diagnostic, not a setting. A CPU then never halts, so a wakeup
+# no longer waits for a halted vCPU to be scheduled again by the host
+# (costly in a nested VM); every column is measured that way, the limits
+# too.
 #
 # --tls adds the same servers over TLS (X.509, client certificates checked
 # against the CA, made here with openssl): blkshim-tls (--tls require and a
@@ -36,7 +42,7 @@
 # Needs: fio, qemu-nbd, nbdkit, python3 (apt-get install fio qemu-utils nbdkit).
 set -euo pipefail
 
-CACHE=both SIZE=1G RUNTIME=10 DIR=/var/tmp REPEAT=1 TLS=0 JOBRE=. ONLY= BASEBIN= RAW=0
+CACHE=both SIZE=1G RUNTIME=10 DIR=/var/tmp REPEAT=1 TLS=0 JOBRE=. ONLY= BASEBIN= RAW=0 SPIN=0
 for a in "$@"; do
   case $a in
     --cache=*) CACHE=${a#*=} ;;
@@ -49,7 +55,8 @@ for a in "$@"; do
     --servers=*) ONLY=${a#*=} ;;
     --base=*) BASEBIN=${a#*=} ;;
     --raw) RAW=1 ;;
-    -h|--help) sed -n 2,31p "$0"; exit 0 ;;
+    --spin-idle) SPIN=1 ;;
+    -h|--help) sed -n 2,37p "$0"; exit 0 ;;
     *) echo "unknown argument $a" >&2; exit 2 ;;
   esac
 done
@@ -65,11 +72,20 @@ WORK=$(mktemp -d "$DIR/blkshim-bench.XXXXXX")
 IMG=$WORK/disk.img
 SOCK=$WORK/nbd.sock
 SERVER_PID=
+SPINNERS=()
 cleanup() {
   [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null || true
+  [ ${#SPINNERS[@]} -gt 0 ] && kill "${SPINNERS[@]}" 2>/dev/null || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+if [ "$SPIN" = 1 ]; then
+  for c in $(seq 0 $(($(nproc) - 1))); do
+    taskset -c "$c" chrt -i 0 sh -c 'while :; do :; done' &
+    SPINNERS+=($!)
+  done
+  echo "spinning at SCHED_IDLE on $(nproc) CPUs (--spin-idle)" >&2
+fi
 
 if [ "$TLS" = 1 ]; then
   command -v openssl >/dev/null || { echo "missing openssl" >&2; exit 1; }

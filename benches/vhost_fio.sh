@@ -14,7 +14,10 @@
 # of another blkshim binary (a baseline build), in the same interleaved
 # rounds, so a change and its baseline are compared under the same load.
 # --servers=LIST (comma-separated, of blkshim-vhost blkshim-base qsd-vhost
-# blkshim-nbd) picks the columns, the first being what ratios are to;
+# blkshim-nbd fio-io_uring) picks the columns, the first being what ratios
+# are to; fio-io_uring is no server but fio's own io_uring on the image
+# (the same job, the same cache mode): the device's, or the page cache's,
+# limit;
 # --jobs=REGEX runs only the jobs whose name matches (grep -E). --raw also
 # prints every round's IOPS of each cell (in round order), to compare
 # columns round by round. A blkshim whose `serve` has no --vhost-user-blk
@@ -81,7 +84,7 @@ fi
 [ -n "$ONLY" ] && SERVERS=${ONLY//,/ }
 for srv in $SERVERS; do
   case $srv in
-    blkshim-vhost|qsd-vhost|blkshim-nbd) ;;
+    blkshim-vhost|qsd-vhost|blkshim-nbd|fio-io_uring) ;;
     blkshim-base) [ -n "$BASEBIN" ] || { echo "blkshim-base needs --base=PATH" >&2; exit 2; } ;;
     *) echo "unknown server $srv" >&2; exit 2 ;;
   esac
@@ -144,13 +147,25 @@ start_server() { # name mode
         >/dev/null 2>"$WORK/blkshim-nbd.log" &
       SERVER_PID=$!
       bench_wait_socket "$SOCK" "$WORK" ;;
+    fio-io_uring) ;;
   esac
 }
 
 # run_job server fioargs loadargs -> "iops mbps" (or "fail fail")
 run_job() {
-  local srv=$1 fargs=$2 largs=$3 out
-  if [ "$srv" = blkshim-nbd ]; then
+  local srv=$1 fargs=$2 largs=$3 mode=$4 out
+  if [ "$srv" = fio-io_uring ]; then
+    local d=0; [ "$mode" = none ] && d=1
+    # shellcheck disable=SC2086
+    if out=$(fio --name=bench --size="$SIZE" --runtime="$RUNTIME" --time_based --group_reporting \
+          --output-format=json --verify_state_save=0 --offset_increment=0 $fargs \
+          --ioengine=io_uring --direct=$d --filename="$IMG" 2>"$WORK/fio.err"); then
+      bench_fio_iops_mbps <<<"$out"
+    else
+      echo "WARNING: fio on the image failed: $(tail -3 "$WORK/fio.err")" >&2
+      echo "fail fail"
+    fi
+  elif [ "$srv" = blkshim-nbd ]; then
     # shellcheck disable=SC2086
     if out=$(fio --name=bench --size="$SIZE" --runtime="$RUNTIME" --time_based --group_reporting \
           --output-format=json --verify_state_save=0 --offset_increment=0 $fargs \
@@ -186,8 +201,8 @@ for round in $(seq "$REPEAT"); do
         # no server pays for another's write-back.
         sync
         k="$mode|$srv|$name"
-        RUNS[$k]="${RUNS[$k]:-}$(run_job "$srv" "$fargs" "$largs");"
-        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+        RUNS[$k]="${RUNS[$k]:-}$(run_job "$srv" "$fargs" "$largs" "$mode");"
+        if [ -n "$SERVER_PID" ] && ! kill -0 "$SERVER_PID" 2>/dev/null; then
           echo "WARNING: $srv exited during $name (round $round, $mode):" >&2
           tail -5 "$WORK/$srv.log" >&2 2>/dev/null || true
           SERVER_PID=

@@ -298,7 +298,11 @@ fn publish(done: &[(Completion, u32)]) {
         let notify = {
             let mut state = first.vring.get_mut();
             let q = state.get_queue_mut();
-            let mem = &*first.mem;
+            // The memory table as it is now (as virtio-queue's `add_used`
+            // did): the used ring's address is the guest's, and qemu may
+            // have replaced the table since the chains were popped.
+            let current = first.shared.mem.memory();
+            let mem: &Mem = &current;
             let rings = Rings::new(mem, q.size(), q.desc_table(), q.avail_ring(), q.used_ring());
             let old = q.next_used();
             let mut slot = old;
@@ -362,6 +366,8 @@ struct DeviceShared {
     /// VHOST_F_LOG_ALL acked (a migration is copying RAM): the device's
     /// writes to guest memory are marked in qemu's dirty log.
     log_all: AtomicBool,
+    /// The frontend's memory table, as it changes.
+    mem: GuestMemoryAtomic<Mem>,
 }
 
 /// One frontend connection's device.
@@ -483,6 +489,7 @@ impl BlkDevice {
             stale_logged: LogBurst::default(),
             pool: BufPool::default(),
             log_all: AtomicBool::new(false),
+            mem: mem.clone(),
         });
         BlkDevice {
             disk,

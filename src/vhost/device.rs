@@ -628,7 +628,9 @@ impl BlkDevice {
     fn process_queue(&self, queue: usize, vring: &Vring) -> bool {
         let mem = self.mem.memory().into_inner();
         let mut heads: Vec<u16> = Vec::new();
-        let (size, desc, avail, used) = {
+        // Built under the queue's lock (its addresses), used after it too:
+        // it only borrows `mem`.
+        let rings = {
             let mut state = vring.get_mut();
             let q = state.get_queue_mut();
             if !q.ready() || q.avail_ring() == 0 {
@@ -638,9 +640,8 @@ impl BlkDevice {
                 log::debug!("{}: queue {queue}: kicked while not ready", self.label);
                 return false;
             }
-            let (size, desc, avail, used) =
-                (q.size(), q.desc_table(), q.avail_ring(), q.used_ring());
-            let rings = Rings::new(&mem, size, desc, avail, used);
+            let (size, avail) = (q.size(), q.avail_ring());
+            let rings = Rings::new(&mem, size, q.desc_table(), avail, q.used_ring());
             let Some(idx) = rings.avail_idx() else {
                 if self.ring_error_logged.first() {
                     log::warn!(
@@ -672,9 +673,8 @@ impl BlkDevice {
                 slot = slot.wrapping_add(1);
             }
             q.set_next_avail(slot);
-            (size, desc, avail, used)
+            rings
         };
-        let rings = Rings::new(&mem, size, desc, avail, used);
         let in_flight = &self.in_flight[queue.min(self.in_flight.len() - 1)];
         in_flight.add(heads.len());
         let mut descs: Vec<Desc> = Vec::with_capacity(4);

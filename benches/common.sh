@@ -1,7 +1,27 @@
-# Sourced by benches/nbd_fio.sh, nbd_profile.sh and vhost_fio.sh: one place
+# Sourced by the bench scripts: one place
 # for how a bench image is filled, how each NBD server is started, how fio's
 # JSON becomes "IOPS MB/s" and how rounds become a median, so the scripts
 # measure the same servers the same way.
+
+# Install the tools a bench runs when they are missing (root, apt-get), as
+# tests/all.sh does, so a bench works on a fresh machine. qemu's tools come
+# from bookworm, like tests/all.sh's, to match the preinstalled qemu-utils.
+bench_need() { # command...
+  local pkgs=() t
+  for t in "$@"; do
+    command -v "$t" >/dev/null && continue
+    case $t in
+      qemu-nbd|qemu-img|qemu-storage-daemon) pkgs+=(qemu-utils/bookworm) ;;
+      perf) pkgs+=(linux-perf) ;;
+      *) pkgs+=("$t") ;;
+    esac
+  done
+  [ ${#pkgs[@]} -eq 0 ] && return 0
+  echo "installing: ${pkgs[*]}" >&2
+  apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --allow-downgrades "${pkgs[@]}" >&2 ||
+    { echo "could not install ${pkgs[*]}" >&2; return 1; }
+}
 
 # A fully allocated file, so reads hit real blocks for every server.
 bench_fill() { # image size
@@ -72,6 +92,42 @@ bench_print_rounds() { # runs-array modes servers job...
         printf ' %s:' "$srv"
         IFS=';' read -ra rs <<<"${rounds_of[$mode|$srv|$j]}"
         for x in "${rs[@]}"; do printf ' %s' "${x%% *}"; done
+      done
+      printf '\n'
+    done
+  done
+}
+
+# The servers in round R's order: rotated left by R-1, so no server always
+# runs first (after a pause) or right after another's write-back.
+bench_rotate() { # round server...
+  local r=$1; shift
+  local a=("$@") n=$# i
+  for ((i = 0; i < n; i++)); do printf '%s ' "${a[$(((i + r - 1) % n))]}"; done
+}
+
+# Round by round, how often the first server was ahead of each other one
+# (rounds are paired: round i of every server ran back to back, in
+# rotated order). Arguments as bench_print_rounds.
+bench_print_wins() { # runs-array modes servers job...
+  local -n wins_of=$1
+  local modes=$2 servers=$3 mode j srv first
+  shift 3
+  first=${servers%% *}
+  printf '
+Rounds in which %s was ahead of each column (paired by round):\n' "$first"
+  for mode in $modes; do
+    for j in "$@"; do
+      printf '%-10s %-22s' "$mode" "$j"
+      for srv in ${servers#"$first"}; do
+        python3 -c '
+import sys
+a = [r.split()[0] for r in sys.argv[1].split(";") if r]
+b = [r.split()[0] for r in sys.argv[2].split(";") if r]
+f = lambda x: -1.0 if x == "fail" else float(x)
+w = sum(1 for x, y in zip(a, b) if f(x) > f(y))
+print(" %s: %d of %d" % (sys.argv[3], w, min(len(a), len(b))), end="")' \
+          "${wins_of[$mode|$first|$j]}" "${wins_of[$mode|$srv|$j]}" "$srv"
       done
       printf '\n'
     done

@@ -25,7 +25,8 @@ for a in "$@"; do
     *) echo "device_qd.sh: unknown option $a" >&2; exit 2 ;;
   esac
 done
-command -v fio >/dev/null || { echo "device_qd.sh: installing fio" >&2; apt-get install -y -q fio >&2; }
+
+bench_need fio
 
 work=$(mktemp -d ${dir:+-p "$dir"})
 trap 'rm -rf "$work"' EXIT

@@ -33,13 +33,15 @@
 #
 # With --repeat=N every server runs every job N times, the rounds
 # interleaved (so drift hits all servers alike), and each cell is the
-# median of its N runs.
+# median of its N runs. The servers' order is rotated each round, and the
+# script ends with how many rounds the first column won against each other
+# column.
 #
 # Like is compared with like: --cache=none runs blkshim with O_DIRECT
 # against qemu-nbd --cache=none and fio --direct=1 (nbdkit's closest is
 # cache=none, which only drops pages with fadvise); --cache=writeback runs
 # every server through the page cache.
-# Needs: fio, qemu-nbd, nbdkit, python3 (apt-get install fio qemu-utils nbdkit).
+# Needs: fio, qemu-nbd, nbdkit, python3; installed with apt-get when missing.
 set -euo pipefail
 
 CACHE=both SIZE=1G RUNTIME=10 DIR=/var/tmp REPEAT=1 TLS=0 JOBRE=. ONLY= BASEBIN= RAW=0 SPIN=0
@@ -60,12 +62,9 @@ for a in "$@"; do
     *) echo "unknown argument $a" >&2; exit 2 ;;
   esac
 done
-for t in fio qemu-nbd nbdkit qemu-storage-daemon python3; do
-  command -v $t >/dev/null || { echo "missing $t" >&2; exit 1; }
-done
-
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 . "$ROOT/benches/common.sh"
+bench_need fio qemu-nbd nbdkit qemu-storage-daemon python3
 (cd "$ROOT" && cargo build --release --quiet)
 BLKSHIM=$ROOT/target/release/blkshim
 WORK=$(mktemp -d "$DIR/blkshim-bench.XXXXXX")
@@ -88,7 +87,7 @@ if [ "$SPIN" = 1 ]; then
 fi
 
 if [ "$TLS" = 1 ]; then
-  command -v openssl >/dev/null || { echo "missing openssl" >&2; exit 1; }
+  bench_need openssl
   PKI=$WORK/pki
   mkdir -p "$PKI/server" "$PKI/client"
   ( cd "$PKI"
@@ -217,12 +216,16 @@ JOBS=("${sel[@]}")
 declare -A RUNS
 for round in $(seq "$REPEAT"); do
   for mode in $MODES; do
-    for srv in $SERVERS; do
+    # shellcheck disable=SC2046
+    for srv in $(bench_rotate "$round" $SERVERS); do
       [ "$srv" != fio-io_uring ] && start_server "$srv" "$mode"
       for job in "${JOBS[@]}"; do
         # Start each job with no dirty pages left by the one before, so
         # no server pays for another's write-back.
         sync
+        # Through the page cache, every server starts with the whole
+        # image cached (O_DIRECT writes of an earlier job drop pages).
+        [ "$mode" = writeback ] && cat "$IMG" >/dev/null
         k="$mode|$srv|${job%%|*}"
         RUNS[$k]="${RUNS[$k]:-}$(run_fio "$srv" "$mode" "${job#*|}");"
       done
@@ -265,4 +268,8 @@ printf '%s; b/limit = blkshim / limit; b/peer = blkshim / the best of %s.\n' "$L
 if [ "$RAW" = 1 ]; then
   names=(); for job in "${JOBS[@]}"; do names+=("${job%%|*}"); done
   bench_print_rounds RUNS "$MODES" "$SERVERS" "${names[@]}"
+fi
+if [ "$REPEAT" -gt 1 ]; then
+  names=(); for job in "${JOBS[@]}"; do names+=("${job%%|*}"); done
+  bench_print_wins RUNS "$MODES" "$SERVERS" "${names[@]}"
 fi

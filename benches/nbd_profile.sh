@@ -32,10 +32,9 @@ for a in "$@"; do
     *) echo "unknown argument $a" >&2; exit 2 ;;
   esac
 done
-command -v perf >/dev/null || { echo "missing perf (apt-get install linux-perf)" >&2; exit 1; }
-
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 . "$ROOT/benches/common.sh"
+bench_need perf fio
 [ "$SERVER" = blkshim ] && (cd "$ROOT" && cargo build --release --quiet)
 BLKSHIM=$ROOT/target/release/blkshim
 WORK=$(mktemp -d "$DIR/blkshim-prof.XXXXXX")

@@ -26,7 +26,9 @@
 #
 # With --repeat=N every server runs every job N times, the rounds
 # interleaved (so drift hits all servers alike), and each cell is the
-# median of its N runs.
+# median of its N runs. Within a round the servers of a job run back to
+# back, in an order rotated each round, and the script ends with how
+# many rounds the first column won against each other column.
 #
 # Like is compared with like: --cache=none runs blkshim with O_DIRECT
 # against qemu-storage-daemon with cache.direct=on; --cache=writeback runs
@@ -34,8 +36,8 @@
 # --jobs N of a job is N queues on one vhost-user connection, each driven
 # by its own thread with the job's queue depth (fio's numjobs=N for NBD:
 # N connections). The load generator's buffers are 4096-aligned.
-# Needs: fio (with the nbd engine), qemu-storage-daemon, python3
-# (apt-get install fio qemu-system-common or qemu-storage-daemon).
+# Needs: fio (with the nbd engine), qemu-storage-daemon, python3; installed
+# with apt-get when missing.
 set -euo pipefail
 
 CACHE=both SIZE=1G RUNTIME=10 DIR=/var/tmp REPEAT=1 JOBRE= ONLY= BASEBIN= RAW=
@@ -54,12 +56,9 @@ for a in "$@"; do
     *) echo "unknown argument $a" >&2; exit 2 ;;
   esac
 done
-for t in fio qemu-storage-daemon python3; do
-  command -v $t >/dev/null || { echo "missing $t" >&2; exit 1; }
-done
-
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 . "$ROOT/benches/common.sh"
+bench_need fio qemu-storage-daemon python3
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 (cd "$ROOT" && cargo build --release --quiet --bin blkshim --example vhost_blk_load)
 BLKSHIM=${BLKSHIM:-$TARGET/release/blkshim}
@@ -190,9 +189,12 @@ MODES=$CACHE; [ "$CACHE" = both ] && MODES="none writeback"
 declare -A RUNS
 for round in $(seq "$REPEAT"); do
   for mode in $MODES; do
-    for srv in $SERVERS; do
-      for job in "${JOBS[@]}"; do
-        IFS='|' read -r name fargs largs <<<"$job"
+    for job in "${JOBS[@]}"; do
+      IFS='|' read -r name fargs largs <<<"$job"
+      # The servers of one job back to back, so drift between jobs hits
+      # them alike, in an order rotated each round (bench_rotate).
+      # shellcheck disable=SC2046
+      for srv in $(bench_rotate "$round" $SERVERS); do
         # A fresh server for each job (every server alike): a vhost-user
         # backend serves one frontend per socket and need not take a
         # second one after the first left.
@@ -200,6 +202,9 @@ for round in $(seq "$REPEAT"); do
         # Start each job with no dirty pages left by the one before, so
         # no server pays for another's write-back.
         sync
+        # Through the page cache, every server starts with the whole
+        # image cached (O_DIRECT writes of an earlier job drop pages).
+        [ "$mode" = writeback ] && cat "$IMG" >/dev/null
         k="$mode|$srv|$name"
         RUNS[$k]="${RUNS[$k]:-}$(run_job "$srv" "$fargs" "$largs" "$mode");"
         if [ -n "$SERVER_PID" ] && ! kill -0 "$SERVER_PID" 2>/dev/null; then
@@ -244,4 +249,8 @@ printf '(x) = column / %s; above 1.00 that column is faster.\n' "$BASE"
 if [ -n "$RAW" ]; then
   names=(); for job in "${JOBS[@]}"; do names+=("${job%%|*}"); done
   bench_print_rounds RUNS "$MODES" "$SERVERS" "${names[@]}"
+fi
+if [ "$REPEAT" -gt 1 ]; then
+  names=(); for job in "${JOBS[@]}"; do names+=("${job%%|*}"); done
+  bench_print_wins RUNS "$MODES" "$SERVERS" "${names[@]}"
 fi

@@ -31,10 +31,9 @@ for a in "$@"; do
     *) echo "unknown argument $a" >&2; exit 2 ;;
   esac
 done
-command -v perf >/dev/null || { echo "missing perf (apt-get install linux-perf)" >&2; exit 1; }
-
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 . "$ROOT/benches/common.sh"
+bench_need perf fio
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 (cd "$ROOT" && cargo build --release --quiet --bin blkshim --example vhost_blk_load)
 LOAD=$TARGET/release/examples/vhost_blk_load

@@ -224,8 +224,9 @@ for round in $(seq "$REPEAT"); do
         # no server pays for another's write-back.
         sync
         # Through the page cache, every server starts with the whole
-        # image cached (O_DIRECT writes of an earlier job drop pages).
-        [ "$mode" = writeback ] && cat "$IMG" >/dev/null
+        # image cached, in small folios (bench_warm; O_DIRECT writes of
+        # an earlier job drop pages).
+        [ "$mode" = writeback ] && bench_warm "$IMG" "$SIZE"
         k="$mode|$srv|${job%%|*}"
         RUNS[$k]="${RUNS[$k]:-}$(run_fio "$srv" "$mode" "${job#*|}");"
       done

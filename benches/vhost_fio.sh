@@ -203,8 +203,9 @@ for round in $(seq "$REPEAT"); do
         # no server pays for another's write-back.
         sync
         # Through the page cache, every server starts with the whole
-        # image cached (O_DIRECT writes of an earlier job drop pages).
-        [ "$mode" = writeback ] && cat "$IMG" >/dev/null
+        # image cached, in small folios (bench_warm; O_DIRECT writes of
+        # an earlier job drop pages).
+        [ "$mode" = writeback ] && bench_warm "$IMG" "$SIZE"
         k="$mode|$srv|$name"
         RUNS[$k]="${RUNS[$k]:-}$(run_job "$srv" "$fargs" "$largs" "$mode");"
         if [ -n "$SERVER_PID" ] && ! kill -0 "$SERVER_PID" 2>/dev/null; then

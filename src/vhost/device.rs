@@ -403,20 +403,20 @@ pub struct BlkDevice {
     ring_broken: Vec<AtomicBool>,
     /// Other errors reading an available ring are logged once per burst.
     ring_error_logged: LogBurst,
-    /// Submit each popped read to the storage at once rather than with its
-    /// batch, with O_DIRECT. A batch submitted together is completed
+    /// Submit each popped read or write to the storage at once rather
+    /// than with its batch, with O_DIRECT, while fewer workers are busy
+    /// than there are CPUs. A batch submitted together is completed
     /// together by the device, answered together, and comes back together:
     /// a convoy that leaves the device idle between batches (one signal per
-    /// ~31 requests on one queue). Submitting each read breaks it up:
-    /// O_DIRECT 4 KiB randread QD32, one queue, 68k -> 78k IOPS, ahead in 5
-    /// of 5 interleaved rounds (README). Writes stay batched: submitted one
-    /// by one they lost on four queues in 5 of 5 rounds (86k -> 68k), and
-    /// through the page cache every request costs CPU, not device time.
-    /// Only while fewer workers are busy than there are CPUs: with four
-    /// queues on two CPUs the device is kept full anyway, and a submission
-    /// per read only costs (randread j4 124k -> 134k batched, ahead in 6 of
-    /// 7 interleaved rounds; j1 unchanged).
-    reads_at_once: bool,
+    /// ~31 requests on one queue). Submitting each request breaks it up:
+    /// 4 KiB QD32 on one queue, randread 68k -> 78k IOPS, randwrite 60k ->
+    /// 75k, each ahead in 5 of 5 interleaved rounds (README). With four
+    /// queues on two CPUs every worker is busy, the device is kept full
+    /// anyway and a submission per request only costs: batched then
+    /// (randread j4 124k -> 134k, ahead in 6 of 7 rounds; randwrite j4
+    /// lost 86k -> 68k when its writes went one by one). Through the page
+    /// cache every request costs CPU, not device time: always batched.
+    at_once: bool,
     /// Through the page cache, where a request completes inside its
     /// submission: publish the chains a worker completes every
     /// [`PUBLISH_EARLY_EVERY`], not all at the end of the event, while
@@ -515,7 +515,7 @@ impl BlkDevice {
             popping: AtomicUsize::new(0),
             ring_broken: (0..n).map(|_| AtomicBool::new(false)).collect(),
             ring_error_logged: LogBurst::default(),
-            reads_at_once: caps.direct,
+            at_once: caps.direct,
             publish_early: !caps.direct,
             window_align: if caps.direct {
                 usize::try_from(block).unwrap_or(4096)
@@ -696,11 +696,11 @@ impl BlkDevice {
             };
             match parsed {
                 Ok(req) => {
-                    let read = matches!(req.op, Op::Read { .. });
+                    let data = matches!(req.op, Op::Read { .. } | Op::Write { .. });
                     self.start(req, done);
-                    if read && self.reads_at_once && BUSY_WORKERS.load(Ordering::Relaxed) < cpus() {
+                    if data && self.at_once && BUSY_WORKERS.load(Ordering::Relaxed) < cpus() {
                         // Submit it now (one io_uring_enter), not with the
-                        // batch: see `reads_at_once`.
+                        // batch: see `at_once`.
                         let _ = WORKER.try_with(|w| w.reap(&self.label));
                     }
                 }

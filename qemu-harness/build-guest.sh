@@ -16,10 +16,12 @@ CACHE=${CACHE:-$HERE/.cache}
 MODULES="virtio_pci virtio_blk"
 
 log() { echo "build-guest: $*" >&2; }
+# A command that fails under set -e says where, not just an exit status.
+trap 'log "failed (status $?) at line $LINENO: $BASH_COMMAND"' ERR
 
 # The kernel: the image package the linux-image-amd64 metapackage currently
 # points at (candidate version), e.g. linux-image-6.1.0-56-amd64.
-KPKG=${KPKG:-$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')}
+KPKG=${KPKG:-$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ && !n++ {print $2}')}
 [ -n "$KPKG" ] || { log "cannot find the kernel package (apt-get update?)"; exit 1; }
 . "$HERE/debs.sh" # cand, fetch
 KVER=$(cand "$KPKG")
@@ -74,7 +76,7 @@ log "modules (load order): $(tr '\n' ' ' <"$ROOT/etc/modules.order")"
 cp "$WORK/busybox/bin/busybox" "$ROOT/bin/busybox"
 cp "$WORK/fio/usr/bin/fio" "$ROOT/usr/bin/fio"
 libs=$(ldd "$ROOT/usr/bin/fio" | awk '/=> \//{print $3} /^\t\/lib/{print $1}')
-if ldd "$ROOT/usr/bin/fio" | grep -q 'not found'; then
+if ldd "$ROOT/usr/bin/fio" | awk '/not found/{n++} END{exit !n}'; then
     log "fio libraries missing on the host (install fio's dependencies):"
     ldd "$ROOT/usr/bin/fio" | grep 'not found' >&2
     exit 1

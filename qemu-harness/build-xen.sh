@@ -33,8 +33,10 @@ DOMU_MODULES="xen-blkfront"
 XENVER=4.17
 
 log() { echo "build-xen: $*" >&2; }
+# A command that fails under set -e says where, not just an exit status.
+trap 'log "failed (status $?) at line $LINENO: $BASH_COMMAND"' ERR
 
-KPKG=${KPKG:-$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')}
+KPKG=${KPKG:-$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ && !n++ {print $2}')}
 [ -n "$KPKG" ] || { log "cannot find the kernel package (apt-get update?)"; exit 1; }
 . "$HERE/debs.sh" # cand, fetch
 inst() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || echo none; }
@@ -57,7 +59,7 @@ HASH=$( {
 } | sha256sum | cut -c1-16)
 OUT=$CACHE/xen-$HASH
 if [ -s "$OUT/xen" ] && [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/dom0.cpio.gz" ]; then
-    log "cached $OUT ($(cat "$OUT/INFO" | head -1))"
+    log "cached $OUT ($(sed -n 1p "$OUT/INFO"))"
     echo "$OUT"
     exit 0
 fi
@@ -109,7 +111,7 @@ copy_libs() { # root files...
     local root=$1; shift
     local f l libs=""
     for f in "$@"; do
-        if ldd "$f" 2>/dev/null | grep -q 'not found'; then
+        if ldd "$f" 2>/dev/null | awk '/not found/{n++} END{exit !n}'; then
             log "libraries missing on the host for $f:"; ldd "$f" | grep 'not found' >&2; exit 1
         fi
         libs="$libs $(ldd "$f" 2>/dev/null | awk '/=> \//{print $3} /^\t\/lib/{print $1}' || true)"
@@ -178,7 +180,7 @@ cp "$(command -v dmsetup)" "$D0/sbin/dmsetup"
 cp "$WORK/xen-xswatch" "$D0/usr/bin/xen-xswatch"
 copy_libs "$D0" "$D0"/usr/lib/xen-$XENVER/bin/* "$D0/usr/bin/xenstore" "$D0/sbin/dmsetup" "$D0/usr/bin/xen-xswatch"
 # pthread_cancel dlopen()s libgcc_s: without it xl aborts.
-gcc_s=$(ldconfig -p | awk '/libgcc_s.so.1 .*x86-64/{print $NF; exit}')
+gcc_s=$(ldconfig -p | awk '/libgcc_s.so.1 .*x86-64/ && !n++ {print $NF}')
 [ -n "$gcc_s" ] || { log "libgcc_s.so.1 not found"; exit 1; }
 gcc_s=${gcc_s#/usr}
 mkdir -p "$D0$(dirname "$gcc_s")"

@@ -24,10 +24,12 @@ MODULES="$MODULES dm_mod dm_delay"
 # ---
 
 log() { echo "hostside-build: $*" >&2; }
+# A command that fails under set -e says where, not just an exit status.
+trap 'log "failed (status $?) at line $LINENO: $BASH_COMMAND"' ERR
 
 # The kernel: as build-guest.sh, the image package the linux-image-amd64
 # metapackage currently points at (candidate version).
-KPKG=${KPKG:-$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')}
+KPKG=${KPKG:-$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ && !n++ {print $2}')}
 [ -n "$KPKG" ] || { log "cannot find the kernel package (apt-get update?)"; exit 1; }
 . "$HERE/debs.sh" # cand, fetch
 KVER=$(cand "$KPKG")

@@ -148,7 +148,7 @@ for v in HS_BLOCKS DRAIN_DELAY_MS CUT_DELAY_MS HS_FENCE_TIMEOUT HS_RUST_LOG; do
     if [ -n "${!v:-}" ]; then printf '%s=%q\n' "$v" "${!v}" >>"$PAY/payload/hostside.conf"; fi
 done
 for bin in "$PAY/payload/blkshim" "$PAY/payload/pr_lio" "$PAY/payload/hostside_load" "$PAY/sbin/dmsetup"; do
-    if ldd "$bin" | grep -q 'not found'; then ldd "$bin" >&2; log "missing libraries"; exit 1; fi
+    if ldd "$bin" | awk '/not found/{n++} END{exit !n}'; then ldd "$bin" >&2; log "missing libraries"; exit 1; fi
     for l in $(ldd "$bin" | awk '/=> \//{print $3} /^\t\/lib/{print $1}'); do
         mkdir -p "$PAY$(dirname "$l")"
         cp -L "$l" "$PAY$(dirname "$l")/"

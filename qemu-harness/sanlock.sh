@@ -69,7 +69,7 @@ for pkg in sanlock libsanlock1 libsanlock-client1 libaio1 dmsetup libdevmapper1.
     dpkg -x "$(fetch "$pkg" "$ver")" "$X"
 done
 KREL=$(awk '{print $1}' "$GUEST/INFO" | sed 's/^linux-image-//')
-KDEB=$(ls "$CACHE/debs/linux-image-${KREL}_"*.deb | head -1)
+KDEB=$(ls "$CACHE/debs/linux-image-${KREL}_"*.deb | sed -n 1p)
 mkdir -p "$WORK/kernel"
 dpkg-deb --fsys-tarfile "$KDEB" | tar -x -C "$WORK/kernel" --wildcards "./lib/modules/$KREL/kernel/drivers/*"
 MODROOT=$WORK/kernel/lib/modules/$KREL
@@ -98,7 +98,7 @@ printf 'root:x:0:\nsanlock:x:179:\n' >"$PAY/etc/group"
 chmod 755 "$PAY/payload/run.sh" "$PAY/payload/blkshim" "$PAY/sbin/"*
 LIBPATH=$X/lib/x86_64-linux-gnu:$X/usr/lib/x86_64-linux-gnu
 for bin in "$PAY/payload/blkshim" "$PAY/sbin/sanlock" "$PAY/sbin/wdmd" "$PAY/sbin/dmsetup"; do
-    if LD_LIBRARY_PATH=$LIBPATH ldd "$bin" | grep -q 'not found'; then
+    if LD_LIBRARY_PATH=$LIBPATH ldd "$bin" | awk '/not found/{n++} END{exit !n}'; then
         LD_LIBRARY_PATH=$LIBPATH ldd "$bin" >&2; log "missing libraries for $bin"; exit 1
     fi
     for l in $(LD_LIBRARY_PATH=$LIBPATH ldd "$bin" | awk '/=> \//{print $3}'); do

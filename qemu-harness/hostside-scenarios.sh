@@ -368,8 +368,8 @@ sc_plumbing() {
     rm -f $J
     err=
     # 3 s, and counted from the writer's start: held for 1 s, the writes
-    # could come and go between two polls of a slow TCG guest (CI saw none
-    # held, twice in a row, on 6.1.0-57).
+    # could come and go between two polls of a slow TCG guest (none seen
+    # held in two runs in a row on 6.1.0-57: CI's and one by hand).
     dm_set_delay a sda "$PLUMB_DELAY_MS" || err="dm delay"
     mkdir -p $W/pstate
     RUST_LOG=warn $B serve --socket /run/p.sock --control /run/p.ctl --state-dir $W/pstate --cache none \

@@ -360,7 +360,12 @@ struct Vbd<S: XenStore> {
     publish_node: bool,
 }
 
-const POLL: Duration = Duration::from_millis(20);
+/// How often a vbd thread looks at its stop flag while no watch fires. It
+/// reads XenStore only when a watch fires, or every [`RESYNC`] as a safety
+/// net: on a dom0 with many disks, polling XenStore is what would cost.
+const POLL: Duration = Duration::from_millis(100);
+/// How often a vbd re-evaluates its nodes with no watch event.
+const RESYNC: Duration = Duration::from_secs(2);
 
 impl<S: XenStore> Vbd<S> {
     fn node(&self, k: &str) -> Result<Option<String>, XsError> {
@@ -424,7 +429,7 @@ impl<S: XenStore> Vbd<S> {
                 let _ = self.xs.unwatch(&self.be, "be");
                 return Ok(());
             }
-            let _ = self.xs.read_watch(Some(POLL))?;
+            self.wait_for_watch()?;
         };
         self.fe = fe.trim().to_string();
         self.domid = domid
@@ -496,8 +501,20 @@ impl<S: XenStore> Vbd<S> {
                 return Ok(());
             }
             self.step()?;
-            let _ = self.xs.read_watch(Some(POLL))?;
+            self.wait_for_watch()?;
         }
+    }
+
+    /// Returns when a watch of this vbd fired, the vbd is stopped, or
+    /// [`RESYNC`] passed.
+    fn wait_for_watch(&self) -> Result<(), Fail> {
+        let end = Instant::now() + RESYNC;
+        while !self.stopped() && Instant::now() < end {
+            if self.xs.read_watch(Some(POLL))?.is_some() {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// One evaluation of the state machine.
@@ -737,7 +754,9 @@ impl<S: XenStore> Vbd<S> {
                     self.config.resume_wait
                 )));
             }
-            thread::sleep(Duration::from_millis(5));
+            // The record is a file the source writes once: 50 ms is soon
+            // enough against a hand-off of seconds, and idle for dom0.
+            thread::sleep(Duration::from_millis(50));
         }
     }
 

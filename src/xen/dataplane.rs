@@ -23,6 +23,7 @@ use crate::xen::{PAGE_SIZE, SECTOR_SIZE};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -112,6 +113,9 @@ struct Shared {
     persistent: Option<Mutex<HashMap<(GrantRef, bool), SharedMem>>>,
     suspended: AtomicBool,
     stopping: AtomicBool,
+    /// Readable once the ring stops: the thread sleeps on this and the
+    /// event channel only, never on a timer, so an idle ring costs nothing.
+    stop_fd: OwnedFd,
     broken: AtomicBool,
     in_flight: AtomicUsize,
     stats: RingStats,
@@ -141,6 +145,7 @@ impl RingHandle {
             persistent: config.persistent.then(|| Mutex::new(HashMap::new())),
             suspended: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            stop_fd: eventfd()?,
             broken: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             stats: RingStats::default(),
@@ -194,8 +199,8 @@ impl RingHandle {
 
     /// Stops the thread and drops cached grant mappings.
     pub fn stop(&mut self) {
-        // The thread waits in short slices, so it sees this within one.
         self.shared.stopping.store(true, Ordering::SeqCst);
+        signal(&self.shared.stop_fd);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
             let st = &self.shared.stats;
@@ -227,7 +232,8 @@ impl Drop for RingHandle {
     }
 }
 
-const WAIT_SLICE: Duration = Duration::from_millis(20);
+/// How long the thread backs off after its wait failed (it then retries).
+const WAIT_ERROR_BACKOFF: Duration = Duration::from_millis(20);
 
 fn run(s: Arc<Shared>) {
     loop {
@@ -243,11 +249,67 @@ fn run(s: Arc<Shared>) {
                 continue;
             }
         }
-        if let Err(e) = s.evtchn.wait(Some(WAIT_SLICE)) {
+        if let Err(e) = wait_kick_or_stop(&s) {
             log::error!("ring {}: event channel wait failed: {e}", s.name);
-            thread::sleep(WAIT_SLICE);
+            thread::sleep(WAIT_ERROR_BACKOFF);
         }
     }
+}
+
+/// Sleeps until the frontend kicks (the kick is then consumed and the port
+/// re-armed) or the ring stops.
+fn wait_kick_or_stop(s: &Shared) -> io::Result<()> {
+    let mut fds = [
+        libc::pollfd {
+            fd: s.evtchn.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: s.stop_fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: two valid pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n >= 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    let ev = fds[0].revents;
+    if ev & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+        return Err(io::Error::other(format!(
+            "event channel descriptor polled {ev:#x}"
+        )));
+    }
+    if ev & libc::POLLIN != 0 {
+        s.evtchn.wait(Some(Duration::ZERO))?;
+    }
+    Ok(())
+}
+
+fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the descriptor is owned below.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Makes `fd` (an eventfd) readable for good.
+fn signal(fd: &OwnedFd) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live buffer. EAGAIN (the counter full)
+    // leaves it readable, which is all this wants.
+    let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
 }
 
 /// Consumes every request available; true if the final check found more.

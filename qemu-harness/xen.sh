@@ -280,8 +280,8 @@ done = False
 # Triple faults Xen logged since the last scenario verdict: a boot that
 # times out after them lost its scenario to a guest crashing under TCG.
 tf_open = 0
-# Triple faults after a race scenario's probe started (dom0 logs "<scn>: gen 1
-# submitted"), counted here from the whole serial log: Xen's console ring in
+# Triple faults after the probe of a race scenario started (dom0 logs "<scn>: gen 1
+# submitted"), counted here from the whole serial log: the console ring of Xen in
 # dom0 may wrap. A PVH boot that crashed before that was restarted by Xen and
 # never ran the probe, so it does not touch the verdict.
 tf_probe, probing = {}, None

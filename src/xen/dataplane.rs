@@ -13,6 +13,7 @@
 use crate::handoff::{Disk, Writer};
 use crate::metrics::{DiskMetrics, Op, RequestTimer};
 use crate::storage::{AlignedBuf, IoDone, IoOutcome, StorageIo};
+use crate::sys::{self, EventFd, PollFd};
 use crate::xen::abi::BlkifAbi;
 use crate::xen::blkif::{parse_request, Limits, Operation, Parsed, Request, Response, Status};
 use crate::xen::evtchn::EventChannel;
@@ -23,7 +24,7 @@ use crate::xen::{PAGE_SIZE, SECTOR_SIZE};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -115,7 +116,7 @@ struct Shared {
     stopping: AtomicBool,
     /// Readable once the ring stops: the thread sleeps on this and the
     /// event channel only, never on a timer, so an idle ring costs nothing.
-    stop_fd: OwnedFd,
+    stop_fd: EventFd,
     broken: AtomicBool,
     in_flight: AtomicUsize,
     stats: RingStats,
@@ -145,7 +146,7 @@ impl RingHandle {
             persistent: config.persistent.then(|| Mutex::new(HashMap::new())),
             suspended: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
-            stop_fd: eventfd()?,
+            stop_fd: EventFd::new(true)?,
             broken: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             stats: RingStats::default(),
@@ -200,7 +201,9 @@ impl RingHandle {
     /// Stops the thread and drops cached grant mappings.
     pub fn stop(&mut self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
-        signal(&self.shared.stop_fd);
+        // Nonblocking: a full counter (never, with one signal) still reads
+        // as readable, which is all the thread looks at.
+        let _ = self.shared.stop_fd.signal();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
             let st = &self.shared.stats;
@@ -260,29 +263,17 @@ fn run(s: Arc<Shared>) {
 /// re-armed) or the ring stops.
 fn wait_kick_or_stop(s: &Shared) -> io::Result<()> {
     let mut fds = [
-        libc::pollfd {
-            fd: s.evtchn.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: s.stop_fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
+        PollFd::readable(s.evtchn.as_raw_fd()),
+        PollFd::readable(s.stop_fd.as_raw_fd()),
     ];
     loop {
-        // SAFETY: two valid pollfds.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if n >= 0 {
-            break;
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+        match sys::poll(&mut fds, -1) {
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
         }
     }
-    let ev = fds[0].revents;
+    let ev = fds[0].revents();
     if ev & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
         return Err(io::Error::other(format!(
             "event channel descriptor polled {ev:#x}"
@@ -292,24 +283,6 @@ fn wait_kick_or_stop(s: &Shared) -> io::Result<()> {
         s.evtchn.wait(Some(Duration::ZERO))?;
     }
     Ok(())
-}
-
-fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall; the descriptor is owned below.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Makes `fd` (an eventfd) readable for good.
-fn signal(fd: &OwnedFd) {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: writes 8 bytes from a live buffer. EAGAIN (the counter full)
-    // leaves it readable, which is all this wants.
-    let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
 }
 
 /// Consumes every request available; true if the final check found more.

@@ -491,3 +491,39 @@ fn libxl_teardown_gets_closed_at_once_and_the_record_after_the_storage() {
     wait_finished(&handle.unwrap());
     assert!(host.xs.read_optional(XBT_NULL, BE).unwrap().is_none());
 }
+
+/// An idle, connected vbd costs xenstored nothing between its resyncs: it
+/// reads its nodes when one of its watches fires, not on a timer. (It used
+/// to re-read them every 20 ms: this test then counted hundreds.)
+#[test]
+fn an_idle_connected_vbd_does_not_poll_xenstore() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = AdversarialStorage::new(DISK, 1, Duration::from_millis(2));
+    let epochs: Arc<dyn EpochStore> = Arc::new(FileEpochStore::open(dir.path()).unwrap());
+    let mut host = Host::new();
+    host.create_vbd(
+        opener("vm1", StoragePath::new(&storage), epochs),
+        config(Design::Shipped, dir.path()),
+        None,
+    );
+    let mut fe = frontend(1);
+    fe.connect(&host.xs, &host.platform, FE, BE).unwrap();
+    wait_phase(host.vbd(), Phase::Connected);
+    let mut wl = Workload::new(BLOCKS, 1);
+    wl.run(&mut fe, 8, 32);
+    wl.drain(&mut fe);
+    let before = host.xs.requests();
+    std::thread::sleep(Duration::from_secs(3));
+    let idle = host.xs.requests() - before;
+    // One or two resyncs (every 2 s) of a handful of reads each.
+    assert!(
+        idle <= 24,
+        "{idle} XenStore requests in 3 s from an idle vbd"
+    );
+    // And it still answers at once when the toolstack writes.
+    let closed = host.libxl_destroy().0;
+    assert!(
+        closed.is_some_and(|t| t < Duration::from_secs(1)),
+        "Closed after {closed:?}"
+    );
+}

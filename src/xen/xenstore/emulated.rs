@@ -236,6 +236,8 @@ impl Conn {
 struct StoreState {
     tree: Tree,
     gen: u64,
+    /// Reads, writes, removals and listings so far, over every connection.
+    requests: u64,
     conns: Vec<Weak<Conn>>,
     next_tx: TxId,
     txs: HashMap<TxId, Transaction>,
@@ -291,6 +293,7 @@ impl EmulatedXenStore {
         let state = StoreState {
             tree: Tree::with_root(),
             gen: 0,
+            requests: 0,
             conns: vec![Arc::downgrade(&conn)],
             next_tx: 1,
             txs: HashMap::new(),
@@ -299,6 +302,12 @@ impl EmulatedXenStore {
             state: Arc::new(Mutex::new(state)),
             conn,
         }
+    }
+
+    /// Reads, writes, removals and listings the store has answered, over
+    /// every connection: what a back end costs xenstored.
+    pub fn requests(&self) -> u64 {
+        self.state.lock().requests
     }
 
     /// Another connection to the same store, with its own watches.
@@ -335,6 +344,7 @@ impl EmulatedXenStore {
         get: impl Fn(&Tree, &str) -> Result<T, XsError>,
     ) -> Result<T, XsError> {
         check_path(path)?;
+        self.state.lock().requests += 1;
         if tx == XBT_NULL {
             return get(&self.state.lock().tree, path);
         }
@@ -347,6 +357,7 @@ impl EmulatedXenStore {
     /// Applies `op` to the live tree and fires watches, or (in `tx`) to
     /// the snapshot only, recording it for replay at commit.
     fn change(&self, tx: TxId, op: TxOp) -> Result<(), XsError> {
+        self.state.lock().requests += 1;
         if tx == XBT_NULL {
             let mut st = self.state.lock();
             let changes = st.apply(&op)?;

@@ -83,7 +83,21 @@ section "unit, integration and doc tests (the simulation's 20,000 protected seed
 # The bindings drift test must regenerate here (libclang and libxen-dev
 # were installed above), never quietly skip.
 export BLKSHIM_REQUIRE_XEN_BINDGEN=1
-cargo test
+# Every test target but tests/epoch_etcd.rs, whose real etcd clusters spend
+# most of their two minutes waiting out elections, leases and partitions:
+# it runs in the background beside the fuzz section below and must pass
+# there. The same targets as a plain `cargo test`, examples built too.
+tests_here=()
+for f in tests/*.rs; do
+  t=$(basename "$f" .rs)
+  [ "$t" = epoch_etcd ] || tests_here+=(--test "$t")
+done
+cargo test --lib --bins "${tests_here[@]}"
+cargo test --doc
+cargo build --examples -q
+etcd_log=$(mktemp)
+cargo test --test epoch_etcd >"$etcd_log" 2>&1 &
+etcd_pid=$!
 
 section "C API: tests/c/handoff.c with cc (shared, and static under ASan/UBSan), header drift"
 cargo test -p blkshim-capi
@@ -113,6 +127,12 @@ for target in $(cargo fuzz list --fuzz-dir fuzz 2>/dev/null || ls fuzz/fuzz_targ
   # smoke run, not a campaign (benches/ and the README say how to fuzz long).
   "${fuzz[@]}" run --dev --fuzz-dir fuzz "$target" -- -max_total_time="${FUZZ_SECONDS:-10}" -rss_limit_mb=2048
 done
+
+section "etcd: tests/epoch_etcd.rs (real etcd clusters: leader killed, frozen, cut off by nftables, quorum lost), run beside the sections above"
+etcd_rc=0
+wait "$etcd_pid" || etcd_rc=$?
+cat "$etcd_log"
+[ "$etcd_rc" = 0 ] || { echo "tests/epoch_etcd.rs failed (exit $etcd_rc)"; exit 1; }
 
 # qemu-harness/run.sh ARGS. A run in which a scenario ended in a harness
 # ERROR (a setup step broke, so no verdict: e.g. a qemu lost under load, or

@@ -98,6 +98,8 @@ cargo build --examples -q
 etcd_log=$(mktemp)
 cargo test --test epoch_etcd >"$etcd_log" 2>&1 &
 etcd_pid=$!
+# A section failing before its wait leaves no etcd test running behind CI.
+trap 'kill "$etcd_pid" 2>/dev/null || true' EXIT
 
 section "C API: tests/c/handoff.c with cc (shared, and static under ASan/UBSan), header drift"
 cargo test -p blkshim-capi
@@ -131,6 +133,7 @@ done
 section "etcd: tests/epoch_etcd.rs (real etcd clusters: leader killed, frozen, cut off by nftables, quorum lost), run beside the sections above"
 etcd_rc=0
 wait "$etcd_pid" || etcd_rc=$?
+trap - EXIT
 cat "$etcd_log"
 [ "$etcd_rc" = 0 ] || { echo "tests/epoch_etcd.rs failed (exit $etcd_rc)"; exit 1; }
 

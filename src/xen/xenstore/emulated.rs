@@ -320,13 +320,14 @@ impl EmulatedXenStore {
         }
     }
 
-    /// Runs `f` on the transaction `tx` of this store.
+    /// Runs `f` on the transaction `tx` of this store (a request).
     fn in_tx<T>(
         &self,
         tx: TxId,
         f: impl FnOnce(&mut Transaction, u64) -> Result<T, XsError>,
     ) -> Result<T, XsError> {
         let mut st = self.state.lock();
+        st.requests += 1;
         let gen = st.gen;
         let t = st
             .txs
@@ -344,9 +345,10 @@ impl EmulatedXenStore {
         get: impl Fn(&Tree, &str) -> Result<T, XsError>,
     ) -> Result<T, XsError> {
         check_path(path)?;
-        self.state.lock().requests += 1;
         if tx == XBT_NULL {
-            return get(&self.state.lock().tree, path);
+            let mut st = self.state.lock();
+            st.requests += 1;
+            return get(&st.tree, path);
         }
         self.in_tx(tx, |t, _| {
             t.accessed.insert(path.to_string());
@@ -357,9 +359,9 @@ impl EmulatedXenStore {
     /// Applies `op` to the live tree and fires watches, or (in `tx`) to
     /// the snapshot only, recording it for replay at commit.
     fn change(&self, tx: TxId, op: TxOp) -> Result<(), XsError> {
-        self.state.lock().requests += 1;
         if tx == XBT_NULL {
             let mut st = self.state.lock();
+            st.requests += 1;
             let changes = st.apply(&op)?;
             st.fire(&changes);
             return Ok(());

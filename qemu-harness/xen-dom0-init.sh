@@ -269,7 +269,6 @@ race() { # scn op(save|migrate) type delay hook(0|1)
     relay "XEN-DOMU $scn" /var/log/xen/console/guest-$name.log
     relay "XEN-DOMU $scn" /var/log/xen/console/guest-$name--incoming.log
     xlrun "$scn" create 120 create /root/$scn.cfg || { echo "XEN-SCN $scn error=create"; cleanup_domains; rmdisk "$scn"; return; }
-    local src; src=$($XL domid "$name")
     if ! waitlog 180 'gen 1 submitted' $(guest_logs "$name"); then
         echo "XEN-SCN $scn error=probe-not-started"; stop_relays; cleanup_domains; rmdisk "$scn"; return
     fi
@@ -278,7 +277,7 @@ race() { # scn op(save|migrate) type delay hook(0|1)
     # ran the probe (the host's judge ignores those crashes); the probe's
     # domain is the one up now.
     local tf_gen1; tf_gen1=$(tfcount)
-    src=$($XL domid "$name")
+    local src; src=$($XL domid "$name")
     local after=$SAVE_AFTER; [ "$op" = migrate ] && after=$MIGRATE_AFTER
     log "$scn: gen 1 submitted (domid $src); $op in ${after}s"
     xs_snap "$scn" "running, before $op"
